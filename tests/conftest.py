@@ -1,0 +1,21 @@
+import pytest
+
+from ptilab.memory.simulated import SimulatedRAM
+
+
+class BumpTables:
+    """A RAM with a trivial table allocator: enough for paging-only tests."""
+
+    def __init__(self, size: int = 1 << 30, first_table: int = 0x100000):
+        self.ram = SimulatedRAM(size)
+        self.next = first_table
+
+    def alloc(self) -> int:
+        pa = self.next
+        self.next += 0x1000
+        return pa
+
+
+@pytest.fixture
+def bump() -> BumpTables:
+    return BumpTables()

@@ -1,0 +1,155 @@
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ptilab.errors import FrameOutsideMemory, WalkTooLarge
+from ptilab.paging import EFF_NX, EFF_RW, EFF_US, FIVE_LEVEL, FOUR_LEVEL, PageFault, translate, walk
+from ptilab.paging import entry as e
+from ptilab.paging.install import map_page, set_entry
+from tests.conftest import BumpTables
+
+PGD = 0x1000
+FLAG_BITS = [e.RW, e.US, e.PWT, e.PCD, e.G, e.NX]
+
+mapping = st.tuples(
+    st.integers(0, (1 << 36) - 1),  # page index (4K units) within the 48-bit space
+    st.sampled_from([12, 21, 30]),
+    st.integers(0, (1 << 20) - 1),  # physical frame index, scaled below
+    st.lists(st.sampled_from(FLAG_BITS), unique=True),
+)
+
+
+def _build(geometry, pages):
+    """Map pages, skipping those that overlap one already mapped; returns what stuck."""
+    bump = BumpTables(size=1 << 34)
+    taken = []
+    done = []
+    for index, shift, frame, flag_list in pages:
+        size = 1 << shift
+        va = ((index << 12) & ~(size - 1)) & ((1 << geometry.va_bits) - 1)
+        if any(va < b + s and b < va + size for b, s in taken):
+            continue
+        pa = (frame << 12) & ~(size - 1) & ((1 << 33) - 1)
+        flags = e.P | e.A
+        for f in flag_list:
+            flags |= f
+        map_page(bump.ram, geometry, PGD, geometry.canonical(va), pa, flags, bump.alloc, shift,
+                 table_flags=e.PAGE_TABLE)
+        taken.append((va, size))
+        done.append((geometry.canonical(va), pa, size, flags))
+    return bump, done
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(mapping, min_size=1, max_size=12), st.sampled_from([FOUR_LEVEL, FIVE_LEVEL]))
+def test_translate_after_map_gives_back_frame_and_rights(pages, geometry):
+    bump, done = _build(geometry, pages)
+    for va, pa, size, flags in done:
+        t = translate(bump.ram, PGD, va + size - 8, geometry)
+        assert t.pa == pa + size - 8
+        assert t.page_size == size
+        assert t.writable == bool(flags & e.RW)
+        assert t.user == bool(flags & e.US)
+        assert t.executable == (not flags & e.NX)
+        assert t.global_ == bool(flags & e.G)
+        assert len(t.reads) == geometry.levels - (size.bit_length() - 13) // 9
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(mapping, min_size=1, max_size=12), st.sampled_from([FOUR_LEVEL, FIVE_LEVEL]))
+def test_walk_lists_exactly_what_was_mapped(pages, geometry):
+    bump, done = _build(geometry, pages)
+    w = walk(bump.ram, PGD, geometry)
+    pages_seen = {}
+    for r in w.mapped:
+        for off in range(0, int(r["size"]), 0x1000):
+            pages_seen[(int(r["va"]) + off) & 0xFFFF_FFFF_FFFF_FFFF] = (int(r["pa"]) + off, int(r["eff"]))
+    expected = {}
+    for va, pa, size, flags in done:
+        eff = (EFF_RW if flags & e.RW else 0) | (EFF_US if flags & e.US else 0) | (EFF_NX if flags & e.NX else 0)
+        for off in range(0, size, 0x1000):
+            expected[va + off] = (pa + off, eff)
+    assert pages_seen == expected
+    # ranges tile without overlap and are sorted
+    va = w.ranges["va"].astype(object)
+    ends = [int(a) + int(s) for a, s in zip(w.ranges["va"], w.ranges["size"])]
+    assert all(ends[i] <= int(va[i + 1]) or int(va[i + 1]) < int(va[i]) for i in range(len(va) - 1))
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()), min_size=4, max_size=4))
+def test_effective_rights_follow_the_sdm_at_every_level(bits):
+    bump = BumpTables()
+    g = FOUR_LEVEL
+    va = 0x7F12_3456_7000
+    table = PGD
+    for depth, (rw, us, nx) in enumerate(bits):
+        value = e.P | (e.RW if rw else 0) | (e.US if us else 0) | (e.NX if nx else 0)
+        nxt = bump.alloc() if depth < 3 else 0x4242000
+        bump.ram.write_entry(table + 8 * g.index(va, depth), nxt | value)
+        table = nxt
+    t = translate(bump.ram, PGD, va, g)
+    assert t.writable == all(b[0] for b in bits)
+    assert t.user == all(b[1] for b in bits)
+    assert t.executable == (not any(b[2] for b in bits))
+    (r,) = walk(bump.ram, PGD, g).mapped
+    assert bool(r["eff"] & EFF_RW) == t.writable
+    assert bool(r["eff"] & EFF_US) == t.user
+    assert bool(r["eff"] & EFF_NX) == (not t.executable)
+
+
+def test_not_present_faults_with_the_entries_read(bump):
+    map_page(bump.ram, FOUR_LEVEL, PGD, 0x400000, 0x200000, e.P | e.RW, bump.alloc)
+    with pytest.raises(PageFault) as info:
+        translate(bump.ram, PGD, 0x600000, FOUR_LEVEL)
+    assert [r.level for r in info.value.reads] == ["pgd", "pud", "pmd"]
+
+
+def test_ps_in_a_pgd_entry_is_reserved_and_not_followed(bump):
+    bump.ram.write_entry(PGD, 0x40000000 | e.P | e.PS)
+    with pytest.raises(PageFault) as info:
+        translate(bump.ram, PGD, 0, FOUR_LEVEL)
+    assert info.value.reserved
+    w = walk(bump.ram, PGD, FOUR_LEVEL)
+    assert len(w.mapped) == 0
+    assert [a.kind for a in w.anomalies] == ["reserved-bits"]
+
+
+def test_self_referencing_table_is_bounded_and_named(bump):
+    bump.ram.write_entry(PGD, PGD | e.P | e.RW)  # pgd[0] -> pgd itself
+    w = walk(bump.ram, PGD, FOUR_LEVEL)
+    assert any(a.kind == "table-at-several-levels" for a in w.anomalies)
+    # pgd[0] seen as a pte table maps the pgd frame itself at va 0
+    assert int(w.mapped[0]["pa"]) == PGD
+
+
+def test_one_table_shared_512_ways_is_read_once(bump):
+    pud = bump.alloc()
+    for i in range(256):
+        bump.ram.write_entry(PGD + 8 * i, pud | e.P | e.RW)
+    bump.ram.write_entry(pud, 0x40000000 | e.P | e.PS)
+    w = walk(bump.ram, PGD, FOUR_LEVEL)
+    assert list(w.tables[1]) == [pud >> 12]
+    assert list(w.table_refs[1]) == [256]
+    assert len(w.mapped) == 256  # one 1 GiB alias per pgd slot, not coalesced (same frame)
+
+
+def test_aliasing_beyond_budget_raises_instead_of_hanging(bump):
+    pud, pmd = bump.alloc(), bump.alloc()
+    for i in range(512):
+        bump.ram.write_entry(PGD + 8 * i, pud | e.P)
+        bump.ram.write_entry(pud + 8 * i, pmd | e.P)
+        bump.ram.write_entry(pmd + 8 * i, pmd | e.P)
+    with pytest.raises(WalkTooLarge):
+        walk(bump.ram, PGD, FOUR_LEVEL, max_entries=1 << 24)
+
+
+def test_table_past_end_of_memory_is_an_anomaly(bump):
+    bump.ram.write_entry(PGD, (1 << 40) | e.P)
+    w = walk(bump.ram, PGD, FOUR_LEVEL)
+    assert [a.kind for a in w.anomalies] == ["table-outside-memory"]
+
+
+def test_cr3_outside_memory_is_a_clear_error(bump):
+    with pytest.raises(FrameOutsideMemory):
+        walk(bump.ram, 1 << 40, FOUR_LEVEL)
