@@ -104,12 +104,15 @@ def _addr_mask(shift: int, maxphyaddr: int) -> np.uint64:
 
 
 def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
-         maxphyaddr: int = e.PHYS_ADDR_BITS_MAX, max_entries: int = DEFAULT_MAX_ENTRIES) -> Walk:
+         maxphyaddr: int = e.PHYS_ADDR_BITS_MAX, max_entries: int = DEFAULT_MAX_ENTRIES,
+         top_slots: tuple[int, int] = (0, 512)) -> Walk:
     """Walk every entry reachable from cr3 and return the address space as ranges.
 
     Tables reached from several entries are read once per level; the number
     of entries expanded (references x 512) is bounded by max_entries, past
     which WalkTooLarge is raised rather than spending unbounded time.
+    top_slots limits the walk to top-level entries [first, last), e.g.
+    (256, 512) for the kernel half.
     """
     if isinstance(cr3, int):
         cr3 = CR3(cr3)
@@ -168,6 +171,10 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
         for start in range(0, len(inverse), BATCH_ROWS):
             sl = slice(start, start + BATCH_ROWS)
             ent = data[inverse[sl]]  # (rows, 512)
+            if depth == 0 and top_slots != (0, 512):
+                ent = ent.copy()
+                ent[:, :top_slots[0]] = 0
+                ent[:, top_slots[1]:] = 0
             va = row_va[sl, None] + step
             present = (ent & u64(e.P)) != 0
             ps = (ent & u64(e.PS)) != 0

@@ -1,0 +1,99 @@
+"""What each design costs and what it exposes: the table of the seed's debate."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ptilab.compare.views import Divergence, diff
+from ptilab.linux.kernel import Kernel, boot
+from ptilab.linux.regions import region_of
+from ptilab.memory.allocators import Phase
+from ptilab.paging import Walk, walk
+from ptilab.paging import entry as e
+
+
+@dataclass
+class DesignReport:
+    design: str
+    profile: str
+    cpus: int
+    levels: int
+    user_table_pages: int  # page-table pages the design allocated (user side and preallocations)
+    pte_writes: int  # entries the design wrote
+    ap_allocations: int  # design allocations while bringing APs up
+    ap_writes: int  # design writes while bringing APs up
+    allocations_by_phase: dict[str, int]
+    violations: list[str]
+    tables_shared_with_kernel: int  # kernel-half table pages of the user view that the kernel view uses too
+    tables_user_only: int  # kernel-half table pages only the user view uses (its top PGD page included)
+    user_kernel_pages: int  # present kernel-half pages in the user view (aliases counted)
+    user_regions: dict[str, int]  # kernel-half pages visible to user space, by region
+    cea_divergences: list[Divergence] = field(default_factory=list)
+
+    @property
+    def ap_work(self) -> bool:
+        return bool(self.ap_allocations or self.ap_writes)
+
+    @property
+    def user_table_bytes(self) -> int:
+        return self.user_table_pages * e.PAGE_SIZE
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "cea_divergences"}
+        d["ap_work"] = self.ap_work
+        d["user_table_bytes"] = self.user_table_bytes
+        d["cea_divergences"] = [dv.__dict__ for dv in self.cea_divergences]
+        return d
+
+
+def region_pages(view: Walk, levels: int) -> dict[str, int]:
+    """Present kernel-half pages of a view, counted per region."""
+    r = view.mapped
+    r = r[r["va"] >= np.uint64(view.geometry.kernel_half_start())]
+    counts: Counter[str] = Counter()
+    for va, size in zip(r["va"].tolist(), r["size"].tolist()):
+        counts[region_of(va, levels)] += size // e.PAGE_SIZE
+    return dict(counts)
+
+
+def measure(kernel: Kernel) -> DesignReport:
+    """Walk both views of a booted kernel and account for its design's work."""
+    name = kernel.design.name
+    user = walk(kernel.ram, kernel.user_cr3(), kernel.geometry)
+    kern = walk(kernel.ram, kernel.kernel_cr3(), kernel.geometry)
+    mine = [a for a in kernel.alloc.log if a.owner == name]
+    by_phase = Counter(a.phase.value for a in mine)
+    # Only the kernel half: the user half's tables are shared by construction.
+    kernel_tables = walk(kernel.ram, kernel.kernel_cr3(), kernel.geometry, top_slots=(256, 512)).all_table_frames()
+    user_tables = walk(kernel.ram, kernel.user_cr3(), kernel.geometry, top_slots=(256, 512)).all_table_frames()
+    shared = int(np.isin(user_tables, kernel_tables).sum())
+    area_start = kernel.area_base
+    area_end = area_start + kernel.profile.area_size(kernel.nr_cpus)
+    regions = region_pages(user, kernel.geometry.levels)
+    return DesignReport(
+        design=name,
+        profile=kernel.profile.name,
+        cpus=kernel.nr_cpus,
+        levels=kernel.geometry.levels,
+        user_table_pages=sum(a.pages for a in mine),
+        pte_writes=sum(n for (owner, _), n in kernel.writes.items() if owner == name),
+        ap_allocations=sum(1 for a in mine if a.phase is Phase.AP_BRINGUP),
+        ap_writes=kernel.writes[(name, Phase.AP_BRINGUP)],
+        allocations_by_phase=dict(by_phase),
+        violations=[f"{a.phase.value}: {a.purpose}: {a.violation}" for a in kernel.alloc.violations()],
+        tables_shared_with_kernel=shared,
+        tables_user_only=len(user_tables) - shared,
+        user_kernel_pages=sum(regions.values()),
+        user_regions=regions,
+        cea_divergences=diff(user, kern, area_start, area_end),
+    )
+
+
+def compare(profile: str = "linux-6.1", cpus: int = 4, levels: int = 4,
+            designs: list[str] | None = None) -> list[DesignReport]:
+    from ptilab.pti import DESIGNS
+
+    return [measure(boot(profile, d, cpus, levels)) for d in (designs or list(DESIGNS))]

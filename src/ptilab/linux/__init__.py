@@ -1,0 +1,1 @@
+"""The modelled Linux kernel: layout profiles, cpu_entry_area, boot and CPU hotplug."""

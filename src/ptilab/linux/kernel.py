@@ -1,0 +1,354 @@
+"""A modelled Linux x86-64 kernel: its page tables, its boot and CPU hotplug.
+
+The kernel builds real tables in simulated RAM, in the order start_kernel()
+does: trap_init() maps the cpu_entry_area (memblock, before mm_init()), the
+buddy allocator takes over, pti_init() runs, then smp_init() brings the APs
+up one by one. A PTI design (ptilab.pti) is called at each step and builds
+the user half of the PGD pair next to the kernel's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ptilab.errors import UsageError
+from ptilab.memory.allocators import Allocator, Gfp, Phase, PhysicalAllocators
+from ptilab.memory.simulated import SimulatedRAM
+from ptilab.paging import entry as e
+from ptilab.paging.cr3 import CR3
+from ptilab.paging.geometry import Geometry
+from ptilab.paging.install import entry_address, map_page
+from ptilab.linux.profiles import ESPFIX_BASE_ADDR, RIGHTS, START_KERNEL_MAP, Piece, Profile
+
+if TYPE_CHECKING:
+    from ptilab.pti.design import Design
+
+NR_CPUS_MAX = 8192
+PAGE_OFFSET = {4: 0xFFFF_8880_0000_0000, 5: 0xFF11_0000_0000_0000}
+
+# The kernel image, as a nokaslr x86-64 build links and loads it.
+PHYS_START = 0x100_0000
+TEXT_START = START_KERNEL_MAP + PHYS_START  # _text = 0xffffffff81000000
+ENTRY_TEXT = (0xFFFF_FFFF_81C0_0000, 0xFFFF_FFFF_81C0_3000)  # __entry_text_start/end
+IMAGE_SIZE = 0x200_0000
+SYMBOLS = {  # offsets of a few kernel-image objects from _text
+    "_entry_trampoline": 0xC0_2000,
+    "idt_table": 0x160_0000,
+    "init_top_pgt": 0x160_2000,  # 8 KiB aligned: the kernel PGD and, at +4 KiB, its PTI user half
+    "espfix_pud_page": 0x160_4000,
+}
+RODATA_START = TEXT_START + 0x100_0000
+DATA_START = TEXT_START + 0x160_0000
+
+# User space of the one process the model runs (an init like /bin/sh).
+USER_MAPPINGS = (
+    (0x40_0000, 4, e.P | e.US | e.A),  # text RX
+    (0x60_0000, 2, e.P | e.US | e.RW | e.A | e.D | e.NX),  # data RW
+    (0x7FFF_FFFD_E000, 3, e.P | e.US | e.RW | e.A | e.D | e.NX),  # stack RW
+)
+
+ESPFIX_STACKS_PER_PAGE = 64  # arch/x86/kernel/espfix_64.c: 64-byte stacks
+ESPFIX_PTE_STRIDE = 16  # one espfix page every 64 KiB: 32 clones per PTE table
+
+
+@dataclass(frozen=True)
+class Event:
+    phase: Phase
+    what: str
+    cpu: int | None
+
+
+class Kernel:
+    """One booted (or booting) kernel: RAM, allocators, the init PGD pair and a process."""
+
+    def __init__(self, profile: Profile, design: "Design", nr_cpus: int = 4, levels: int = 4):
+        if not 1 <= nr_cpus <= NR_CPUS_MAX:
+            raise UsageError(f"NR_CPUS must be between 1 and {NR_CPUS_MAX}, not {nr_cpus}")
+        self.geometry = Geometry(levels)
+        profile.check(nr_cpus, levels)
+        self.profile = profile
+        self.nr_cpus = nr_cpus
+        self.design = design
+        self.percpu_vars = _percpu_layout(profile)
+        unit = profile.percpu_unit_pages * e.PAGE_SIZE
+        ram = ((1 << 30) + nr_cpus * (unit + 0x10000) + (1 << 30) - 1) & ~((1 << 30) - 1)
+        self.ram = SimulatedRAM(ram)
+        self.alloc = PhysicalAllocators(ram, PHYS_START + IMAGE_SIZE)
+        self.page_offset = PAGE_OFFSET[levels]
+        self.area_base = profile.area_base(nr_cpus)
+        self.kernel_pgd = self.symbol_pa("init_top_pgt")
+        self.user_pgd = self.kernel_pgd + e.PAGE_SIZE
+        self.writes: Counter[tuple[str, Phase]] = Counter()
+        self.events: list[Event] = []
+        self.online: set[int] = set()
+        self.percpu_base = 0
+        self.mm_kernel_pgd = self.mm_user_pgd = 0
+        design.attach(self)
+
+    # -- addresses ---------------------------------------------------------
+    def symbol_pa(self, name: str) -> int:
+        return PHYS_START + SYMBOLS[name]
+
+    def percpu_pa(self, cpu: int, backing: str) -> int:
+        """Physical address of a per-CPU variable ('exception_stacks+0x2000' style)."""
+        var, _, off = backing.partition("+")
+        unit = self.profile.percpu_unit_pages * e.PAGE_SIZE
+        return self.percpu_base + cpu * unit + self.percpu_vars[var] + (int(off, 16) if off else 0)
+
+    def backing_pa(self, piece: Piece, cpu: int | None) -> int:
+        if not piece.backing:
+            return 0
+        if piece.backing.split("+")[0] in SYMBOLS:
+            return self.symbol_pa(piece.backing)
+        assert cpu is not None
+        return self.percpu_pa(cpu, piece.backing)
+
+    def direct_map_va(self, pa: int) -> int:
+        return self.page_offset + pa
+
+    def piece_va(self, piece: Piece, cpu: int | None) -> int:
+        base = self.area_base if cpu is None else self.profile.cpu_base(self.nr_cpus, cpu)
+        return base + piece.offset
+
+    def cea_pte(self, piece: Piece, cpu: int | None, page: int) -> int:
+        """The PTE cea_set_pte() writes for one page of a piece."""
+        flags = RIGHTS[piece.rights]
+        if not self.profile.global_cea and flags & e.P:
+            flags &= ~e.G
+        if not flags & e.P:
+            return flags
+        return (self.backing_pa(piece, cpu) + page * e.PAGE_SIZE) | flags
+
+    def kernel_cr3(self) -> CR3:
+        return CR3(self.mm_kernel_pgd or self.kernel_pgd)
+
+    def user_cr3(self) -> CR3:
+        return CR3(self.mm_user_pgd or self.user_pgd)
+
+    # -- allocation and writes ----------------------------------------------
+    def table_allocator(self, owner: str, purpose: str, allocator: Allocator | None = None):
+        """A table allocator for the current phase, as the kernel code of that phase would use."""
+        def alloc() -> int:
+            chosen = allocator or (Allocator.MEMBLOCK if self.alloc.phase is Phase.EARLY else Allocator.BUDDY)
+            gfp = Gfp.NONE if chosen is Allocator.MEMBLOCK else (
+                Gfp.ATOMIC if self.alloc.phase is Phase.AP_BRINGUP else Gfp.KERNEL)
+            pa = self.alloc.alloc(chosen, gfp, owner, purpose)
+            self.ram.clear_frame(pa >> e.PAGE_SHIFT)
+            return pa
+        return alloc
+
+    def write(self, owner: str, pa: int, value: int) -> None:
+        self.ram.write_entry(pa, value)
+        self.writes[(owner, self.alloc.phase)] += 1
+
+    def kernel_entry(self, va: int, depth: int) -> int | None:
+        """Physical address of the kernel PGD's entry for va at depth, if its tables exist."""
+        return entry_address(self.ram, self.geometry, self.kernel_pgd, va, depth)
+
+    def set_pte_vaddr(self, va: int, pte: int) -> None:
+        """arch/x86/mm/init_64.c set_pte_vaddr(): missing tables come from
+        memblock early and GFP_ATOMIC pages later (spp_getpage())."""
+        alloc = self.table_allocator("kernel", "cpu_entry_area table")
+        slot = entry_address(self.ram, self.geometry, self.kernel_pgd, va, self.geometry.levels - 1, alloc)
+        assert slot is not None
+        self.write("kernel", slot, pte)
+
+    # -- boot ------------------------------------------------------------------
+    def boot(self) -> "Kernel":
+        self._phase(Phase.EARLY, "start_kernel(): memblock only")
+        self._map_kernel_image()
+        self._map_direct_map()
+        self._setup_percpu()
+        if self.profile.cea_at_boot:
+            self._note("trap_init(): setup_cpu_entry_areas() for all possible CPUs")
+            self._map_area_header()
+            for cpu in range(self.nr_cpus):
+                self._setup_cpu_entry_area(cpu)
+        else:
+            self._note("setup_fixmap_gdt(0): CPU 0's area")
+            self._setup_cpu_entry_area(0)
+        self.online.add(0)
+        self._phase(Phase.BOOT, "mm_init(): memblock handed to the buddy allocator")
+        self._init_espfix(0)
+        self._note("pti_init()")
+        self.design.on_pti_init()
+        for cpu in range(1, self.nr_cpus):
+            self.cpu_up(cpu)
+        self._phase(Phase.RUNTIME, "smp_init() done; init runs")
+        self._spawn_init_process()
+        return self
+
+    def cpu_up(self, cpu: int) -> None:
+        if cpu in self.online:
+            raise UsageError(f"CPU {cpu} is already online")
+        if not 0 < cpu < self.nr_cpus:
+            raise UsageError(f"CPU {cpu} is not a possible AP (NR_CPUS={self.nr_cpus})")
+        previous = self.alloc.phase
+        self.alloc.cpu = cpu
+        self._note(f"do_boot_cpu({cpu}): init_espfix_ap() on the BSP", cpu)
+        self._init_espfix(cpu)
+        self._phase(Phase.AP_BRINGUP, f"cpu_init() on CPU {cpu}, interrupts off", cpu)
+        if not self.profile.cea_at_boot:
+            self._setup_cpu_entry_area(cpu)
+        self.design.on_ap_online(cpu)
+        self.online.add(cpu)
+        self._phase(previous, f"CPU {cpu} online", cpu)
+        self.alloc.cpu = None
+
+    def cpu_down(self, cpu: int) -> None:
+        if cpu not in self.online or cpu == 0:
+            raise UsageError(f"CPU {cpu} is not an online AP")
+        self.online.discard(cpu)
+        self.alloc.cpu = cpu
+        self._note(f"CPU {cpu} offline", cpu)
+        self.design.on_ap_offline(cpu)
+        self.alloc.cpu = None
+
+    def _phase(self, phase: Phase, what: str, cpu: int | None = None) -> None:
+        self.alloc.phase = phase
+        self._note(what, cpu)
+
+    def _note(self, what: str, cpu: int | None = None) -> None:
+        self.events.append(Event(self.alloc.phase, what, cpu))
+
+    def _map(self, va: int, pa: int, flags: int, shift: int, purpose: str, pgd: int | None = None,
+             table_flags: int = e.KERNPG_TABLE) -> None:
+        map_page(self.ram, self.geometry, self.kernel_pgd if pgd is None else pgd, va, pa, flags,
+                 self.table_allocator("kernel", purpose), shift, table_flags)
+
+    def _map_kernel_image(self) -> None:
+        """head_64.S's level2_kernel_pgt: the image in 2 MiB pages, text RX, rodata RO, data RW."""
+        for off in range(0, IMAGE_SIZE, 1 << 21):
+            va = TEXT_START + off
+            if va < RODATA_START:
+                flags = e.PAGE_KERNEL_ROX & ~e.G
+            elif va < DATA_START:
+                flags = e.PAGE_KERNEL_RO & ~e.G
+            else:
+                flags = e.PAGE_KERNEL & ~e.G
+            self._map(va, PHYS_START + off, flags, 21, "kernel image")
+
+    def _map_direct_map(self) -> None:
+        """init_memory_mapping(): all RAM at PAGE_OFFSET, in 1 GiB pages."""
+        for pa in range(0, self.ram.size, 1 << 30):
+            self._map(self.direct_map_va(pa), pa, e.PAGE_KERNEL & ~e.G, 30, "direct map")
+
+    def _setup_percpu(self) -> None:
+        """pcpu_embed_first_chunk(): one unit per possible CPU, from memblock."""
+        pages = self.profile.percpu_unit_pages * self.nr_cpus
+        self.percpu_base = self.alloc.alloc(Allocator.MEMBLOCK, Gfp.NONE, "kernel", "percpu first chunk",
+                                            pages, align=1 << 21)
+
+    def _map_area_header(self) -> None:
+        for piece in self.profile.header:
+            for page in range(piece.pages):
+                self.set_pte_vaddr(self.piece_va(piece, None) + page * e.PAGE_SIZE, self.cea_pte(piece, None, page))
+        if self.profile.header:
+            start = self.area_base
+            self.design.on_area_ready(None, start, start + self.profile.first_cpu_offset)
+
+    def _setup_cpu_entry_area(self, cpu: int) -> None:
+        for piece in self.profile.per_cpu:
+            for page in range(piece.pages):
+                self.set_pte_vaddr(self.piece_va(piece, cpu) + page * e.PAGE_SIZE, self.cea_pte(piece, cpu, page))
+        start = self.profile.cpu_base(self.nr_cpus, cpu)
+        self.design.on_area_ready(cpu, start, start + self.profile.stride)
+
+    def espfix_base_addr(self, cpu: int) -> int:
+        page, slot = divmod(cpu, ESPFIX_STACKS_PER_PAGE)
+        addr = (page << e.PAGE_SHIFT) + slot * 64
+        addr = (addr & 0xFFFF) | ((addr & ~0xFFFF) << 16)
+        return ESPFIX_BASE_ADDR + addr
+
+    def _init_espfix(self, cpu: int) -> None:
+        """espfix_64.c: the P4D entry points at espfix_pud_page (in the image);
+        each espfix page is mapped every 64 KiB of a PTE table that every
+        entry of one PMD table points at: tens of thousands of aliases."""
+        g = self.geometry
+        if cpu % ESPFIX_STACKS_PER_PAGE:
+            return
+        p4d_depth = g.levels - 4
+        pud = self.symbol_pa("espfix_pud_page")
+        alloc = self.table_allocator("kernel", "espfix")
+        if cpu == 0:
+            slot = entry_address(self.ram, g, self.kernel_pgd, ESPFIX_BASE_ADDR, p4d_depth, alloc)
+            self.write("kernel", slot, pud | e.KERNPG_TABLE)
+        addr = self.espfix_base_addr(cpu)
+        pud_slot = pud + 8 * g.index(addr, p4d_depth + 1)
+        pmd_entry = self.ram.read_entry(pud_slot)
+        if not pmd_entry & e.P:
+            pmd = alloc()
+            self.write("kernel", pud_slot, pmd | e.KERNPG_TABLE)
+            pte = alloc()
+            for i in range(512):
+                self.write("kernel", pmd + 8 * i, pte | e.KERNPG_TABLE)
+        else:
+            pmd = e.frame_address(pmd_entry)
+            pte = e.frame_address(self.ram.read_entry(pmd))
+        stack = alloc()
+        first = g.index(addr, g.levels - 1)
+        for i in range(first, 512, ESPFIX_PTE_STRIDE):
+            self.write("kernel", pte + 8 * i, stack | (e.PAGE_KERNEL_RO & ~e.G))
+
+    def _spawn_init_process(self) -> None:
+        """pgd_alloc() + pgd_ctor(): an 8 KiB pair whose kernel halves copy the
+        init PGD pair; then the process's own user mappings, whose top-level
+        entries carry NX in the kernel copy only (pti_set_user_pgtbl())."""
+        g = self.geometry
+        pair = self.alloc.alloc(Allocator.BUDDY, Gfp.KERNEL, "kernel", "pgd pair (order 1)", 2, align=0x2000)
+        self.ram.clear_frame(pair >> e.PAGE_SHIFT)
+        self.ram.clear_frame((pair >> e.PAGE_SHIFT) + 1)
+        self.mm_kernel_pgd, self.mm_user_pgd = pair, pair + e.PAGE_SIZE
+        for src, dst in ((self.kernel_pgd, self.mm_kernel_pgd), (self.user_pgd, self.mm_user_pgd)):
+            frame = self.ram.read_frame(src >> e.PAGE_SHIFT)
+            for i in range(256, 512):
+                if frame[i]:
+                    self.write("kernel", dst + 8 * i, int(frame[i]))
+        data = self.alloc.alloc(Allocator.BUDDY, Gfp.KERNEL, "kernel", "user pages", 16)
+        for va, pages, flags in USER_MAPPINGS:
+            for p in range(pages):
+                self._map(va + p * e.PAGE_SIZE, data, flags, 12, "user page tables", pgd=self.mm_user_pgd,
+                          table_flags=e.PAGE_TABLE)
+                data += e.PAGE_SIZE
+        user = self.ram.read_frame(self.mm_user_pgd >> e.PAGE_SHIFT)
+        for i in range(256):
+            if user[i]:
+                self.write("kernel", self.mm_kernel_pgd + 8 * i, int(user[i]) | e.NX)
+        del g
+
+
+def _percpu_layout(profile: Profile) -> dict[str, int]:
+    """Offsets of the per-CPU variables the area aliases, packed in a unit."""
+    sizes: dict[str, int] = {}
+    for piece in profile.per_cpu:
+        if not piece.backing or piece.backing in SYMBOLS:
+            continue
+        var, _, off = piece.backing.partition("+")
+        end = (int(off, 16) if off else 0) + piece.pages * e.PAGE_SIZE
+        sizes[var] = max(sizes.get(var, 0), end)
+    offsets, at = {}, 0
+    for var, size in sizes.items():
+        offsets[var] = at
+        at += size
+    if at > profile.percpu_unit_pages * e.PAGE_SIZE:
+        raise ValueError(f"{profile.name}: per-CPU variables overflow the percpu unit")
+    return offsets
+
+
+def boot(profile: str | Profile = "linux-6.1", design: "str | Design" = "linux", cpus: int = 4,
+         levels: int = 4) -> Kernel:
+    """Boot a modelled kernel with a PTI design; the public entry point.
+
+    >>> k = boot("linux-6.1", "shared-pmd", cpus=2)
+    >>> k.user_cr3()
+    """
+    from ptilab.linux.profiles import get_profile
+    from ptilab.pti import get_design
+
+    if isinstance(profile, str):
+        profile = get_profile(profile)
+    if isinstance(design, str):
+        design = get_design(design)
+    return Kernel(profile, design, cpus, levels).boot()

@@ -1,0 +1,42 @@
+"""Design 1, the patch under review (KAISER, Nov 2017): map each piece of a
+CPU's area with permissions written into the design, CPU 0 early from
+memblock (kaiser_add_user_map_early()) and every AP again when it comes up.
+
+The constants are Dave Hansen's list in the seed. Pieces the list does not
+know (the entry stack page, the IDT, the debug store) are not mapped at all.
+"""
+
+from __future__ import annotations
+
+from ptilab.memory.allocators import Allocator
+from ptilab.paging import entry as e
+from ptilab.pti.design import Design
+
+PIECE_RIGHTS_2017 = {
+    "gdt": e.P | e.A | e.NX,  # GDT: R/O
+    "tss": e.P | e.RW | e.A | e.D | e.NX,  # TSS: R/W at least because of trampoline stack
+    "entry_trampoline": e.P | e.A,  # entry code: EXEC+R/O
+    "exception_stack": e.P | e.RW | e.A | e.D | e.NX,  # exception stacks: R/W
+}
+
+
+class ExplicitDesign(Design):
+    name = "explicit"
+    summary = "map each piece with hard-coded rights; CPU 0 early (memblock), each AP again"
+    early_allocator = Allocator.MEMBLOCK
+
+    def on_area_ready(self, cpu: int | None, start: int, end: int) -> None:
+        if cpu is None:
+            return  # the header pieces are not on the 2017 list
+        k = self.k
+        for piece in k.profile.per_cpu:
+            flags = PIECE_RIGHTS_2017.get(piece.kind)
+            if flags is None:
+                continue
+            for page in range(piece.pages):
+                va = k.piece_va(piece, cpu) + page * e.PAGE_SIZE
+                pa = k.backing_pa(piece, cpu) + page * e.PAGE_SIZE
+                self.write(self.user_entry(va, k.geometry.levels - 1, f"user pte table for {piece.kind}"), pa | flags)
+
+    def on_pti_init(self) -> None:
+        self.clone_common()
