@@ -15,13 +15,17 @@ PAGE_DTYPE = np.dtype([("va", "<u8"), ("pa", "<u8"), ("eff", "u1"), ("glb", "?")
 
 def pages(walk: Walk, start: int, end: int) -> np.ndarray:
     """Every present 4 KiB page of the walk inside [start, end), vectorised."""
+    # Inclusive last bytes: a range ending at the top of the address space
+    # would overflow u64 with an exclusive end.
+    last_wanted = np.uint64(min(end, 1 << 64) - 1)
     r = walk.mapped
-    r = r[(r["va"] + r["size"] > np.uint64(start)) & (r["va"] < np.uint64(end))]
+    last = r["va"] + (r["size"] - np.uint64(1))
+    r = r[(last >= np.uint64(start)) & (r["va"] <= last_wanted)]
     if not len(r):
         return np.zeros(0, PAGE_DTYPE)
     lo = np.maximum(r["va"], np.uint64(start))
-    hi = np.minimum(r["va"] + r["size"], np.uint64(end))
-    counts = ((hi - lo) >> np.uint64(12)).astype(np.int64)
+    hi = np.minimum(r["va"] + (r["size"] - np.uint64(1)), last_wanted)
+    counts = (((hi - lo) >> np.uint64(12)) + np.uint64(1)).astype(np.int64)
     owner = np.repeat(np.arange(len(r)), counts)
     first = np.repeat(np.cumsum(counts) - counts, counts)
     step = (np.arange(counts.sum()) - first).astype(np.uint64) << np.uint64(12)

@@ -58,27 +58,34 @@ def violation_for(allocator: Allocator, gfp: Gfp, phase: Phase) -> str | None:
 
 
 class PhysicalAllocators:
-    """memblock (top-down from the end of RAM, as memblock allocates by
-    default) and buddy (bottom-up above the kernel image) over one RAM."""
+    """memblock (top-down, as memblock allocates by default) and buddy
+    (bottom-up) over one RAM.
+
+    The kernel's own pages and a design's come from separate halves of RAM,
+    so what a design allocates never moves the kernel's frames: two designs'
+    views can then be compared frame for frame.
+    """
 
     def __init__(self, ram_size: int, buddy_start: int):
         self.ram_size = ram_size
         self.phase = Phase.EARLY
         self.cpu: int | None = None
-        self._memblock_top = ram_size
-        self._buddy_next = buddy_start
+        half = ram_size // 2
+        # [buddy next, memblock top] per arena: the kernel's low half, the designs' high half.
+        self._cursors = {True: [buddy_start, half], False: [half, ram_size]}
         self.log: list[Allocation] = []
 
     def alloc(self, allocator: Allocator, gfp: Gfp, owner: str, purpose: str, pages: int = 1,
               align: int = PAGE_SIZE) -> int:
         size = pages * PAGE_SIZE
+        arena = self._cursors[owner == "kernel"]
         if allocator is Allocator.MEMBLOCK:
-            pa = (self._memblock_top - size) & ~(align - 1)
-            self._memblock_top = pa
+            pa = (arena[1] - size) & ~(align - 1)
+            arena[1] = pa
         else:
-            pa = (self._buddy_next + align - 1) & ~(align - 1)
-            self._buddy_next = pa + size
-        if self._buddy_next > self._memblock_top:
+            pa = (arena[0] + align - 1) & ~(align - 1)
+            arena[0] = pa + size
+        if arena[0] > arena[1]:
             raise MemoryError(f"modelled RAM of {self.ram_size:#x} bytes is exhausted")
         self.log.append(Allocation(pa, pages, allocator, gfp, self.phase, self.cpu, owner, purpose,
                                    violation_for(allocator, gfp, self.phase)))

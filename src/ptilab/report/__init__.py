@@ -1,0 +1,1 @@
+"""Showing results: terminal tables now; HTML, drawings and plots later."""

@@ -1,0 +1,43 @@
+"""Rich tables for the terminal (plain text when stdout is not one)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from ptilab.compare.layout_change import Outcome
+from ptilab.compare.metrics import DesignReport
+
+
+def _kib(n: int) -> str:
+    return f"{n // 1024} KiB"
+
+
+def compare_table(reports: list[DesignReport]) -> Table:
+    first = reports[0]
+    t = Table(title=f"PTI designs on {first.profile}, {first.cpus} CPUs, {first.levels}-level paging",
+              caption="user tables: page-table pages the design allocated; writes: entries it wrote; "
+                      "shared/own: kernel-half tables of the user view shared with the kernel or its own")
+    for col in ("design", "user tables", "writes", "AP work", "allocations by phase", "allocator bugs",
+                "tables shared/own", "kernel pages seen by user", "cpu_entry_area vs kernel"):
+        t.add_column(col, overflow="fold")
+    for r in reports:
+        ap = f"{r.ap_allocations} allocs, {r.ap_writes} writes" if r.ap_work else "none"
+        phases = ", ".join(f"{k} {v}" for k, v in r.allocations_by_phase.items()) or "-"
+        div = "identical" if not r.cea_divergences else "; ".join(
+            f"{d.kind} {d.va:#x}+{d.pages}p (user {d.user}, kernel {d.kernel})" for d in r.cea_divergences[:3]) + (
+            f"; +{len(r.cea_divergences) - 3} more" if len(r.cea_divergences) > 3 else "")
+        t.add_row(r.design, f"{r.user_table_pages} ({_kib(r.user_table_bytes)})", str(r.pte_writes), ap, phases,
+                  str(len(r.violations)) if r.violations else "none",
+                  f"{r.tables_shared_with_kernel}/{r.tables_user_only}", str(r.user_kernel_pages), div)
+    return t
+
+
+def layout_change_table(outcomes: list[Outcome], profile: str) -> Table:
+    t = Table(title=f"Which designs stay correct, unmodified, when {profile}'s cpu_entry_area layout changes")
+    t.add_column("layout change")
+    t.add_column("design")
+    t.add_column("correct")
+    t.add_column("detail", overflow="fold")
+    for o in outcomes:
+        t.add_row(o.change, o.design, "yes" if o.correct else "NO", o.detail)
+    return t
