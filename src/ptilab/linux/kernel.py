@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
 
 from ptilab.errors import UsageError
 from ptilab.memory.allocators import Allocator, Gfp, Phase, PhysicalAllocators
@@ -19,7 +21,7 @@ from ptilab.memory.simulated import SimulatedRAM
 from ptilab.paging import entry as e
 from ptilab.paging.cr3 import CR3
 from ptilab.paging.geometry import Geometry
-from ptilab.paging.install import entry_address, map_page
+from ptilab.paging.install import entry_address, map_page, table_runs
 from ptilab.linux.profiles import ESPFIX_BASE_ADDR, RIGHTS, START_KERNEL_MAP, Piece, Profile
 
 if TYPE_CHECKING:
@@ -73,7 +75,8 @@ class Kernel:
         self.design = design
         self.percpu_vars = _percpu_layout(profile)
         unit = profile.percpu_unit_pages * e.PAGE_SIZE
-        ram = ((1 << 30) + nr_cpus * (unit + 0x10000) + (1 << 30) - 1) & ~((1 << 30) - 1)
+        # Twice what the kernel needs: the designs' arena is the upper half.
+        ram = (2 * ((512 << 20) + nr_cpus * (unit + 0x10000)) + (1 << 30) - 1) & ~((1 << 30) - 1)
         self.ram = SimulatedRAM(ram)
         self.alloc = PhysicalAllocators(ram, PHYS_START + IMAGE_SIZE)
         self.page_offset = PAGE_OFFSET[levels]
@@ -112,14 +115,26 @@ class Kernel:
         base = self.area_base if cpu is None else self.profile.cpu_base(self.nr_cpus, cpu)
         return base + piece.offset
 
-    def cea_pte(self, piece: Piece, cpu: int | None, page: int) -> int:
-        """The PTE cea_set_pte() writes for one page of a piece."""
+    def cea_ptes(self, piece: Piece, cpu: int | None) -> np.ndarray:
+        """The PTEs cea_set_pte() writes for the pages of a piece."""
         flags = RIGHTS[piece.rights]
         if not self.profile.global_cea and flags & e.P:
             flags &= ~e.G
         if not flags & e.P:
-            return flags
-        return (self.backing_pa(piece, cpu) + page * e.PAGE_SIZE) | flags
+            return np.full(piece.pages, flags, dtype=np.uint64)
+        first = self.backing_pa(piece, cpu)
+        return np.arange(first, first + piece.pages * e.PAGE_SIZE, e.PAGE_SIZE, dtype=np.uint64) | np.uint64(flags)
+
+    def area_ptes(self, cpu: int, ptes_of: Callable[[Piece], np.ndarray | None]) -> np.ndarray:
+        """One CPU's whole area as a PTE array (zero in guard holes), so it is
+        written a table at a time rather than a piece at a time."""
+        out = np.zeros(self.profile.stride // e.PAGE_SIZE, dtype=np.uint64)
+        for piece in self.profile.per_cpu:
+            ptes = ptes_of(piece)
+            if ptes is not None:
+                first = piece.offset // e.PAGE_SIZE
+                out[first:first + piece.pages] = ptes
+        return out
 
     def kernel_cr3(self) -> CR3:
         return CR3(self.mm_kernel_pgd or self.kernel_pgd)
@@ -143,17 +158,22 @@ class Kernel:
         self.ram.write_entry(pa, value)
         self.writes[(owner, self.alloc.phase)] += 1
 
+    def write_run(self, owner: str, pa: int, values: np.ndarray) -> None:
+        """Consecutive entries of one table, counted one write per non-zero entry."""
+        self.ram.write_entries(pa, values)
+        self.writes[(owner, self.alloc.phase)] += int(np.count_nonzero(values))
+
     def kernel_entry(self, va: int, depth: int) -> int | None:
         """Physical address of the kernel PGD's entry for va at depth, if its tables exist."""
         return entry_address(self.ram, self.geometry, self.kernel_pgd, va, depth)
 
-    def set_pte_vaddr(self, va: int, pte: int) -> None:
-        """arch/x86/mm/init_64.c set_pte_vaddr(): missing tables come from
-        memblock early and GFP_ATOMIC pages later (spp_getpage())."""
+    def set_pte_vaddr(self, va: int, ptes: np.ndarray) -> None:
+        """arch/x86/mm/init_64.c set_pte_vaddr() for consecutive pages: missing
+        tables come from memblock early and GFP_ATOMIC pages later (spp_getpage())."""
         alloc = self.table_allocator("kernel", "cpu_entry_area table")
-        slot = entry_address(self.ram, self.geometry, self.kernel_pgd, va, self.geometry.levels - 1, alloc)
-        assert slot is not None
-        self.write("kernel", slot, pte)
+        for slot, first, n in table_runs(self.ram, self.geometry, self.kernel_pgd, va, len(ptes),
+                                         self.geometry.levels - 1, alloc):
+            self.write_run("kernel", slot, ptes[first:first + n])
 
     # -- boot ------------------------------------------------------------------
     def boot(self) -> "Kernel":
@@ -243,17 +263,14 @@ class Kernel:
 
     def _map_area_header(self) -> None:
         for piece in self.profile.header:
-            for page in range(piece.pages):
-                self.set_pte_vaddr(self.piece_va(piece, None) + page * e.PAGE_SIZE, self.cea_pte(piece, None, page))
+            self.set_pte_vaddr(self.piece_va(piece, None), self.cea_ptes(piece, None))
         if self.profile.header:
             start = self.area_base
             self.design.on_area_ready(None, start, start + self.profile.first_cpu_offset)
 
     def _setup_cpu_entry_area(self, cpu: int) -> None:
-        for piece in self.profile.per_cpu:
-            for page in range(piece.pages):
-                self.set_pte_vaddr(self.piece_va(piece, cpu) + page * e.PAGE_SIZE, self.cea_pte(piece, cpu, page))
         start = self.profile.cpu_base(self.nr_cpus, cpu)
+        self.set_pte_vaddr(start, self.area_ptes(cpu, lambda piece: self.cea_ptes(piece, cpu)))
         self.design.on_area_ready(cpu, start, start + self.profile.stride)
 
     def espfix_base_addr(self, cpu: int) -> int:

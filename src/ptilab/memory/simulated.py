@@ -33,6 +33,35 @@ class SimulatedRAM(PhysicalMemory):
             return np.zeros((0, 512), dtype=np.uint64)
         return np.stack(rows)
 
+    def read_entry(self, pa: int) -> int:
+        # The boot model reads entries one at a time in its hottest loop:
+        # skip the batch machinery of read_frames().
+        frame = self._frames.get(pa >> PAGE_SHIFT)
+        if frame is None:
+            if pa >> PAGE_SHIFT >= self.size >> PAGE_SHIFT:
+                raise FrameOutsideMemory(pa)
+            return 0
+        return int(frame[(pa & (PAGE_SIZE - 1)) >> 3])
+
+    def read_frame(self, pfn: int) -> np.ndarray:
+        if pfn >= self.size >> PAGE_SHIFT:
+            raise FrameOutsideMemory(pfn << PAGE_SHIFT)
+        return self._frames.get(pfn, self._zero)
+
+    def write_entries(self, pa: int, values: np.ndarray) -> None:
+        """Store consecutive entries of one table in one go (values must not cross the frame)."""
+        pfn = pa >> PAGE_SHIFT
+        first = (pa & (PAGE_SIZE - 1)) >> 3
+        if first + len(values) > 512:
+            raise ValueError("entries cross a table boundary")
+        if pfn >= self.size >> PAGE_SHIFT:
+            raise FrameOutsideMemory(pa)
+        frame = self._frames.get(pfn)
+        if frame is None:
+            frame = self._frames[pfn] = np.zeros(512, dtype=np.uint64)
+        frame[first:first + len(values)] = values
+        self.entry_writes += len(values)
+
     def write_entry(self, pa: int, value: int) -> None:
         """Store one 8-byte entry, as a kernel's set_pte()/set_pmd() does."""
         pfn = pa >> PAGE_SHIFT

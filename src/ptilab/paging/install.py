@@ -7,7 +7,9 @@ caller's business: it passes the allocator as a function.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
 
 from ptilab.paging import entry as e
 from ptilab.paging.geometry import Geometry
@@ -16,6 +18,7 @@ from ptilab.paging.geometry import Geometry
 class WritableMemory(Protocol):
     def read_entry(self, pa: int) -> int: ...
     def write_entry(self, pa: int, value: int) -> None: ...
+    def write_entries(self, pa: int, values: np.ndarray) -> None: ...
 
 
 AllocTable = Callable[[], int]  # returns the physical address of a zeroed 4 KiB frame
@@ -63,3 +66,27 @@ def map_page(mem: WritableMemory, geometry: Geometry, pgd: int, va: int, pa: int
     if va & ((1 << page_shift) - 1) or pa & ((1 << page_shift) - 1):
         raise ValueError(f"{va:#x} -> {pa:#x} is not aligned to {1 << page_shift:#x}")
     return set_entry(mem, geometry, pgd, va, depth, pa | flags, alloc, table_flags)
+
+
+def table_runs(mem: WritableMemory, geometry: Geometry, pgd: int, va: int, count: int, depth: int,
+               alloc: AllocTable | None = None, table_flags: int = e.KERNPG_TABLE) -> Iterator[tuple[int, int, int]]:
+    """Split count consecutive entries at depth, starting with va's, by the
+    table holding them: yields (entry physical address, first index into the
+    run, entries in this table). Missing tables are created with alloc, or
+    skipped without it."""
+    span = 1 << geometry.shift(depth)
+    done = 0
+    while done < count:
+        here = va + done * span
+        n = min(count - done, 512 - geometry.index(here, depth))
+        slot = entry_address(mem, geometry, pgd, here, depth, alloc, table_flags)
+        if slot is not None:
+            yield slot, done, n
+        done += n
+
+
+def set_entries(mem: WritableMemory, geometry: Geometry, pgd: int, va: int, depth: int, values: np.ndarray,
+                alloc: AllocTable, table_flags: int = e.KERNPG_TABLE) -> None:
+    """Install consecutive entries at depth starting with va's, a table at a time."""
+    for slot, first, n in table_runs(mem, geometry, pgd, va, len(values), depth, alloc, table_flags):
+        mem.write_entries(slot, values[first:first + n])

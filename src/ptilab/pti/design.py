@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ptilab.memory.allocators import Allocator
 from ptilab.paging import entry as e
-from ptilab.paging.install import entry_address
+from ptilab.paging.install import entry_address, table_runs
 
 if TYPE_CHECKING:
     from ptilab.linux.kernel import Kernel
@@ -42,15 +44,31 @@ class Design:
         """The AP went down; Linux keeps its cpu_entry_area mapped."""
 
     # -- the tools of pti.c ------------------------------------------------------
+    def _user_alloc(self, purpose: str):
+        k = self.k
+        allocator = self.early_allocator if k.alloc.phase.value == "early" else None
+        return self._counting(k.table_allocator(self.name, purpose, allocator))
+
     def user_entry(self, va: int, depth: int, purpose: str) -> int:
         """pti_user_pagetable_walk_*(): the user PGD's entry for va at depth,
         creating the user-only tables above it as _KERNPG_TABLE."""
         k = self.k
-        allocator = self.early_allocator if k.alloc.phase.value == "early" else None
-        alloc = k.table_allocator(self.name, purpose, allocator)
-        slot = entry_address(k.ram, k.geometry, k.user_pgd, va, depth, self._counting(alloc), e.KERNPG_TABLE)
+        slot = entry_address(k.ram, k.geometry, k.user_pgd, va, depth, self._user_alloc(purpose), e.KERNPG_TABLE)
         assert slot is not None
         return slot
+
+    def set_user_ptes(self, va: int, ptes: np.ndarray, purpose: str) -> None:
+        """Install consecutive user PTEs from va on, a PTE table at a time;
+        zero entries at either end are not written (no table is made for them)."""
+        k = self.k
+        used = np.flatnonzero(ptes)
+        if not len(used):
+            return
+        va += int(used[0]) * e.PAGE_SIZE
+        ptes = ptes[used[0]:used[-1] + 1]
+        for slot, first, n in table_runs(k.ram, k.geometry, k.user_pgd, va, len(ptes), k.geometry.levels - 1,
+                                         self._user_alloc(purpose)):
+            k.write_run(self.name, slot, ptes[first:first + n])
 
     def _counting(self, alloc):
         k, owner = self.k, self.name

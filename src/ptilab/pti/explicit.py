@@ -8,6 +8,8 @@ know (the entry stack page, the IDT, the debug store) are not mapped at all.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ptilab.memory.allocators import Allocator
 from ptilab.paging import entry as e
 from ptilab.pti.design import Design
@@ -29,14 +31,15 @@ class ExplicitDesign(Design):
         if cpu is None:
             return  # the header pieces are not on the 2017 list
         k = self.k
-        for piece in k.profile.per_cpu:
-            flags = PIECE_RIGHTS_2017.get(piece.kind)
-            if flags is None:
-                continue
-            for page in range(piece.pages):
-                va = k.piece_va(piece, cpu) + page * e.PAGE_SIZE
-                pa = k.backing_pa(piece, cpu) + page * e.PAGE_SIZE
-                self.write(self.user_entry(va, k.geometry.levels - 1, f"user pte table for {piece.kind}"), pa | flags)
+        k_ptes = k.area_ptes(cpu, lambda piece: self._ptes(piece, cpu))
+        self.set_user_ptes(start, k_ptes, "user pte table for cpu_entry_area pieces")
+
+    def _ptes(self, piece, cpu: int) -> np.ndarray | None:
+        flags = PIECE_RIGHTS_2017.get(piece.kind)
+        if flags is None:
+            return None
+        first = self.k.backing_pa(piece, cpu)
+        return np.arange(first, first + piece.pages * e.PAGE_SIZE, e.PAGE_SIZE, dtype=np.uint64) | np.uint64(flags)
 
     def on_pti_init(self) -> None:
         self.clone_common()

@@ -5,7 +5,10 @@ still owns its page tables and redoes the work for every AP."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from ptilab.paging import entry as e
+from ptilab.paging.install import table_runs
 from ptilab.pti.design import Design
 
 
@@ -16,13 +19,11 @@ class MirrorDesign(Design):
     def on_area_ready(self, cpu: int | None, start: int, end: int) -> None:
         k = self.k
         depth = k.geometry.levels - 1
-        for va in range(start, end, e.PAGE_SIZE):
-            kernel_slot = k.kernel_entry(va, depth)
-            if kernel_slot is None:
-                continue
-            pte = k.ram.read_entry(kernel_slot)
-            if pte:  # PAGE_NONE entries too: perf may make them present later
-                self.write(self.user_entry(va, depth, "user pte table for cpu_entry_area"), pte)
-
-    def on_pti_init(self) -> None:
-        self.clone_common()
+        count = (end - start) // e.PAGE_SIZE
+        # Page by page in effect; a kernel PTE table at a time in the model.
+        for slot, first, n in table_runs(k.ram, k.geometry, k.kernel_pgd, start, count, depth):
+            frame = k.ram.read_frame(slot >> e.PAGE_SHIFT)
+            index = (slot & (e.PAGE_SIZE - 1)) >> 3
+            ptes = frame[index:index + n]
+            # PAGE_NONE entries too: perf may make them present later.
+            self.set_user_ptes(start + first * e.PAGE_SIZE, ptes.copy(), "user pte table for cpu_entry_area")
