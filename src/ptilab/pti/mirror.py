@@ -27,3 +27,6 @@ class MirrorDesign(Design):
             ptes = frame[index:index + n]
             # PAGE_NONE entries too: perf may make them present later.
             self.set_user_ptes(start + first * e.PAGE_SIZE, ptes.copy(), "user pte table for cpu_entry_area")
+
+    def on_pti_init(self) -> None:
+        self.clone_common()
