@@ -126,5 +126,6 @@ class Design:
             for cpu in range(k.nr_cpus):
                 pa = k.percpu_pa(cpu, "cpu_tss_rw")
                 va = k.direct_map_va(pa)
-                flags = e.PAGE_KERNEL  # pfn_pte(pa, PAGE_KERNEL)
+                # pfn_pte(pa, PAGE_KERNEL): under PTI __default_kernel_pte_mask strips _PAGE_GLOBAL.
+                flags = e.PAGE_KERNEL & ~e.G
                 self.write(self.user_entry(va, k.geometry.levels - 1, "user pte for cpu_tss_rw"), pa | flags)

@@ -1,0 +1,268 @@
+"""PTI's promises, checked on any pair of views: modelled, from an image, or from ptdump text.
+
+Each check reads plain range arrays (ptilab.paging.RANGE_DTYPE), never memory,
+so a view parsed from ptdump text is judged exactly like a walked one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ptilab.audit.findings import Finding, Severity, Span
+from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, ESPFIX_BASE_ADDR, START_KERNEL_MAP
+from ptilab.linux.regions import region_of
+from ptilab.paging import EFF_NX, EFF_RW, EFF_US, Anomaly, Geometry
+from ptilab.paging import entry as e
+
+P4D_SIZE = 1 << 39
+VSYSCALL_ADDR = 0xFFFF_FFFF_FF60_0000
+MODULES_VADDR = 0xFFFF_FFFF_A000_0000
+# A user view mapping more kernel memory than this has not been isolated.
+PTI_OFF_BYTES = 64 << 20
+
+
+@dataclass
+class Views:
+    """What an audit looks at. The user view is the tree CR3 points at while
+    a CPU runs user code; the kernel view is its PTI twin, when there is one."""
+
+    geometry: Geometry
+    user: np.ndarray
+    kernel: np.ndarray | None = None
+    kernel_pgd: np.ndarray | None = None  # the 512 top-level entries, when read from memory
+    user_pgd: np.ndarray | None = None
+    anomalies: list[Anomaly] = field(default_factory=list)
+    symbols: dict[str, int] = field(default_factory=dict)
+    nr_cpus_hint: int = 8192
+
+
+def rights(eff: int, prot: int) -> str:
+    """ptdump-like words: 'USR RW NX GLB'."""
+    words = ["USR"] if eff & EFF_US else []
+    words.append("RW" if eff & EFF_RW else "ro")
+    words.append("NX" if eff & EFF_NX else "x")
+    if prot & e.G:
+        words.append("GLB")
+    return " ".join(words)
+
+
+def _spans(r: np.ndarray, view: str, label: str = "", limit: int = 64) -> tuple[Span, ...]:
+    out = []
+    for va, size, eff, prot in zip(r["va"][:limit].tolist(), r["size"][:limit].tolist(),
+                                   r["eff"][:limit].tolist(), r["prot"][:limit].tolist()):
+        out.append(Span(va, (va + size) & 0xFFFF_FFFF_FFFF_FFFF, view, rights(eff, prot), label))
+    return tuple(out)
+
+
+def _present_kernel_half(r: np.ndarray, geometry: Geometry) -> np.ndarray:
+    r = r[(r["prot"] & np.uint64(e.P)) != 0]
+    return r[r["va"] >= np.uint64(geometry.kernel_half_start())]
+
+
+def _within(r: np.ndarray, start: int, end: int) -> np.ndarray:
+    return (r["va"] >= np.uint64(start)) & (r["va"] <= np.uint64(end - 1))
+
+
+def classify(views: Views) -> dict[str, np.ndarray]:
+    """Sort the user view's kernel-half mappings into what PTI allows there
+    and what it does not: a mask per kind over the present kernel-half ranges."""
+    g = views.geometry
+    r = _present_kernel_half(views.user, g)
+    cea = _within(r, CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + P4D_SIZE)
+    espfix = _within(r, ESPFIX_BASE_ADDR, ESPFIX_BASE_ADDR + P4D_SIZE)
+    image = _within(r, START_KERNEL_MAP, MODULES_VADDR)
+    vsyscall = _within(r, VSYSCALL_ADDR, VSYSCALL_ADDR + e.PAGE_SIZE)
+    start = views.symbols.get("__entry_text_start")
+    if start is not None:
+        end = views.symbols.get("__entry_text_end", start + 1)
+        pmd = 1 << 21
+        entry = image & _within(r, start & ~(pmd - 1), (end + pmd - 1) & ~(pmd - 1))
+    else:
+        # Without symbols: pti_clone_entry_text() clones whole PMDs, a few MiB at most.
+        entry = image if int(r["size"][image].sum()) <= 4 << 20 else np.zeros(len(r), bool)
+    # pti_clone_user_shared(): one 4 KiB RW NX page per possible CPU, elsewhere in the kernel half.
+    small = (r["size"] == np.uint64(e.PAGE_SIZE)) & ((r["eff"] & EFF_RW) != 0) & ((r["eff"] & EFF_NX) != 0)
+    other = ~(cea | espfix | image | vsyscall)
+    tss = other & small
+    if int(tss.sum()) > views.nr_cpus_hint:
+        tss[:] = False
+    leak = ~(cea | espfix | entry | vsyscall | tss)
+    return {"cpu_entry_area": cea, "espfix": espfix, "entry text": entry, "vsyscall page": vsyscall,
+            "cpu_tss_rw pages": tss, "leak": leak, "_ranges": r}
+
+
+def check_pti_off(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    r = kinds["_ranges"]
+    leaked = int(r["size"][kinds["leak"]].sum())
+    same = views.kernel is not None and len(views.kernel) == len(views.user) and bool(
+        (views.kernel["va"] == views.user["va"]).all() and (views.kernel["pa"] == views.user["pa"]).all())
+    direct = sum(int(s) for va, s in zip(r["va"].tolist(), r["size"].tolist())
+                 if region_of(va, views.geometry.levels) == "direct map")
+    if leaked < PTI_OFF_BYTES and not same and direct < PTI_OFF_BYTES:
+        return []
+    why = ("the user and kernel views are the same tree" if same else
+           f"the tables used in user mode map {leaked >> 20} MiB of the kernel"
+           + (f", {direct >> 20} MiB of it the direct map (all of physical memory)" if direct else ""))
+    return [Finding("PTI-OFF", Severity.CRITICAL, "page-table isolation is off",
+                    f"PTI promises that while a CPU runs user code its page tables map only what "
+                    f"kernel entry needs; here {why}. A Meltdown-style attack (CVE-2017-5754) can then read "
+                    f"any kernel memory, and with it all of RAM through the direct map. Boot with pti=on "
+                    f"or check why the kernel disabled it (an AMD CPU, pti=off, mitigations=off).",
+                    _spans(r[kinds["leak"]], "user"))]
+
+
+def check_leaks(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    r = kinds["_ranges"]
+    leak = r[kinds["leak"]]
+    if not len(leak) or int(leak["size"].sum()) >= PTI_OFF_BYTES:
+        return []
+    image = _within(leak, START_KERNEL_MAP, MODULES_VADDR)
+    found = []
+    if image.any():
+        found.append(Finding(
+            "PTI-KERNEL-IMAGE", Severity.MEDIUM, "kernel image mapped in the user tables",
+            f"{int(leak['size'][image].sum()) >> 10} KiB of the kernel image beyond the entry text is mapped "
+            f"while user code runs. Linux does this on purpose only with pti=auto on CPUs without PCID "
+            f"(pti_clone_kernel_text(): text and rodata, for fewer TLB misses); then Meltdown can read the "
+            f"kernel's code and constants and defeat KASLR, but no secrets. Elsewhere it is a leak.",
+            _spans(leak[image], "user", "kernel image")))
+    rest = leak[~image]
+    if len(rest):
+        found.append(Finding(
+            "PTI-LEAK", Severity.HIGH, "kernel memory mapped in the user tables",
+            f"{len(rest)} kernel range(s), {int(rest['size'].sum()) >> 10} KiB, are present in the tables "
+            f"used in user mode but are none of what PTI allows there (cpu_entry_area, entry text, espfix "
+            f"stacks, per-CPU cpu_tss_rw). A present translation is all Meltdown needs: the US bit does not "
+            f"stop a speculative read.", _spans(rest, "user", "not allowed under PTI")))
+    return found
+
+
+def check_user_view_summary(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    """What the user view legitimately exposes, named piece by piece."""
+    from ptilab.audit.labels import cea_piece
+
+    r = kinds["_ranges"]
+    parts = []
+    spans: list[Span] = []
+    for kind in ("cpu_entry_area", "entry text", "espfix", "cpu_tss_rw pages", "vsyscall page"):
+        sel = r[kinds[kind]]
+        if not len(sel):
+            continue
+        pages = int(sel["size"].sum()) // e.PAGE_SIZE
+        frames = len(np.unique(sel["pa"]))
+        if kind == "cpu_entry_area":
+            names = sorted({cea_piece(int(va)) for va in sel["va"].tolist()})
+            parts.append(f"the cpu_entry_area ({pages} pages: {', '.join(names)})")
+        elif kind == "espfix":
+            parts.append(f"the espfix stacks ({frames} page(s) aliased {len(sel)} times, summarised)")
+        elif kind == "cpu_tss_rw pages":
+            parts.append(f"{len(sel)} per-CPU cpu_tss_rw page(s) (SYSCALL64 scratch)")
+        else:
+            parts.append(f"the {kind} ({pages * 4} KiB)")
+        spans.extend(_spans(sel, "user", kind, limit=16))
+    if not parts:
+        return []
+    return [Finding("PTI-USER-VIEW", Severity.INFO, "what the user tables map of the kernel",
+                    "While user code runs, the kernel half maps only " + "; ".join(parts) + ". These are what "
+                    "entry and exit need before and after the CR3 switch; each is readable by Meltdown, which is "
+                    "why they hold no secrets (see PTI-CEA-FIXED for the addresses they reveal).", tuple(spans))]
+
+
+def check_wx(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    found = []
+    for name, r in (("user", views.user), ("kernel", views.kernel)):
+        if r is None:
+            continue
+        p = r[(r["prot"] & np.uint64(e.P)) != 0]
+        wx = p[((p["eff"] & EFF_RW) != 0) & ((p["eff"] & EFF_NX) == 0)]
+        kernel_half = wx[wx["va"] >= np.uint64(views.geometry.kernel_half_start())]
+        if len(kernel_half):
+            found.append(Finding(
+                f"WX-{name.upper()}", Severity.HIGH, f"writable and executable kernel memory ({name} view)",
+                f"{len(kernel_half)} kernel range(s) are both writable and executable, what CONFIG_DEBUG_WX "
+                f"warns about at boot: an attacker who can write there can run code in ring 0.",
+                _spans(kernel_half, name, "W+X")))
+    return found
+
+
+def check_user_bit(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    found = []
+    for name, r in (("user", views.user), ("kernel", views.kernel)):
+        if r is None:
+            continue
+        k = _present_kernel_half(r, views.geometry)
+        bad = k[(k["eff"] & EFF_US) != 0]
+        if len(bad):
+            found.append(Finding(
+                "KERNEL-USER-BIT", Severity.CRITICAL, f"kernel pages accessible from user mode ({name} view)",
+                f"{len(bad)} kernel-half range(s) have US set at every level: user code can read them "
+                f"architecturally, no side channel needed.", _spans(bad, name)))
+    return found
+
+
+def check_executable(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    r = kinds["_ranges"]
+    x = ((r["eff"] & EFF_NX) == 0) & ~kinds["entry text"]
+    if not x.any():
+        return []
+    return [Finding("USER-VIEW-KERNEL-EXEC", Severity.HIGH, "executable kernel code in the user tables beyond the entry text",
+                    f"{int(x.sum())} kernel range(s) other than the entry text are executable while user code "
+                    f"runs: gadgets for speculative and ROP attacks that PTI means to take away.",
+                    _spans(r[x], "user"))]
+
+
+def check_global(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    r = kinds["_ranges"]
+    glb = ((r["prot"] & np.uint64(e.G)) != 0) & ~kinds["cpu_entry_area"] & ~kinds["entry text"]
+    if not glb.any():
+        return []
+    return [Finding("USER-VIEW-GLOBAL", Severity.MEDIUM, "global kernel pages in the user tables",
+                    f"{int(glb.sum())} kernel range(s) beyond the cpu_entry_area and entry text are global: "
+                    f"their TLB entries survive the CR3 switch to user mode, so they stay readable to "
+                    f"Meltdown even after the kernel unmaps them.", _spans(r[glb], "user"))]
+
+
+def check_kernel_pgd_nx(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    if views.kernel_pgd is None:
+        return []
+    half = views.kernel_pgd[:256]
+    bad = np.flatnonzero(((half & np.uint64(e.P)) != 0) & ((half >> np.uint64(63)) == 0))
+    if not len(bad):
+        return []
+    return [Finding("KERNEL-PGD-USER-EXEC", Severity.HIGH, "user-half entries of the kernel PGD without NX",
+                    f"{len(bad)} of the kernel PGD's user-half entries (slots {', '.join(map(str, bad[:8]))}) "
+                    f"lack NX. Linux sets NX on the kernel copy of every user-half PGD entry "
+                    f"(pti_set_user_pgtbl()) so that a return to user mode that forgot to switch CR3 cannot "
+                    f"execute user code with the kernel's tables; the user PGD's copies carry none.")]
+
+
+def check_cea_fixed(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    r = kinds["_ranges"][kinds["cpu_entry_area"]]
+    gdt0 = CPU_ENTRY_AREA_BASE + 0x1000
+    hit = r[(r["va"] <= np.uint64(gdt0)) & (r["va"] + r["size"] > np.uint64(gdt0))]
+    if not len(hit):
+        return []
+    return [Finding("PTI-CEA-FIXED", Severity.LOW, "cpu_entry_area at its fixed, guessable address",
+                    f"CPU 0's area starts at {gdt0:#x}, the address every kernel without randomised "
+                    f"cpu_entry_area uses: every process knows where the IDT, GDT, TSS and IST stacks are, "
+                    f"and a Meltdown read of them reveals kernel pointers (IDT handler addresses, the TSS's "
+                    f"stack pointers) and with them the KASLR offsets. Linux 6.2 randomises each CPU's slot "
+                    f"(CONFIG_RANDOMIZE_MEMORY).", _spans(hit, "user", "cpu_entry_area"))]
+
+
+def check_anomalies(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    return [Finding(f"TABLE-{a.kind.upper()}", Severity.HIGH, f"malformed page tables: {a.kind}", a.detail)
+            for a in views.anomalies]
+
+
+CHECKS = (check_pti_off, check_leaks, check_user_view_summary, check_wx, check_user_bit, check_executable,
+          check_global, check_kernel_pgd_nx, check_cea_fixed, check_anomalies)
+
+
+def audit(views: Views) -> list[Finding]:
+    """Run every check; findings sorted most severe first."""
+    kinds = classify(views)
+    findings = [f for check in CHECKS for f in check(views, kinds)]
+    return sorted(findings, key=lambda f: -f.severity)
