@@ -1,0 +1,79 @@
+import pytest
+
+from ptilab.audit import Severity, Views, audit
+from ptilab.linux.kernel import boot
+from ptilab.paging import entry as e
+from ptilab.paging import walk
+from ptilab.paging.install import map_page
+
+
+def _views(k):
+    u = walk(k.ram, k.user_cr3(), k.geometry)
+    kv = walk(k.ram, k.kernel_cr3(), k.geometry)
+    return Views(k.geometry, u.ranges, kv.ranges, k.ram.read_frame(k.kernel_cr3().pgd >> 12).copy(),
+                 anomalies=u.anomalies + kv.anomalies)
+
+
+def _ids(findings, at_least=Severity.INFO):
+    return {f.id for f in findings if f.severity >= at_least}
+
+
+@pytest.fixture
+def kernel():
+    return boot("linux-6.1", "linux", cpus=4)
+
+
+@pytest.mark.parametrize("design", ["linux", "shared-pmd", "mirror", "explicit"])
+def test_modelled_pti_kernels_pass(design):
+    findings = audit(_views(boot("linux-6.1", design, cpus=4)))
+    assert _ids(findings, Severity.MEDIUM) == set()
+    assert "PTI-CEA-FIXED" in _ids(findings)
+
+
+def test_user_view_summary_names_every_allowed_piece(kernel):
+    (summary,) = [f for f in audit(_views(kernel)) if f.id == "PTI-USER-VIEW"]
+    for words in ("cpu_entry_area", "gdt", "tss", "estacks.NMI_stack", "entry text", "espfix",
+                  "aliased 16384 times", "4 per-CPU cpu_tss_rw"):
+        assert words in summary.explanation
+
+
+def test_identical_views_mean_pti_is_off(kernel):
+    kv = walk(kernel.ram, kernel.kernel_cr3(), kernel.geometry)
+    findings = audit(Views(kernel.geometry, kv.ranges, kv.ranges))
+    assert findings[0].id == "PTI-OFF" and findings[0].severity is Severity.CRITICAL
+
+
+def test_a_kernel_page_in_the_user_tables_is_a_leak(kernel):
+    secret = kernel.direct_map_va(0x5000_0000)
+    map_page(kernel.ram, kernel.geometry, kernel.user_cr3().pgd, secret, 0x5000_0000, e.PAGE_KERNEL_RO & ~e.G,
+             kernel.table_allocator("test", "leak"), 21)
+    (leak,) = [f for f in audit(_views(kernel)) if f.id == "PTI-LEAK"]
+    assert leak.severity is Severity.HIGH
+    assert leak.spans[0].start == secret and leak.spans[0].end == secret + (1 << 21)
+
+
+def test_writable_executable_kernel_memory_is_flagged(kernel):
+    va = 0xFFFF_FFFF_8200_0000
+    slot = kernel.kernel_entry(va, kernel.geometry.levels - 2)
+    kernel.ram.write_entry(slot, (kernel.ram.read_entry(slot) | e.RW) & ~e.NX)
+    assert "WX-KERNEL" in _ids(audit(_views(kernel)), Severity.HIGH)
+
+
+def test_kernel_pgd_user_entries_without_nx_are_flagged(kernel):
+    pgd = kernel.kernel_cr3().pgd
+    kernel.ram.write_entry(pgd, kernel.ram.read_entry(pgd) & ~e.NX)
+    (f,) = [f for f in audit(_views(kernel)) if f.id == "KERNEL-PGD-USER-EXEC"]
+    assert "slots 0" in f.explanation
+
+
+def test_user_bit_on_a_kernel_page_is_critical(kernel):
+    slot = kernel.kernel_entry(0xFFFF_FFFF_8200_0000, kernel.geometry.levels - 2)
+    kernel.ram.write_entry(slot, kernel.ram.read_entry(slot) | e.US)
+    # US must be set at every level to count: set it on the upper tables too.
+    table = kernel.kernel_cr3().pgd
+    for depth in range(kernel.geometry.levels - 2):
+        entry_pa = table + 8 * kernel.geometry.index(0xFFFF_FFFF_8200_0000, depth)
+        value = kernel.ram.read_entry(entry_pa)
+        kernel.ram.write_entry(entry_pa, value | e.US)
+        table = e.frame_address(value)
+    assert "KERNEL-USER-BIT" in _ids(audit(_views(kernel)), Severity.CRITICAL)
