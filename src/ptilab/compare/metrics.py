@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ptilab.compare.views import Divergence, diff
+from ptilab.compare.views import Divergence, diff, rights
 from ptilab.linux.kernel import Kernel, boot
 from ptilab.linux.regions import region_of
 from ptilab.memory.allocators import Phase
@@ -31,6 +31,7 @@ class DesignReport:
     tables_user_only: int  # kernel-half table pages only the user view uses (its top PGD page included)
     user_kernel_pages: int  # present kernel-half pages in the user view (aliases counted)
     user_regions: dict[str, int]  # kernel-half pages visible to user space, by region
+    user_rights: dict[str, list[str]]  # the effective rights those pages carry, by region
     cea_divergences: list[Divergence] = field(default_factory=list)
 
     @property
@@ -49,14 +50,17 @@ class DesignReport:
         return d
 
 
-def region_pages(view: Walk, levels: int) -> dict[str, int]:
-    """Present kernel-half pages of a view, counted per region."""
+def region_pages(view: Walk, levels: int) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Present kernel-half pages of a view per region, and the rights seen in each."""
     r = view.mapped
     r = r[r["va"] >= np.uint64(view.geometry.kernel_half_start())]
     counts: Counter[str] = Counter()
-    for va, size in zip(r["va"].tolist(), r["size"].tolist()):
-        counts[region_of(va, levels)] += size // e.PAGE_SIZE
-    return dict(counts)
+    seen: dict[str, set[str]] = {}
+    for va, size, eff in zip(r["va"].tolist(), r["size"].tolist(), r["eff"].tolist()):
+        region = region_of(va, levels)
+        counts[region] += size // e.PAGE_SIZE
+        seen.setdefault(region, set()).add(rights(eff))
+    return dict(counts), {k: sorted(v) for k, v in seen.items()}
 
 
 def measure(kernel: Kernel) -> DesignReport:
@@ -72,7 +76,7 @@ def measure(kernel: Kernel) -> DesignReport:
     shared = int(np.isin(user_tables, kernel_tables).sum())
     area_start = kernel.area_base
     area_end = area_start + kernel.profile.area_size(kernel.nr_cpus)
-    regions = region_pages(user, kernel.geometry.levels)
+    regions, region_rights = region_pages(user, kernel.geometry.levels)
     return DesignReport(
         design=name,
         profile=kernel.profile.name,
@@ -88,6 +92,7 @@ def measure(kernel: Kernel) -> DesignReport:
         tables_user_only=len(user_tables) - shared,
         user_kernel_pages=sum(regions.values()),
         user_regions=regions,
+        user_rights=region_rights,
         cea_divergences=diff(user, kern, area_start, area_end),
     )
 
