@@ -33,7 +33,7 @@ def test_modelled_pti_kernels_pass(design):
 def test_user_view_summary_names_every_allowed_piece(kernel):
     (summary,) = [f for f in audit(_views(kernel)) if f.id == "PTI-USER-VIEW"]
     for words in ("cpu_entry_area", "gdt", "tss", "estacks.NMI_stack", "entry text", "espfix",
-                  "aliased 16384 times", "4 per-CPU cpu_tss_rw"):
+                  "aliased 65536 times", "4 per-CPU cpu_tss_rw"):
         assert words in summary.explanation
 
 

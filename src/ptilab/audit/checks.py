@@ -215,11 +215,13 @@ def check_executable(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding
 
 def check_global(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     r = kinds["_ranges"]
-    glb = ((r["prot"] & np.uint64(e.G)) != 0) & ~kinds["cpu_entry_area"] & ~kinds["entry text"]
+    # The cpu_entry_area, the cloned entry-text PMDs and the espfix pages are
+    # global on purpose (cea_set_pte(), pti_clone_pgtable(), init_espfix_ap()).
+    glb = ((r["prot"] & np.uint64(e.G)) != 0) & ~kinds["cpu_entry_area"] & ~kinds["entry text"] & ~kinds["espfix"]
     if not glb.any():
         return []
     return [Finding("USER-VIEW-GLOBAL", Severity.MEDIUM, "global kernel pages in the user tables",
-                    f"{int(glb.sum())} kernel range(s) beyond the cpu_entry_area and entry text are global: "
+                    f"{int(glb.sum())} kernel range(s) beyond the cpu_entry_area, entry text and espfix are global: "
                     f"their TLB entries survive the CR3 switch to user mode, so they stay readable to "
                     f"Meltdown even after the kernel unmaps them.", _spans(r[glb], "user"))]
 

@@ -53,6 +53,7 @@ USER_MAPPINGS = (
 
 ESPFIX_STACKS_PER_PAGE = 64  # arch/x86/kernel/espfix_64.c: 64-byte stacks
 ESPFIX_PTE_STRIDE = 16  # one espfix page every 64 KiB: 32 clones per PTE table
+ESPFIX_PUD_CLONES = 4  # 65536 / (32 PTE clones * 512 PMD clones)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ class Kernel:
         self.events: list[Event] = []
         self.online: set[int] = set()
         self.percpu_base = 0
+        # init_espfix_random() runs even with nokaslr; fixed here for a
+        # reproducible model (35 is what one real boot drew).
+        self.espfix_page_random = 35
+        self.espfix_slot_random = 0
         self.mm_kernel_pgd = self.mm_user_pgd = 0
         design.attach(self)
 
@@ -274,18 +279,22 @@ class Kernel:
         self.design.on_area_ready(cpu, start, start + self.profile.stride)
 
     def espfix_base_addr(self, cpu: int) -> int:
-        page, slot = divmod(cpu, ESPFIX_STACKS_PER_PAGE)
+        """espfix_64.c espfix_base_addr(): the page index is XORed with
+        page_random and lands 64 KiB apart, the upper bits moved up 16."""
+        page = (cpu // ESPFIX_STACKS_PER_PAGE) ^ self.espfix_page_random
+        slot = (cpu + self.espfix_slot_random) % ESPFIX_STACKS_PER_PAGE
         addr = (page << e.PAGE_SHIFT) + slot * 64
         addr = (addr & 0xFFFF) | ((addr & ~0xFFFF) << 16)
         return ESPFIX_BASE_ADDR + addr
 
     def _init_espfix(self, cpu: int) -> None:
-        """espfix_64.c: the P4D entry points at espfix_pud_page (in the image);
-        each espfix page is mapped every 64 KiB of a PTE table that every
-        entry of one PMD table points at: tens of thousands of aliases."""
+        """espfix_64.c init_espfix_bsp()/init_espfix_ap(): the P4D entry points
+        at espfix_pud_page (in the image); each espfix page is mapped every
+        64 KiB of a PTE table that all 512 entries of a PMD table point at,
+        and 4 PUD entries point at that PMD table: 65536 aliases of one page."""
         g = self.geometry
         if cpu % ESPFIX_STACKS_PER_PAGE:
-            return
+            return  # this CPU shares an espfix page already set up
         p4d_depth = g.levels - 4
         pud = self.symbol_pa("espfix_pud_page")
         alloc = self.table_allocator("kernel", "espfix")
@@ -293,21 +302,22 @@ class Kernel:
             slot = entry_address(self.ram, g, self.kernel_pgd, ESPFIX_BASE_ADDR, p4d_depth, alloc)
             self.write("kernel", slot, pud | e.KERNPG_TABLE)
         addr = self.espfix_base_addr(cpu)
+        table_prot = (e.KERNPG_TABLE & ~e.RW) | e.NX  # PGTABLE_PROT
         pud_slot = pud + 8 * g.index(addr, p4d_depth + 1)
-        pmd_entry = self.ram.read_entry(pud_slot)
+        pud_entry = self.ram.read_entry(pud_slot)
+        if not pud_entry & e.P:
+            pud_entry = alloc() | table_prot
+            self.write_run("kernel", pud_slot, np.full(ESPFIX_PUD_CLONES, pud_entry, dtype=np.uint64))
+        pmd = e.frame_address(pud_entry)
+        pmd_entry = self.ram.read_entry(pmd)  # pmd_index(addr) is always 0
         if not pmd_entry & e.P:
-            pmd = alloc()
-            self.write("kernel", pud_slot, pmd | e.KERNPG_TABLE)
-            pte = alloc()
-            for i in range(512):
-                self.write("kernel", pmd + 8 * i, pte | e.KERNPG_TABLE)
-        else:
-            pmd = e.frame_address(pmd_entry)
-            pte = e.frame_address(self.ram.read_entry(pmd))
+            pmd_entry = alloc() | table_prot
+            self.write_run("kernel", pmd, np.full(512, pmd_entry, dtype=np.uint64))
+        pte = e.frame_address(pmd_entry)
         stack = alloc()
         first = g.index(addr, g.levels - 1)
         for i in range(first, 512, ESPFIX_PTE_STRIDE):
-            self.write("kernel", pte + 8 * i, stack | (e.PAGE_KERNEL_RO & ~e.G))
+            self.write("kernel", pte + 8 * i, stack | e.PAGE_KERNEL_RO)
 
     def _spawn_init_process(self) -> None:
         """pgd_alloc() + pgd_ctor(): an 8 KiB pair whose kernel halves copy the

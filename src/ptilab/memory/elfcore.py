@@ -1,0 +1,330 @@
+"""Guest physical memory from an ELF core: QEMU's ``dump-guest-memory``, kdump's vmcore.
+
+Both write an ELF64 ``ET_CORE`` file whose ``PT_LOAD`` segments hold guest
+physical memory: ``p_paddr`` is the guest physical address of the segment's
+first byte (``p_vaddr`` is a virtual address only in QEMU's paging mode,
+``dump-guest-memory -p``; otherwise QEMU copies ``p_paddr`` into it, and kdump
+writes the direct-map address). Only ``p_paddr`` is used here.
+
+The file is memory-mapped, never read whole: a frame costs a page fault when a
+walk first touches it, so a sparse 64 GiB core opens instantly and reads in
+the few megabytes its page tables occupy.
+
+QEMU also records each CPU's control registers in a note of its own (name
+``"QEMU"``, type 0, ``struct QEMUCPUState`` in target/i386/arch_dump.c), so the
+CR3 and CR4 of every CPU come with the core::
+
+    >>> core = ElfCore("core.elf")
+    >>> cpu = core.cpus[1]
+    >>> walk(core, cpu.cr3_register, cpu.geometry)
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from ptilab.errors import FrameOutsideMemory, InputError
+from ptilab.memory.physical import ENTRY_DTYPE, PhysicalMemory
+from ptilab.paging.cr3 import CR3
+from ptilab.paging.entry import PAGE_SHIFT, PAGE_SIZE
+from ptilab.paging.geometry import Geometry
+
+# struct QEMUCPUState (QEMUCPUSTATE_VERSION 1): u32 version, u32 size, 18 u64
+# general registers ending with rip and rflags, ten 24-byte segment caches
+# (cs first), then u64 cr[5]. Newer QEMUs append fields and raise size.
+QEMU_NOTE_NAME = b"QEMU"
+QEMU_NOTE_TYPE = 0
+QEMU_CPU_STATE_VERSION = 1
+QEMU_CPU_STATE_SIZE = 432
+QEMU_OFF_RSP = 8 + 6 * 8
+QEMU_OFF_RIP = 8 + 16 * 8
+QEMU_OFF_RFLAGS = QEMU_OFF_RIP + 8
+QEMU_OFF_CS = QEMU_OFF_RFLAGS + 8
+QEMU_OFF_CR = QEMU_OFF_CS + 10 * 24
+
+CR4_LA57 = 1 << 12
+CR4_PCIDE = 1 << 17
+
+# QEMU writes p_offset = -1 (and p_filesz = 0) for a mapping whose memory it
+# did not dump, e.g. outside the range given to dump-guest-memory.
+NOT_DUMPED = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class CpuState:
+    """One CPU's registers at the time of the dump, from QEMU's per-CPU note.
+
+    ``index`` counts CPUs in the order QEMU wrote them (its CPU index, 0 up).
+    """
+
+    index: int
+    rip: int
+    rsp: int
+    rflags: int
+    cs: int  # selector; its low two bits are the CPL
+    cr0: int
+    cr2: int
+    cr3: int
+    cr4: int
+
+    @property
+    def cpl(self) -> int:
+        """Privilege level the CPU was running at: 3 is user mode."""
+        return self.cs & 3
+
+    @property
+    def geometry(self) -> Geometry:
+        """4-level paging, or 5-level when CR4.LA57 is set."""
+        return Geometry(5 if self.cr4 & CR4_LA57 else 4)
+
+    @property
+    def cr3_register(self) -> CR3:
+        """CR3 with its PCID meaning taken from CR4.PCIDE."""
+        return CR3(self.cr3, bool(self.cr4 & CR4_PCIDE))
+
+
+@dataclass(frozen=True)
+class _Load:
+    pa: int
+    memsz: int
+    offset: int
+    filesz: int
+
+    @property
+    def end(self) -> int:
+        return self.pa + self.memsz
+
+
+class ElfCore(PhysicalMemory):
+    """Physical memory held in the ``PT_LOAD`` segments of an x86-64 ELF core.
+
+    A frame is present when all 4096 bytes of it lie inside one segment's
+    memory size; bytes past the segment's file size read as zeros, as the
+    ELF specification says. Segments may overlap (QEMU's paging mode writes
+    one per virtual mapping, so aliases repeat physical ranges); the first
+    in address order wins.
+
+    Attributes:
+        path: the file.
+        segments: the physical ranges held, as sorted, disjoint
+            ``(pa_start, pa_end)`` pairs.
+        cpus: one :class:`CpuState` per CPU when QEMU wrote its notes, else ().
+        vmcoreinfo: the ``VMCOREINFO`` note as a dict (kdump writes it, and
+            QEMU does when the guest has a vmcoreinfo device), else {}.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                loads, note_ranges = self._read_headers(f, size)
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except OSError as ex:
+            raise InputError(f"{self.path}: cannot read: {ex.strerror or ex}") from None
+        self.cpus: tuple[CpuState, ...] = ()
+        self.vmcoreinfo: dict[str, str] = {}
+        for offset, length in note_ranges:
+            self._parse_notes(self._bytes(offset, length))
+        self._set_segments(_disjoint(loads))
+
+    # -- reading the file ---------------------------------------------------
+
+    def _read_headers(self, f, size: int) -> tuple[list[_Load], list[tuple[int, int]]]:
+        try:
+            elf = ELFFile(f)
+            if elf.elfclass != 64 or not elf.little_endian:
+                raise InputError(f"{self.path}: not an ELFCLASS64 little-endian core (x86-64 cores are)")
+            if elf["e_type"] != "ET_CORE":
+                raise InputError(f"{self.path}: an ELF {elf['e_type']} file, not a core (ET_CORE)")
+            if elf["e_machine"] != "EM_X86_64":
+                raise InputError(f"{self.path}: a core for {elf['e_machine']}, not x86-64")
+            loads, notes = [], []
+            for seg in elf.iter_segments():
+                h = seg.header
+                if h.p_type == "PT_NOTE":
+                    notes.append((h.p_offset, h.p_filesz))
+                elif h.p_type == "PT_LOAD" and h.p_memsz and h.p_offset != NOT_DUMPED:
+                    loads.append(_Load(h.p_paddr, h.p_memsz, h.p_offset, min(h.p_filesz, h.p_memsz)))
+        except ELFError as ex:
+            raise InputError(f"{self.path}: not a readable ELF core: {ex}") from None
+        extents = [(f"the segment at pa {s.pa:#x}", s.offset + s.filesz) for s in loads]
+        extents += [("the note segment", offset + length) for offset, length in notes]
+        for what, end in extents:
+            if end > size:
+                raise InputError(f"{self.path}: {what} runs to file offset {end:#x}, past the end "
+                                 f"of the file ({size:#x}): truncated")
+        return loads, notes
+
+    def _bytes(self, offset: int, length: int) -> bytes:
+        return bytes(self._mmap[offset:offset + length]) if self._mmap is not None and length else b""
+
+    def _parse_notes(self, blob: bytes) -> None:
+        cpus = list(self.cpus)
+        at = 0
+        while at + 12 <= len(blob):
+            namesz, descsz, ntype = struct.unpack_from("<III", blob, at)
+            name_at = at + 12
+            desc_at = name_at + _align4(namesz)
+            at = desc_at + _align4(descsz)
+            if at > len(blob):
+                raise InputError(f"{self.path}: a note runs past the end of its PT_NOTE segment")
+            name = blob[name_at:name_at + namesz].rstrip(b"\0")
+            desc = blob[desc_at:desc_at + descsz]
+            if name == QEMU_NOTE_NAME and ntype == QEMU_NOTE_TYPE:
+                cpus.append(_qemu_cpu_state(len(cpus), desc, self.path))
+            elif name == b"VMCOREINFO":
+                for line in desc.decode("ascii", "replace").splitlines():
+                    key, sep, value = line.partition("=")
+                    if sep:
+                        self.vmcoreinfo[key] = value
+        self.cpus = tuple(cpus)
+
+    def _set_segments(self, loads: list[_Load]) -> None:
+        # Per segment, frame-granular: the frames wholly inside it, how many
+        # of them are wholly in the file, and how many bytes of the next one.
+        lo, hi, in_file, first_off, tail = [], [], [], [], []
+        for s in loads:
+            first = -(-s.pa // PAGE_SIZE)
+            last = s.end // PAGE_SIZE
+            if last <= first:
+                continue
+            skip = first * PAGE_SIZE - s.pa
+            file_bytes = max(0, s.filesz - skip)
+            whole = min(file_bytes // PAGE_SIZE, last - first)
+            lo.append(first)
+            hi.append(last)
+            in_file.append(whole)
+            first_off.append(s.offset + skip)
+            tail.append(file_bytes - whole * PAGE_SIZE if whole < last - first else 0)
+        self.segments = [(s.pa, s.end) for s in loads]
+        self._lo = np.array(lo, dtype=np.uint64)
+        self._hi = np.array(hi, dtype=np.uint64)
+        self._in_file = np.array(in_file, dtype=np.uint64)
+        self._first_off = first_off
+        self._tail = tail
+        self._views: dict[int, np.ndarray] = {}
+
+    def _view(self, seg: int) -> np.ndarray:
+        """Segment seg's in-file frames as an (n, 512) array over the mapping.
+
+        QEMU places segment data right after the notes, so file offsets are
+        not 4 KiB (nor even 8-byte) aligned: numpy reads unaligned views
+        correctly, only a little slower.
+        """
+        view = self._views.get(seg)
+        if view is None:
+            n = int(self._in_file[seg])
+            view = np.ndarray((n, 512), dtype=ENTRY_DTYPE, buffer=self._mmap, offset=self._first_off[seg])
+            self._views[seg] = view
+        return view
+
+    # -- PhysicalMemory -----------------------------------------------------
+
+    @property
+    def end(self) -> int:
+        return max((end for _, end in self.segments), default=0)
+
+    def _segment_of(self, pfns: np.ndarray) -> np.ndarray:
+        """Index of the segment holding each frame, or -1."""
+        seg = np.searchsorted(self._lo, pfns, side="right").astype(np.int64) - 1
+        if len(self._lo) == 0:
+            return seg
+        inside = (seg >= 0) & (pfns < self._hi[np.maximum(seg, 0)])
+        return np.where(inside, seg, -1)
+
+    def frames_present(self, pfns: np.ndarray) -> np.ndarray:
+        return self._segment_of(np.asarray(pfns, dtype=np.uint64)) >= 0
+
+    def read_frames(self, pfns: np.ndarray) -> np.ndarray:
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        seg = self._segment_of(pfns)
+        if (seg < 0).any():
+            raise FrameOutsideMemory(int(pfns[seg < 0][0]) << PAGE_SHIFT)
+        out = np.zeros((len(pfns), 512), dtype=ENTRY_DTYPE)
+        order = np.argsort(seg, kind="stable")
+        bounds = np.flatnonzero(np.diff(seg[order])) + 1
+        for rows in np.split(order, bounds):
+            if len(rows) == 0:
+                continue
+            s = int(seg[rows[0]])
+            rel = pfns[rows] - self._lo[s]
+            whole = rel < self._in_file[s]
+            if whole.any():
+                out[rows[whole]] = self._view(s)[rel[whole]]
+            partial = rel == self._in_file[s]
+            if self._tail[s] and partial.any():
+                out[rows[partial]] = self._tail_frame(s)
+        return out
+
+    def _tail_frame(self, seg: int) -> np.ndarray:
+        """The frame the file holds only the start of; the rest reads as zeros."""
+        start = self._first_off[seg] + int(self._in_file[seg]) * PAGE_SIZE
+        data = self._bytes(start, self._tail[seg]).ljust(PAGE_SIZE, b"\0")
+        return np.frombuffer(data, dtype=ENTRY_DTYPE)
+
+    # -- lifetime -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap the file; the views handed out by read_frames are copies and stay valid."""
+        self._views.clear()
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+
+    def __enter__(self) -> "ElfCore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ElfCore({self.path!r}, {len(self.segments)} segments, {len(self.cpus)} cpus)"
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _qemu_cpu_state(index: int, desc: bytes, path: str) -> CpuState:
+    if len(desc) < QEMU_CPU_STATE_SIZE:
+        raise InputError(f"{path}: QEMU CPU note {index} holds {len(desc)} bytes, "
+                         f"fewer than QEMUCPUState's {QEMU_CPU_STATE_SIZE}")
+    version, _ = struct.unpack_from("<II", desc, 0)
+    if version != QEMU_CPU_STATE_VERSION:
+        raise InputError(f"{path}: QEMU CPU note {index} has version {version}; "
+                         f"only version {QEMU_CPU_STATE_VERSION} is known")
+    (rsp,) = struct.unpack_from("<Q", desc, QEMU_OFF_RSP)
+    rip, rflags = struct.unpack_from("<QQ", desc, QEMU_OFF_RIP)
+    (cs,) = struct.unpack_from("<I", desc, QEMU_OFF_CS)
+    cr0, _cr1, cr2, cr3, cr4 = struct.unpack_from("<5Q", desc, QEMU_OFF_CR)
+    return CpuState(index, rip, rsp, rflags, cs, cr0, cr2, cr3, cr4)
+
+
+def _disjoint(loads: list[_Load]) -> list[_Load]:
+    """Sort segments by address, drop what earlier ones already cover, and join
+    neighbours that continue each other in the file (QEMU's paging mode splits
+    memory into one segment per virtual mapping)."""
+    out: list[_Load] = []
+    covered = 0
+    for s in sorted(loads, key=lambda s: s.pa):
+        if s.end <= covered:
+            continue
+        if s.pa < covered:
+            cut = covered - s.pa
+            s = _Load(covered, s.memsz - cut, s.offset + cut, max(0, s.filesz - cut))
+        covered = s.end
+        if out:
+            p = out[-1]
+            if p.end == s.pa and p.filesz == p.memsz and p.offset + p.filesz == s.offset:
+                out[-1] = _Load(p.pa, p.memsz + s.memsz, p.offset, p.filesz + s.filesz)
+                continue
+        out.append(s)
+    return out
