@@ -146,6 +146,106 @@ def simulate(design: str, profile: str, cpus: int, levels: str, view: str, as_js
         click.echo(format_walk(w, linux_markers(kernel.geometry)), nl=False)
 
 
+def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool | None):
+    """The image, the CR3 to judge and the paging mode: from the options, or
+    from QEMU's per-CPU notes in the core (a CPU in user mode first)."""
+    from ptilab.memory.images import open_image
+    from ptilab.paging import Geometry
+
+    mem = open_image(image)
+    cpus = getattr(mem, "cpus", ())
+    if cr3 is None:
+        if not cpus:
+            raise PtilabError(f"{image} carries no CPU registers: give --cr3")
+        if cpu is None:
+            cpu = next((c.index for c in cpus if c.cpl == 3), 0)
+        if not 0 <= cpu < len(cpus):
+            raise PtilabError(f"--cpu {cpu}: the core holds CPUs 0 to {len(cpus) - 1}")
+        state = cpus[cpu]
+        value = state.cr3
+        levels = 5 if la57 else state.geometry.levels
+    else:
+        try:
+            value = int(cr3, 16)
+        except ValueError:
+            raise PtilabError(f"--cr3 must be hexadecimal, not {cr3!r}") from None
+        levels = 5 if la57 else 4
+    return mem, value, Geometry(levels)
+
+
+image_options = [
+    click.option("--cr3", default=None, metavar="HEX", help="CR3 to walk (PCID bits and bit 63 are ignored). "
+                 "Default: from the core's QEMU notes, a CPU in user mode first."),
+    click.option("--cpu", type=int, default=None, help="With a QEMU core: take this CPU's CR3 and CR4."),
+    click.option("--la57", is_flag=True, default=None, help="5-level paging (default: CR4.LA57 from the core, else 4)."),
+]
+
+
+def _with_image_options(fn):
+    for option in reversed(image_options):
+        fn = option(fn)
+    return fn
+
+
+@cli.command("audit")
+@click.argument("image", required=False, type=click.Path(dir_okay=False))
+@_with_image_options
+@click.option("--ptdump", "ptdump_file", type=click.Path(dir_okay=False), default=None,
+              help="Audit Linux ptdump text (current_user, or kernel/current_kernel) instead of an image.")
+@click.option("--system-map", type=click.Path(dir_okay=False), default=None,
+              help="System.map or /proc/kallsyms text, to name the entry text (KASLR slide inferred).")
+@click.option("--fail-on", default="medium", show_default=True, metavar="SEVERITY",
+              help="Exit 1 if a finding is at least this severe: info, low, medium, high, critical.")
+@json_option
+def audit_command(image, cr3, cpu, la57, ptdump_file, system_map, fail_on, as_json) -> None:
+    """Check a real kernel's page tables against PTI's promises: what the
+    user tables expose of the kernel and with which rights.
+
+    IMAGE is an ELF core (QEMU dump-guest-memory, kdump vmcore) or a raw
+    physical image. Exit code 0: nothing at or above --fail-on; 1: found; 2: bad input.
+
+    \b
+    Examples:
+      ptilab audit guest.core                     # CR3 of a user-mode CPU from the core
+      ptilab audit mem.raw --cr3 61d9000 --system-map kallsyms.txt
+      ptilab audit --ptdump current_user.txt --json
+    """
+    from ptilab.audit import audit
+    from ptilab.audit.findings import Severity
+    from ptilab.report.tables import findings_table
+
+    threshold = Severity.parse(fail_on)
+    symbols = None
+    if system_map:
+        from ptilab.formats.kallsyms import read_symbols
+        symbols = read_symbols(system_map)
+    if ptdump_file:
+        if image:
+            raise PtilabError("give an IMAGE or --ptdump, not both")
+        from ptilab.audit.sources import views_from_ptdump
+        views, subject = views_from_ptdump(ptdump_file, symbols), ptdump_file
+        extra: dict = {}
+    elif image:
+        from ptilab.audit.sources import views_from_image
+        mem, value, geometry = _open_image_and_cr3(image, cr3, cpu, la57)
+        found = views_from_image(mem, value, geometry, symbols)
+        views, subject = found.views, f"{image} (CR3 {value:#x}, {geometry.levels}-level)"
+        extra = {"pti_pair": {"kernel_pgd": f"{found.pair.kernel_pgd:#x}", "user_pgd": f"{found.pair.user_pgd:#x}",
+                              "is_pti": found.pair.is_pti, "reasons": list(found.pair.reasons)},
+                 "kaslr_slide": None if found.kaslr_slide is None else f"{found.kaslr_slide:#x}"}
+    else:
+        raise PtilabError("give an IMAGE to audit, or --ptdump FILE")
+    findings = audit(views)
+    if as_json:
+        from ptilab.formats.jsonout import ranges_to_list
+        _emit_json({"subject": subject, **extra, "findings": [f.as_dict() for f in findings],
+                    "user_view": ranges_to_list(views.user, views.geometry)})
+    else:
+        _console().print(findings_table(findings, f"PTI audit of {subject}"))
+    if any(f.severity >= threshold for f in findings):
+        sys.exit(1)
+
+
 def main() -> None:
     """Console entry point: one line on stderr and a documented exit code on error.
 

@@ -18,7 +18,8 @@ from ptilab.paging import entry as e
 
 P4D_SIZE = 1 << 39
 VSYSCALL_ADDR = 0xFFFF_FFFF_FF60_0000
-MODULES_VADDR = 0xFFFF_FFFF_A000_0000
+# __START_KERNEL_map + KERNEL_IMAGE_SIZE: 1 GiB with CONFIG_RANDOMIZE_BASE (Debian), KASLR or not.
+MODULES_VADDR = 0xFFFF_FFFF_C000_0000
 # A user view mapping more kernel memory than this has not been isolated.
 PTI_OFF_BYTES = 64 << 20
 
@@ -144,6 +145,8 @@ def check_user_view_summary(views: Views, kinds: dict[str, np.ndarray]) -> list[
     from ptilab.audit.labels import cea_piece
 
     r = kinds["_ranges"]
+    if int(r["size"][kinds["leak"]].sum()) >= PTI_OFF_BYTES:
+        return []  # PTI-OFF says it all: nothing here is "what entry needs"
     parts = []
     spans: list[Span] = []
     for kind in ("cpu_entry_area", "entry text", "espfix", "cpu_tss_rw pages", "vsyscall page"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, ESPFIX_BASE_ADDR, START_KERNEL_MAP
 
 # (start, end, name) for a nokaslr kernel; page_offset/vmalloc/vmemmap move with KASLR.
+# The image gets 1 GiB (KERNEL_IMAGE_SIZE with CONFIG_RANDOMIZE_BASE), modules follow it.
 REGIONS = {
     4: (
         (0x0000_0000_0000_0000, 0x0000_8000_0000_0000, "user space"),
@@ -14,8 +15,8 @@ REGIONS = {
         (CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + (1 << 39), "cpu_entry_area"),
         (ESPFIX_BASE_ADDR, ESPFIX_BASE_ADDR + (1 << 39), "espfix"),
         (0xFFFF_FFEF_0000_0000, 0xFFFF_FFFF_0000_0000, "EFI runtime"),
-        (START_KERNEL_MAP, 0xFFFF_FFFF_A000_0000, "kernel image"),
-        (0xFFFF_FFFF_A000_0000, 0xFFFF_FFFF_FF00_0000, "modules"),
+        (START_KERNEL_MAP, 0xFFFF_FFFF_C000_0000, "kernel image"),
+        (0xFFFF_FFFF_C000_0000, 0xFFFF_FFFF_FF00_0000, "modules"),
         (0xFFFF_FFFF_FF00_0000, 0xFFFF_FFFF_FFFF_FFFF, "fixmap"),
     ),
     5: (
@@ -26,8 +27,8 @@ REGIONS = {
         (CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + (1 << 39), "cpu_entry_area"),
         (ESPFIX_BASE_ADDR, ESPFIX_BASE_ADDR + (1 << 39), "espfix"),
         (0xFFFF_FFEF_0000_0000, 0xFFFF_FFFF_0000_0000, "EFI runtime"),
-        (START_KERNEL_MAP, 0xFFFF_FFFF_A000_0000, "kernel image"),
-        (0xFFFF_FFFF_A000_0000, 0xFFFF_FFFF_FF00_0000, "modules"),
+        (START_KERNEL_MAP, 0xFFFF_FFFF_C000_0000, "kernel image"),
+        (0xFFFF_FFFF_C000_0000, 0xFFFF_FFFF_FF00_0000, "modules"),
         (0xFFFF_FFFF_FF00_0000, 0xFFFF_FFFF_FFFF_FFFF, "fixmap"),
     ),
 }

@@ -41,3 +41,18 @@ def layout_change_table(outcomes: list[Outcome], profile: str) -> Table:
     for o in outcomes:
         t.add_row(o.change, o.design, "yes" if o.correct else "NO", o.detail)
     return t
+
+
+def findings_table(findings: list, title: str) -> Table:
+    t = Table(title=title, show_lines=True)
+    t.add_column("severity")
+    t.add_column("id")
+    t.add_column("finding", overflow="fold")
+    for f in findings:
+        where = ""
+        if f.spans:
+            first = f.spans[0]
+            where = f"\n[{first.start:#x}-{first.end:#x} {first.rights}" + (
+                f", +{len(f.spans) - 1} more]" if len(f.spans) > 1 else "]")
+        t.add_row(f.severity.name.lower(), f.id, f"{f.title}: {f.explanation}{where}")
+    return t

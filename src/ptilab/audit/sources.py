@@ -1,0 +1,65 @@
+"""From a memory image and a CR3 to the views an audit judges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ptilab.audit.checks import Views
+from ptilab.linux.pti_pair import PtiPair, find_pti_pair
+from ptilab.memory.physical import PhysicalMemory
+from ptilab.paging import EFF_NX, Geometry, Walk, walk
+from ptilab.paging import entry as e
+from ptilab.paging.cr3 import CR3
+
+PMD_SIZE = 1 << 21
+
+
+@dataclass
+class ImageViews:
+    views: Views
+    pair: PtiPair
+    user: Walk
+    kernel: Walk | None
+    kaslr_slide: int | None
+
+
+def views_from_image(mem: PhysicalMemory, cr3: int, geometry: Geometry,
+                     symbols: dict[str, int] | None = None) -> ImageViews:
+    """Walk the user view (the tree a CPU uses in user mode) and, under PTI,
+    its kernel twin. Either half of a PTI pair may be given."""
+    pair = find_pti_pair(mem, cr3, geometry)
+    if pair.is_pti:
+        user = walk(mem, pair.user_pgd, geometry)
+        kernel: Walk | None = walk(mem, pair.kernel_pgd, geometry)
+        kernel_pgd = mem.read_frame(pair.kernel_pgd >> e.PAGE_SHIFT).copy()
+    else:
+        # No isolation: the one tree is what user mode runs on.
+        user = walk(mem, CR3(cr3).pgd, geometry)
+        kernel, kernel_pgd = None, None
+    slide = None
+    if symbols:
+        slide = infer_kaslr_slide(user.mapped, symbols)
+        if slide:
+            symbols = {name: (addr + slide) & 0xFFFF_FFFF_FFFF_FFFF for name, addr in symbols.items()}
+    views = Views(geometry, user.ranges, kernel.ranges if kernel else None, kernel_pgd,
+                  anomalies=user.anomalies + (kernel.anomalies if kernel else []), symbols=symbols or {})
+    return ImageViews(views, pair, user, kernel, slide)
+
+
+def infer_kaslr_slide(user_mapped: np.ndarray, symbols: dict[str, int]) -> int | None:
+    """KASLR moves the kernel image in 2 MiB steps; the user view holds the
+    entry text's PMD, so the slide is where that PMD is minus where the
+    symbols say it would be. None when the view shows no kernel text."""
+    text = user_mapped[(user_mapped["va"] >= np.uint64(0xFFFF_FFFF_8000_0000))
+                       & (user_mapped["va"] < np.uint64(0xFFFF_FFFF_C000_0000))
+                       & ((user_mapped["eff"] & EFF_NX) == 0)]
+    if not len(text):
+        return None
+    # Under PTI only the entry text's PMD is there; without it the whole
+    # image is, and its first executable byte is _text.
+    anchor = "__entry_text_start" if int(text["size"].sum()) <= 4 << 20 else "_text"
+    if anchor not in symbols:
+        return None
+    return int(text["va"][0]) - (symbols[anchor] & ~(PMD_SIZE - 1))
