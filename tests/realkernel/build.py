@@ -1,16 +1,24 @@
 """Build real-kernel fixtures: Debian's Linux booted under QEMU, stopped with a CPU in user mode.
 
 For each configuration this installs what it needs (Debian's qemu-system-x86,
-linux-image-amd64, busybox-static, cpio), boots the kernel with a busybox
-initramfs under TCG, lets busy loops put the CPUs in user mode, stops the VM
-when one is at CPL 3 and saves, through QMP:
+linux-image-amd64, busybox-static, cpio), boots the kernel with a tiny busybox
+initramfs under TCG, lets one busy loop per CPU put the CPUs in user mode,
+stops the VM when at least one CPU is at CPL 3 and saves, through QEMU's
+monitor (QMP, with HMP commands sent through human-monitor-command):
 
-  core.elf                      dump-guest-memory (ELF core, PT_LOAD = guest physical)
-  cpu<N>.registers.txt          info registers of each CPU
-  cpu<N>.info_mem.txt           QEMU's own walk of that CPU's CR3 (the oracle)
-  cpu<N>.info_tlb.txt           the same, page by page
-  kallsyms.txt dmesg.txt cpuinfo.txt ptdump_*.txt   what the guest printed on its second serial port
-  meta.json                     CR3/CR4/EFER/CPL of each CPU, which one is in user mode, versions
+  core.elf                      dump-guest-memory, no paging, no compression
+                                (ELF core, PT_LOAD = guest physical ranges)
+  cpu<N>.registers.txt          HMP `info registers` of CPU N
+  cpu<N>.info_mem.txt           HMP `info mem` of CPU N (QEMU's walk of its CR3)
+  cpu<N>.info_tlb.txt           HMP `info tlb` of CPU N (the same, page by page)
+  kallsyms.txt dmesg.txt cpuinfo.txt console.txt
+  ptdump_{kernel,current_user,current_kernel}.txt   when the kernel has PTDUMP_DEBUGFS
+  meta.json                     versions, command line, CR3/CR4/EFER/CPL/RIP per CPU,
+                                which CPU is in user mode
+
+The guest writes its files on a second serial port (a host file), which QEMU
+writes synchronously, so they are complete once the guest prints its ready
+marker on the console.
 
 Usage: python tests/realkernel/build.py [--config NAME ...] [--out DIR] [--force]
 """
@@ -24,7 +32,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -34,114 +45,179 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PACKAGES = ["qemu-system-x86", "linux-image-amd64", "busybox-static", "cpio"]
 CONFIGS = {
-    "pti-4level": {"append": "pti=on nokaslr", "la57": False},
-    "pti-5level": {"append": "pti=on nokaslr", "la57": True},
-    "pti-off": {"append": "pti=off nokaslr", "la57": False},
-    "pti-kaslr": {"append": "pti=on", "la57": False},
+    "pti-4level": {"append": "pti=on nokaslr", "la57": False, "pti": True},
+    "pti-5level": {"append": "pti=on nokaslr", "la57": True, "pti": True},
+    "pti-off": {"append": "pti=off nokaslr", "la57": False, "pti": False},
+    "pti-kaslr": {"append": "pti=on", "la57": False, "pti": True},
 }
 CPUS = 2
-BOOT_TIMEOUT = 180
+MEMORY = "256M"
+BOOT_TIMEOUT = 120      # QEMU start -> guest ready marker
+CONFIG_TIMEOUT = 240    # everything for one configuration
+USER_MODE_TRIES = 200   # stop / look / cont rounds before giving up
+PTI_ENABLED = "Kernel/User page tables isolation: enabled"
 MARK = "@@PTILAB"
+READY = "@@PTILAB-READY"
+SECTION_FILES = {
+    "kallsyms": "kallsyms.txt",
+    "dmesg": "dmesg.txt",
+    "cpuinfo": "cpuinfo.txt",
+    "ptdump_kernel": "ptdump_kernel.txt",
+    "ptdump_current_user": "ptdump_current_user.txt",
+    "ptdump_current_kernel": "ptdump_current_kernel.txt",
+}
 
+# Runs as PID 1 in the guest.  Console (ttyS0) gets progress markers; the data
+# port (ttyS1, a host file) gets "@@PTILAB <name>" headed sections.
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+exec </dev/console >/dev/console 2>&1
+echo "@@PTILAB-BOOTED $(uname -r)"
 echo 0 > /proc/sys/kernel/kptr_restrict
-section() { echo "@@PTILAB $1"; cat "$2" 2>/dev/null; }
+echo 0 > /proc/sys/kernel/dmesg_restrict
+section() { echo "@@PTILAB $1"; cat "$2"; }
 {
   echo "@@PTILAB uname"; uname -r
+  echo "@@PTILAB cmdline"; cat /proc/cmdline
   section kallsyms /proc/kallsyms
   echo "@@PTILAB dmesg"; dmesg
   section cpuinfo /proc/cpuinfo
+  echo "@@PTILAB ptdump_ls"
+  ls /sys/kernel/debug/page_tables 2>/dev/null
   for f in kernel current_user current_kernel; do
     [ -r /sys/kernel/debug/page_tables/$f ] && section ptdump_$f /sys/kernel/debug/page_tables/$f
   done
   echo "@@PTILAB end"
 } > /dev/ttyS1
-sync
+n=$(nproc)
 i=0
-while [ $i -lt 2 ]; do
-  taskset -c $i sh -c 'while :; do :; done' &
+while [ $i -lt $n ]; do
+  if command -v taskset >/dev/null; then
+    taskset -c $i sh -c 'while :; do :; done' &
+  else
+    sh -c 'while :; do :; done' &
+  fi
   i=$((i + 1))
 done
-echo "PTILAB-READY"
+echo "@@PTILAB-READY $n busy loops"
 while :; do sleep 1000; done
 """
+
+
+class Failure(Exception):
+    """One-line reason the build failed."""
 
 
 def say(msg: str) -> None:
     print(f"realkernel: {msg}", flush=True)
 
 
-def die(msg: str) -> None:
-    print(f"realkernel: error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(1)
+# -- host setup ----------------------------------------------------------------
+
+def installed(package: str) -> bool:
+    done = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
+    return done.returncode == 0 and done.stdout.strip() == "install ok installed"
 
 
 def ensure_packages() -> None:
-    missing = [p for p in PACKAGES
-               if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
+    missing = [p for p in PACKAGES if not installed(p)]
     if not missing:
+        say(f"packages present: {' '.join(PACKAGES)}")
         return
     if os.geteuid() != 0:
-        die(f"missing Debian packages {' '.join(missing)} and not root to install them")
-    say(f"installing {' '.join(missing)}")
+        raise Failure(f"missing Debian packages {' '.join(missing)} and not root to install them")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lock = ["-o", "DPkg::Lock::Timeout=300"]
+    for cmd in (["apt-get", *lock, "update", "-qq"],
+                ["apt-get", *lock, "install", "-y", "-qq", "--no-install-recommends", *missing]):
+        say(f"running {' '.join(cmd)}")
+        try:
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+        except subprocess.TimeoutExpired:
+            raise Failure(f"{' '.join(cmd)} timed out") from None
         if done.returncode:
-            die(f"{' '.join(cmd[:2])} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+            last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or [f"exit {done.returncode}"]
+            raise Failure(f"{' '.join(cmd)} failed: {last[0]}")
+    still = [p for p in PACKAGES if not installed(p)]
+    if still:
+        raise Failure(f"apt-get did not install {' '.join(still)}")
 
 
 def kernel_image() -> Path:
-    images = sorted(glob.glob("/boot/vmlinuz-*"))
+    """The vmlinuz that linux-image-amd64 currently depends on (else the newest one)."""
+    depends = subprocess.run(["dpkg-query", "-W", "-f=${Depends}", "linux-image-amd64"],
+                             capture_output=True, text=True).stdout
+    m = re.search(r"linux-image-(\S+?)(?:-unsigned)?\s*(?:\(|,|$)", depends)
+    if m and Path(f"/boot/vmlinuz-{m.group(1)}").exists():
+        return Path(f"/boot/vmlinuz-{m.group(1)}")
+    images = sorted(glob.glob("/boot/vmlinuz-*"),
+                    key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p)])
     if not images:
-        die("no /boot/vmlinuz-* after installing linux-image-amd64")
+        raise Failure("no /boot/vmlinuz-* after installing linux-image-amd64")
     return Path(images[-1])
 
 
 def build_initramfs(work: Path) -> Path:
     root = work / "root"
-    for d in ("bin", "proc", "sys", "dev", "tmp"):
+    for d in ("bin", "dev", "proc", "sys", "tmp"):
         (root / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    busybox = Path("/bin/busybox")
+    if not busybox.exists():
+        raise Failure("/bin/busybox missing although busybox-static is installed")
+    shutil.copy(busybox, root / "bin" / "busybox")
     (root / "init").write_text(INIT)
     (root / "init").chmod(0o755)
+    try:
+        os.mknod(root / "dev" / "console", 0o600 | stat.S_IFCHR, os.makedev(5, 1))
+    except OSError:
+        pass  # not root: the kernel's built-in initramfs already has /dev/console
     files = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True).stdout
-    archive = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files.encode(),
-                             capture_output=True, check=True).stdout
-    out = work / "initramfs.gz"
+    archive = subprocess.run(["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"], cwd=root,
+                             input=files.encode(), capture_output=True, check=True).stdout
+    out = work / "initramfs.cpio.gz"
     out.write_bytes(gzip.compress(archive))
     return out
 
 
-class Qmp:
-    """QEMU Machine Protocol over a unix socket: JSON commands, JSON answers."""
+# -- QEMU monitor ----------------------------------------------------------------
 
-    def __init__(self, path: Path, deadline: float):
+class Qmp:
+    """QEMU Machine Protocol over a unix socket, every read bounded by a deadline."""
+
+    def __init__(self, path: Path, qemu: subprocess.Popen, deadline: float):
+        self.deadline = deadline
+        self.buf = b""
         while True:
+            self.sock = socket.socket(socket.AF_UNIX)
             try:
-                self.sock = socket.socket(socket.AF_UNIX)
                 self.sock.connect(str(path))
                 break
             except OSError:
+                self.sock.close()
+                if qemu.poll() is not None:
+                    raise Failure(f"QEMU exited (code {qemu.returncode}) before its monitor socket appeared")
                 if time.time() > deadline:
-                    die("QEMU's QMP socket never appeared")
-                time.sleep(0.2)
-        self.sock.settimeout(600)
-        self.buf = b""
+                    raise Failure("QEMU's monitor socket never appeared")
+                time.sleep(0.1)
         self._read()  # greeting
         self.execute("qmp_capabilities")
 
     def _read(self) -> dict:
         while b"\n" not in self.buf:
-            chunk = self.sock.recv(1 << 20)
+            left = self.deadline - time.time()
+            if left <= 0:
+                raise Failure("timed out waiting for QEMU's monitor")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except socket.timeout:
+                raise Failure("timed out waiting for QEMU's monitor") from None
             if not chunk:
-                die("QEMU closed the QMP socket")
+                raise Failure("QEMU closed its monitor socket")
             self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
@@ -156,133 +232,249 @@ class Qmp:
             if "return" in reply:
                 return reply["return"]
             if "error" in reply:
-                die(f"QMP {command} failed: {reply['error'].get('desc')}")
+                raise Failure(f"monitor command {command} failed: {reply['error'].get('desc')}")
+            # anything else is an asynchronous event (STOP, RESUME, DUMP_COMPLETED...): skip it
 
     def hmp(self, line: str, cpu: int | None = None) -> str:
-        args = {"command-line": line}
+        """An HMP command; cpu-index selects the CPU like `cpu N` does."""
+        args: dict = {"command-line": line}
         if cpu is not None:
             args["cpu-index"] = cpu
         return str(self.execute("human-monitor-command", **args))
 
+    def close(self) -> None:
+        self.sock.close()
+
 
 def register(text: str, name: str) -> int:
-    m = re.search(rf"\b{name}=([0-9a-fA-F]+)", text)
+    m = re.search(rf"(?<![A-Za-z0-9]){name}=([0-9a-fA-F]+)", text)
     if not m:
-        die(f"no {name} in QEMU's info registers")
+        raise Failure(f"no {name}= in QEMU's info registers")
     return int(m.group(1), 16)
 
 
-def split_sections(data: str, out: Path) -> dict[str, str]:
+def check_core(path: Path) -> int:
+    """The ELF core is whole: every PT_LOAD's bytes are in the file.  Returns its size."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(64)
+        if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+            raise Failure(f"{path.name} is not a little-endian ELF64 file")
+        e_type, = struct.unpack_from("<H", head, 16)
+        e_phoff, = struct.unpack_from("<Q", head, 32)
+        e_phentsize, e_phnum = struct.unpack_from("<HH", head, 54)
+        if e_type != 4 or e_phnum == 0:
+            raise Failure(f"{path.name} is not an ELF core with program headers")
+        f.seek(e_phoff)
+        table = f.read(e_phentsize * e_phnum)
+    end = 0
+    loads = 0
+    for i in range(e_phnum):
+        p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from("<IIQQQQ", table, i * e_phentsize)
+        end = max(end, p_offset + p_filesz)
+        loads += p_type == 1
+    if not loads or end > size:
+        raise Failure(f"{path.name} is truncated: {size} bytes, program headers need {end}")
+    return size
+
+
+def split_sections(data: str) -> dict[str, str]:
     sections: dict[str, list[str]] = {}
     current = None
     for line in data.splitlines():
+        line = line.rstrip("\r")
         if line.startswith(MARK + " "):
             current = line[len(MARK) + 1:].strip()
             sections[current] = []
         elif current is not None:
-            sections[current].append(line.rstrip("\r"))
+            sections[current].append(line)
     if "end" not in sections:
-        die("the guest did not finish writing its second serial port")
-    names = {"kallsyms": "kallsyms.txt", "dmesg": "dmesg.txt", "cpuinfo": "cpuinfo.txt",
-             "ptdump_kernel": "ptdump_kernel.txt", "ptdump_current_user": "ptdump_current_user.txt",
-             "ptdump_current_kernel": "ptdump_current_kernel.txt"}
-    for key, fname in names.items():
-        if key in sections:
-            (out / fname).write_text("\n".join(sections[key]) + "\n")
-    return {k: "\n".join(v) for k, v in sections.items()}
+        raise Failure("the guest did not finish writing its data serial port")
+    return {k: "\n".join(v) + ("\n" if v else "") for k, v in sections.items()}
 
 
-def build(config: str, out_root: Path, force: bool) -> None:
+def check_sections(config: str, spec: dict, sections: dict[str, str]) -> None:
+    for name in ("uname", "kallsyms", "dmesg", "cpuinfo"):
+        if not sections.get(name, "").strip():
+            raise Failure(f"the guest sent no {name}")
+    symbols = sections["kallsyms"].splitlines()
+    if len(symbols) < 10000 or all(s.startswith("0000000000000000") for s in symbols[:100]):
+        raise Failure(f"kallsyms looks restricted or short ({len(symbols)} lines)")
+    if spec["pti"] != (PTI_ENABLED in sections["dmesg"]):
+        raise Failure(f"dmesg {'lacks' if spec['pti'] else 'has'} '{PTI_ENABLED}' on {config}")
+    flags = " ".join(l for l in sections["cpuinfo"].splitlines() if l.startswith("flags"))
+    if spec["la57"] != (" la57" in flags):
+        raise Failure(f"guest cpuinfo flags {'lack' if spec['la57'] else 'have'} la57 on {config}")
+
+
+# -- one configuration --------------------------------------------------------------
+
+def build(config: str, out_root: Path, vmlinuz: Path, initrd: Path, force: bool) -> None:
     spec = CONFIGS[config]
     out = out_root / config
     meta_path = out / "meta.json"
     if not force and meta_path.exists() and meta_path.stat().st_mtime > Path(__file__).stat().st_mtime:
-        say(f"{config}: up to date")
+        say(f"{config}: up to date ({meta_path} is newer than build.py), skipped")
         return
     started = time.time()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    vmlinuz = kernel_image()
+    config_deadline = started + CONFIG_TIMEOUT
+    out_root.mkdir(parents=True, exist_ok=True)
+    stage = out_root / f".{config}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
     with tempfile.TemporaryDirectory(prefix="ptilab-qemu-") as tmp:
         work = Path(tmp)
-        initrd = build_initramfs(work)
         console, data, qmp_path = work / "console.log", work / "data.txt", work / "qmp.sock"
-        cpu = "qemu64,vendor=GenuineIntel" + (",+la57" if spec["la57"] else "")
+        cpu_model = "qemu64,vendor=GenuineIntel" + (",+la57" if spec["la57"] else "")
         append = f"console=ttyS0 panic=-1 quiet loglevel=4 {spec['append']}"
-        cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", cpu, "-m", "256M",
-               "-smp", str(CPUS), "-kernel", str(vmlinuz), "-initrd", str(initrd), "-append", append,
-               "-display", "none", "-no-reboot", "-serial", f"file:{console}", "-serial", f"file:{data}",
+        cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", cpu_model,
+               "-m", MEMORY, "-smp", str(CPUS), "-kernel", str(vmlinuz), "-initrd", str(initrd),
+               "-append", append, "-display", "none", "-vga", "none", "-nic", "none", "-no-reboot",
+               "-serial", f"file:{console}", "-serial", f"file:{data}",
                "-qmp", f"unix:{qmp_path},server=on,wait=off"]
-        say(f"{config}: booting {vmlinuz.name} ({cpu}; {spec['append']})")
-        qemu = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        say(f"{config}: booting {vmlinuz} (-cpu {cpu_model}; {spec['append']})")
+        qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        qmp = None
         try:
-            deadline = time.time() + BOOT_TIMEOUT
-            qmp = Qmp(qmp_path, deadline)
-            while "PTILAB-READY" not in (console.read_text(errors="replace") if console.exists() else ""):
+            boot_deadline = min(started + BOOT_TIMEOUT, config_deadline)
+            qmp = Qmp(qmp_path, qemu, boot_deadline)
+            qmp.deadline = config_deadline
+            text = ""
+            while READY not in text:
                 if qemu.poll() is not None:
-                    die(f"{config}: QEMU exited early: {qemu.stderr.read().decode(errors='replace').strip()[-300:]}")
-                if time.time() > deadline:
-                    die(f"{config}: the guest did not reach user space in {BOOT_TIMEOUT} s")
-                time.sleep(0.5)
-            time.sleep(2)  # let the busy loops get going
-            sections = split_sections(data.read_text(errors="replace"), out)
+                    err = qemu.stderr.read().decode(errors="replace").strip().splitlines()[-1:]
+                    panic = [l for l in text.splitlines() if "Kernel panic" in l][-1:]
+                    raise Failure(f"QEMU exited (code {qemu.returncode}) before the guest was ready: "
+                                  f"{(panic or err or ['no message'])[0].strip()}")
+                if time.time() > boot_deadline:
+                    raise Failure(f"the guest printed no ready marker in {BOOT_TIMEOUT} s "
+                                  f"(console ends: {text.strip().splitlines()[-1:]})")
+                time.sleep(0.25)
+                text = console.read_text(errors="replace") if console.exists() else ""
+            say(f"{config}: guest ready after {time.time() - started:.1f} s")
+            sections = split_sections(data.read_text(errors="replace"))
+            check_sections(config, spec, sections)
+            time.sleep(1)  # let the busy loops get going
+
             regs: list[str] = []
-            for attempt in range(50):
+            for attempt in range(USER_MODE_TRIES):
                 qmp.execute("stop")
                 regs = [qmp.hmp("info registers", cpu=i) for i in range(CPUS)]
                 if any(register(r, "CPL") == 3 for r in regs):
                     break
                 qmp.execute("cont")
-                time.sleep(0.05 * (attempt + 1))
+                time.sleep(0.02 + 0.01 * (attempt % 10))
             else:
-                die(f"{config}: no CPU was in user mode in 50 tries")
+                raise Failure(f"no CPU was at CPL 3 in {USER_MODE_TRIES} stop/cont rounds")
             cpus = []
-            for i, text in enumerate(regs):
-                (out / f"cpu{i}.registers.txt").write_text(text)
-                (out / f"cpu{i}.info_mem.txt").write_text(qmp.hmp("info mem", cpu=i))
-                (out / f"cpu{i}.info_tlb.txt").write_text(qmp.hmp("info tlb", cpu=i))
-                cpus.append({"index": i, "cr3": register(text, "CR3"), "cr4": register(text, "CR4"),
-                             "efer": register(text, "EFER"), "cpl": register(text, "CPL"),
-                             "rip": register(text, "RIP")})
-            say(f"{config}: dumping guest memory")
-            qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{out / 'core.elf'}")
+            for i, text_regs in enumerate(regs):
+                cpus.append({"index": i, "cr3": register(text_regs, "CR3"), "cr4": register(text_regs, "CR4"),
+                             "efer": register(text_regs, "EFER"), "cpl": register(text_regs, "CPL"),
+                             "rip": register(text_regs, "RIP")})
+            user_cpu = next(c["index"] for c in cpus if c["cpl"] == 3)
+            say(f"{config}: stopped after {attempt + 1} round(s); CPLs "
+                f"{[c['cpl'] for c in cpus]}, CR3s {[hex(c['cr3']) for c in cpus]}")
+            for i, text_regs in enumerate(regs):
+                (stage / f"cpu{i}.registers.txt").write_text(text_regs)
+                mem = qmp.hmp("info mem", cpu=i)
+                tlb = qmp.hmp("info tlb", cpu=i)
+                (stage / f"cpu{i}.info_mem.txt").write_text(mem)
+                (stage / f"cpu{i}.info_tlb.txt").write_text(tlb)
+                say(f"{config}: cpu{i}: info mem {mem.count(chr(10))} lines, info tlb {tlb.count(chr(10))} lines")
+
+            core = stage / "core.elf"
+            say(f"{config}: dump-guest-memory {core.name}")
+            qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{core}")  # synchronous
+            status = qmp.execute("query-dump")
+            if not isinstance(status, dict) or status.get("status") != "completed":
+                raise Failure(f"dump-guest-memory did not complete: {status}")
+            size = check_core(core)
+            core.chmod(0o644)
+            say(f"{config}: core.elf complete, {size} bytes")
             version = qmp.execute("query-version")
-            qmp.execute("quit")
-            qemu.wait(timeout=30)
+            qemu_version = "{major}.{minor}.{micro}".format(**version["qemu"])
+            if version.get("package"):
+                qemu_version += f" ({version['package'].strip()})"
+            try:
+                qmp.execute("quit")
+            except Failure:
+                pass  # QEMU may close the socket before answering
+            qemu.wait(timeout=max(1.0, config_deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            raise Failure("QEMU did not exit after quit") from None
+        except BaseException:
+            (stage / "core.elf").unlink(missing_ok=True)  # keep the small files of a failed run, not 256 MB
+            raise
         finally:
+            if qmp is not None:
+                qmp.close()
             if qemu.poll() is None:
                 qemu.kill()
                 qemu.wait()
-        dmesg = sections.get("dmesg", "")
-        meta = {
-            "config": config,
-            "kernel_release": sections.get("uname", "").strip(),
-            "vmlinuz": str(vmlinuz),
-            "qemu_version": "{major}.{minor}.{micro}".format(**version["qemu"]),
-            "append": append,
-            "la57": spec["la57"],
-            "pti": "isolation: enabled" in dmesg,
-            "kaslr": "nokaslr" not in append,
-            "ptdump_available": "ptdump_current_user" in sections,
-            "cpus": cpus,
-            "user_cpu": next(c["index"] for c in cpus if c["cpl"] == 3),
-        }
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    say(f"{config}: done in {time.time() - started:.0f} s (pti {'on' if meta['pti'] else 'off'}, "
-        f"user CPU {meta['user_cpu']}, CR3 {cpus[meta['user_cpu']]['cr3']:#x})")
+            if console.exists():
+                (stage / "console.txt").write_text(console.read_text(errors="replace"))
+    for key, fname in SECTION_FILES.items():
+        if key in sections:
+            (stage / fname).write_text(sections[key])
+    ptdump = [f for f in ("kernel", "current_user", "current_kernel") if f"ptdump_{f}" in sections]
+    meta = {
+        "config": config,
+        "kernel_release": sections["uname"].strip(),
+        "vmlinuz": str(vmlinuz),
+        "qemu_version": qemu_version,
+        "append": append,
+        "la57": spec["la57"],
+        "pti": PTI_ENABLED in sections["dmesg"],
+        "kaslr": "nokaslr" not in append.split(),
+        "ptdump_available": bool(ptdump),
+        "ptdump_files": ptdump,
+        "cpu_model": cpu_model,
+        "memory": MEMORY,
+        "cpus": cpus,
+        "user_cpu": user_cpu,
+    }
+    (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    stage.rename(out)
+    say(f"{config}: done in {time.time() - started:.0f} s -> {out} (pti {'on' if meta['pti'] else 'off'}, "
+        f"user CPU {user_cpu}, CR3 {cpus[user_cpu]['cr3']:#x}, ptdump {'yes' if ptdump else 'no'})")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description="Build the real-kernel fixtures under QEMU.")
-    parser.add_argument("--config", action="append", choices=sorted(CONFIGS), help="default: all")
+    parser.add_argument("--config", action="append", choices=sorted(CONFIGS), help="repeatable; default: all")
     parser.add_argument("--out", type=Path, default=HERE / "out")
-    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--force", action="store_true", help="rebuild even when meta.json is up to date")
     args = parser.parse_args()
-    ensure_packages()
-    for config in args.config or list(CONFIGS):
-        build(config, args.out, args.force)
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so the finally blocks kill QEMU.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
+    step = "setup"
+    try:
+        ensure_packages()
+        vmlinuz = kernel_image()
+        if not os.access(vmlinuz, os.R_OK):
+            raise Failure(f"{vmlinuz} is not readable (Debian makes it 0600: run as root)")
+        with tempfile.TemporaryDirectory(prefix="ptilab-initrd-") as tmp:
+            initrd = build_initramfs(Path(tmp))
+            say(f"initramfs {initrd.stat().st_size} bytes (busybox + /init)")
+            for config in args.config or list(CONFIGS):
+                step = config
+                build(config, args.out.resolve(), vmlinuz, initrd, args.force)
+    except Failure as e:
+        print(f"realkernel: error: {step}: {e}", file=sys.stderr, flush=True)
+        return 1
+    except subprocess.CalledProcessError as e:
+        print(f"realkernel: error: {step}: {' '.join(map(str, e.cmd))} failed with {e.returncode}",
+              file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(f"realkernel: error: {step}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
