@@ -246,6 +246,36 @@ def audit_command(image, cr3, cpu, la57, ptdump_file, system_map, fail_on, as_js
         sys.exit(1)
 
 
+@cli.command("dump")
+@click.argument("image", type=click.Path(dir_okay=False))
+@_with_image_options
+@click.option("--format", "fmt", type=click.Choice(["ptdump", "qemu", "json"]), default="ptdump", show_default=True,
+              help="Linux ptdump text, QEMU monitor 'info mem' text, or JSON.")
+def dump(image, cr3, cpu, la57, fmt) -> None:
+    """Print the page tables a CR3 points at, as Linux's ptdump or QEMU's
+    'info mem' would show them.
+
+    \b
+    Examples:
+      ptilab dump guest.core                      # a user-mode CPU's tables, ptdump style
+      ptilab dump guest.core --cpu 1 --format qemu
+      ptilab dump mem.raw --cr3 61d9000 --format json
+    """
+    from ptilab.paging import walk
+
+    mem, value, geometry = _open_image_and_cr3(image, cr3, cpu, la57)
+    w = walk(mem, value, geometry)
+    if fmt == "json":
+        from ptilab.formats.jsonout import walk_to_dict
+        _emit_json(walk_to_dict(w))
+    elif fmt == "qemu":
+        from ptilab.formats.qemu import format_info_mem
+        click.echo(format_info_mem(w), nl=False)
+    else:
+        from ptilab.formats.ptdump import format_walk, linux_markers
+        click.echo(format_walk(w, linux_markers(geometry)), nl=False)
+
+
 def main() -> None:
     """Console entry point: one line on stderr and a documented exit code on error.
 

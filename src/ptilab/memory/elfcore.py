@@ -2,9 +2,11 @@
 
 Both write an ELF64 ``ET_CORE`` file whose ``PT_LOAD`` segments hold guest
 physical memory: ``p_paddr`` is the guest physical address of the segment's
-first byte (``p_vaddr`` is a virtual address only in QEMU's paging mode,
-``dump-guest-memory -p``; otherwise QEMU copies ``p_paddr`` into it, and kdump
-writes the direct-map address). Only ``p_paddr`` is used here.
+first byte. ``p_vaddr`` is a virtual address only in QEMU's paging mode
+(``dump-guest-memory -p``); otherwise QEMU copies ``p_paddr`` into it, while
+kdump writes the kernel's virtual address of the range. Only ``p_paddr`` is
+used here. QEMU 7.2 also writes an (empty) section header table before the
+program headers and a bogus ``e_ehsize`` of 8; neither matters for reading.
 
 The file is memory-mapped, never read whole: a frame costs a page fault when a
 walk first touches it, so a sparse 64 GiB core opens instantly and reads in

@@ -73,5 +73,9 @@ class SimulatedRAM(PhysicalMemory):
         frame[(pa & (PAGE_SIZE - 1)) >> 3] = value
         self.entry_writes += 1
 
+    def written_frames(self) -> list[int]:
+        """Frame numbers something wrote, ascending (every other frame reads as zeros)."""
+        return sorted(self._frames)
+
     def clear_frame(self, pfn: int) -> None:
         self._frames.pop(pfn, None)
