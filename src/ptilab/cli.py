@@ -127,11 +127,12 @@ def simulate(design: str, profile: str, cpus: int, levels: str, view: str, as_js
       ptilab simulate --design explicit --kernel kaiser-2017 --cpus 2
       ptilab simulate --design linux --paging 5 --view user --json
     """
-    from ptilab.formats.ptdump import format_walk, linux_markers
     from ptilab.linux.kernel import boot
     from ptilab.paging import walk
 
     kernel = boot(profile, design, cpus, _levels(levels))
+    from ptilab.formats.ptdump import format_walk, linux_markers
+
     views = {"user": kernel.user_cr3(), "kernel": kernel.kernel_cr3()}
     chosen = ["user", "kernel"] if view == "both" else [view]
     walks = {name: walk(kernel.ram, views[name], kernel.geometry) for name in chosen}

@@ -63,3 +63,24 @@ def infer_kaslr_slide(user_mapped: np.ndarray, symbols: dict[str, int]) -> int |
     if anchor not in symbols:
         return None
     return int(text["va"][0]) - (symbols[anchor] & ~(PMD_SIZE - 1))
+
+
+def views_from_ptdump(path: str, symbols: dict[str, int] | None = None) -> Views:
+    """Views from Linux ptdump text. The file shows each leaf's own flags,
+    not the upper levels', and omits what the ESPfix area skipped: the
+    audit sees exactly what the file says, no more."""
+    from pathlib import Path
+
+    from ptilab.errors import InputError
+    from ptilab.formats.ptdump import parse_ptdump
+    from ptilab.paging import Geometry
+
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror}") from None
+    parsed = parse_ptdump(text, str(path))
+    # 4-level kernel addresses all start 0xffff8...; 5-level ones reach down to 0xff00...
+    kernel = parsed.ranges["va"][parsed.ranges["va"] >= np.uint64(1 << 63)]
+    levels = 5 if len(kernel) and int(kernel.min()) < 0xFFFF_0000_0000_0000 else 4
+    return Views(Geometry(levels), parsed.ranges, symbols=symbols or {})
