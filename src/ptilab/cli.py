@@ -242,7 +242,13 @@ def audit_command(image, cr3, cpu, la57, ptdump_file, system_map, fail_on, as_js
         _emit_json({"subject": subject, **extra, "findings": [f.as_dict() for f in findings],
                     "user_view": ranges_to_list(views.user, views.geometry)})
     else:
-        _console().print(findings_table(findings, f"PTI audit of {subject}"))
+        console = _console()
+        if "pti_pair" in extra:
+            pair = extra["pti_pair"]
+            verdict = "a Linux PTI pair" if pair["is_pti"] else "not a PTI pair"
+            console.print(f"PGD pair: kernel {pair['kernel_pgd']}, user {pair['user_pgd']}: {verdict}"
+                          + (f"; KASLR slide {extra['kaslr_slide']}" if extra.get("kaslr_slide") else ""))
+        console.print(findings_table(findings, f"PTI audit of {subject}"))
     if any(f.severity >= threshold for f in findings):
         sys.exit(1)
 
