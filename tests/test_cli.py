@@ -61,3 +61,19 @@ def test_audit_of_a_file_that_is_not_an_image_is_a_one_line_error(tmp_path):
     bogus.write_text("not memory")
     done = ptilab("audit", str(bogus), "--cr3", "1000")
     assert done.returncode == 2 and done.stderr.startswith("ptilab: error: ")
+
+
+def test_dump_in_qemu_format_equals_qemus_info_mem():
+    k = real_kernel("pti-4level")
+    done = ptilab("dump", str(k.path / "core.elf"), "--cpu", "1", "--format", "qemu")
+    assert done.returncode == 0
+    assert done.stdout == (k.path / "cpu1.info_mem.txt").read_text()
+
+
+def test_dump_in_ptdump_format_has_the_linux_markers():
+    k = real_kernel("pti-5level")
+    done = ptilab("dump", str(k.path / "core.elf"))
+    assert done.returncode == 0
+    for marker in ("---[ User Space ]---", "---[ CPU entry Area ]---", "---[ ESPfix Area ]---"):
+        assert marker in done.stdout
+    assert "entries skipped" in done.stdout
