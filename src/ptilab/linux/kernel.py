@@ -323,7 +323,6 @@ class Kernel:
         """pgd_alloc() + pgd_ctor(): an 8 KiB pair whose kernel halves copy the
         init PGD pair; then the process's own user mappings, whose top-level
         entries carry NX in the kernel copy only (pti_set_user_pgtbl())."""
-        g = self.geometry
         pair = self.alloc.alloc(Allocator.BUDDY, Gfp.KERNEL, "kernel", "pgd pair (order 1)", 2, align=0x2000)
         self.ram.clear_frame(pair >> e.PAGE_SHIFT)
         self.ram.clear_frame((pair >> e.PAGE_SHIFT) + 1)
@@ -343,7 +342,6 @@ class Kernel:
         for i in range(256):
             if user[i]:
                 self.write("kernel", self.mm_kernel_pgd + 8 * i, int(user[i]) | e.NX)
-        del g
 
 
 def _percpu_layout(profile: Profile) -> dict[str, int]:
