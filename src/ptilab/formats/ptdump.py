@@ -1,55 +1,92 @@
-"""Linux ptdump text (/sys/kernel/debug/page_tables/*), written and read.
+"""Linux ptdump text (/sys/kernel/debug/page_tables/{kernel,current_kernel,current_user}), written and read.
 
-Written the way Linux 6.1's arch/x86/mm/dump_pagetables.c does it over the
-generic walker of mm/ptdump.c: a run breaks on a change of the entry's flags,
-of the effective rights, of the level, or at an address marker; the ESPfix
-area prints at most 16 lines. Levels are numbered pgd=0 .. pte=4 whatever the
-paging mode: with 4-level paging the p4d is folded at run time, pgd_none() is
-always false, and a hole in the top-level table is reported at the p4d level.
+The writer prints what Linux 6.1's arch/x86/mm/dump_pagetables.c prints over
+the generic walker of mm/ptdump.c and mm/pagewalk.c, byte for byte:
 
-Debian's 6.1 kernel has no CONFIG_PTDUMP_DEBUGFS, so no real file checked
-these bytes; the format follows the source line by line.
+- note_page() is called once per entry the walker visits (a leaf, a pte,
+  or a hole); a run breaks when the entry's flags, its effective rights or
+  its level change, or when the entry's address reaches the next address
+  marker. Physical addresses play no part.
+- One marker per call: a run crossing two markers advances one at the first
+  entry past the first marker and the other at the entry after that, so the
+  line that starts at a marker can be printed under the previous header.
+- The ESPfix marker prints at most 16 lines, then `... N entries skipped ... `.
+- The 16 top-level slots of the guard hole are never walked: the run before
+  them goes on until the first entry after them.
+- The last run is flushed by note_page(0, -1, 0): it ends at address 0.
+
+Levels are Linux's pgd=0 .. pte=4 whatever the paging mode. A 6.1 kernel
+built with CONFIG_X86_5LEVEL (Debian's) runs a 4-level machine with the p4d
+folded at run time: pgd_none() and pgd_bad() are constant 0 then, so the
+pagewalk never reports a pgd hole; p4d_offset() hands back the PML4 entry
+itself, and an empty PML4 slot is reported by walk_p4d_range() as a hole at
+depth 1. So with 4-level paging the top level prints as `p4d`, and `pgd`
+never appears; below it, PDPT/PD/PT print as pud/pmd/pte in both modes.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 
-from ptilab.errors import InputError
+from ptilab.errors import InputError, UsageError
 from ptilab.paging import EFF_NX, EFF_RW, EFF_US, RANGE_DTYPE, Geometry, Walk
 from ptilab.paging import entry as e
 
 LEVEL_NAMES = ("pgd", "p4d", "pud", "pmd", "pte")
-NOT_PRESENT = " " * 30
 UNITS = "BKMGTPE"
+NOT_PRESENT = " " * 30
+U64 = (1 << 64) - 1
+
+# What a 6.1 x86-64 config sets (Debian's): nokaslr bases, KERNEL_IMAGE_SIZE of
+# 1 GiB (RANDOMIZE_BASE), and FIXADDR_START = FIXADDR_TOP 0xffffffffff7ff000
+# minus 646 permanent fixmap pages (vsyscall slot 511, DBGP, EARLYCON, APIC,
+# 128 IO-APICs, PARAVIRT_BOOTMAP for XEN_PV, two APEI GHES slots).
+KASLR_BASES = {
+    4: {"page_offset_base": 0xFFFF_8880_0000_0000, "vmalloc_base": 0xFFFF_C900_0000_0000,
+        "vmemmap_base": 0xFFFF_EA00_0000_0000},
+    5: {"page_offset_base": 0xFF11_0000_0000_0000, "vmalloc_base": 0xFFA0_0000_0000_0000,
+        "vmemmap_base": 0xFFD4_0000_0000_0000},
+}
+FIXADDR_START_DEBIAN_6_1 = 0xFFFF_FFFF_FF57_9000
+ESPFIX_MAX_LINES = 16
 
 
 @dataclass(frozen=True)
 class Marker:
+    """One of dump_pagetables.c's address_markers[]: a `---[ name ]---` header
+    printed when the walk reaches start; max_lines caps the lines under it."""
+
     start: int
     name: str
     max_lines: int = 0
 
 
-def linux_markers(geometry: Geometry, page_offset: int | None = None, vmalloc: int | None = None,
-                  vmemmap: int | None = None, fixaddr_start: int = 0xFFFF_FFFF_FF57_9000) -> list[Marker]:
-    """address_markers[] of x86-64 Linux 6.1 as Debian configures it (LDT remap,
-    ESPfix and EFI on, no KASAN). KASLR moves page_offset/vmalloc/vmemmap; the
-    fixmap's start depends on the configuration's fixmap size."""
-    five = geometry.levels == 5
+def LINUX_X86_64_MARKERS(geometry: Geometry, kaslr_bases: Mapping[str, int] | None = None, *,
+                         fixaddr_start: int = FIXADDR_START_DEBIAN_6_1) -> list[Marker]:
+    """address_markers[] of x86-64 Linux 6.1 as Debian configures it
+    (MODIFY_LDT_SYSCALL, X86_ESPFIX64 and EFI on; no KASAN, so no shadow
+    markers). kaslr_bases overrides the randomised page_offset_base,
+    vmalloc_base and vmemmap_base (CONFIG_RANDOMIZE_MEMORY)."""
+    bases = dict(KASLR_BASES[geometry.levels])
+    for name, value in (kaslr_bases or {}).items():
+        if name not in bases:
+            raise UsageError(f"unknown KASLR base {name!r}: expected one of {', '.join(bases)}")
+        bases[name] = value
+    top_shift = geometry.shift(0)
     return [
         Marker(0, "User Space"),
         Marker(1 << 63, "Kernel Space"),
-        Marker(0xFF10_0000_0000_0000 if five else 0xFFFF_8800_0000_0000, "LDT remap"),
-        Marker(page_offset or (0xFF11_0000_0000_0000 if five else 0xFFFF_8880_0000_0000), "Low Kernel Mapping"),
-        Marker(vmalloc or (0xFFA0_0000_0000_0000 if five else 0xFFFF_C900_0000_0000), "vmalloc() Area"),
-        Marker(vmemmap or (0xFFD4_0000_0000_0000 if five else 0xFFFF_EA00_0000_0000), "Vmemmap"),
-        Marker(0xFFFF_FE00_0000_0000, "CPU entry Area"),
-        Marker(0xFFFF_FF00_0000_0000, "ESPfix Area", 16),
-        Marker(0xFFFF_FFEF_0000_0000, "EFI Runtime Services"),
+        Marker((-240 << top_shift) & U64, "LDT remap"),  # LDT_PGD_ENTRY, in both modes since 4.20
+        Marker(bases["page_offset_base"], "Low Kernel Mapping"),
+        Marker(bases["vmalloc_base"], "vmalloc() Area"),
+        Marker(bases["vmemmap_base"], "Vmemmap"),
+        Marker((-4 << 39) & U64, "CPU entry Area"),  # CPU_ENTRY_AREA_PGD << P4D_SHIFT
+        Marker((-2 << 39) & U64, "ESPfix Area", ESPFIX_MAX_LINES),
+        Marker((-68 << 30) & U64, "EFI Runtime Services"),  # EFI_VA_END
         Marker(0xFFFF_FFFF_8000_0000, "High Kernel Mapping"),
         Marker(0xFFFF_FFFF_C000_0000, "Modules"),
         Marker(0xFFFF_FFFF_FF00_0000, "End Modules"),
@@ -57,154 +94,291 @@ def linux_markers(geometry: Geometry, page_offset: int | None = None, vmalloc: i
     ]
 
 
-def _size(delta: int) -> str:
+def linux_markers(geometry: Geometry, page_offset: int | None = None, vmalloc: int | None = None,
+                  vmemmap: int | None = None, fixaddr_start: int = FIXADDR_START_DEBIAN_6_1) -> list[Marker]:
+    """LINUX_X86_64_MARKERS with the three KASLR bases as keyword arguments."""
+    given = {"page_offset_base": page_offset, "vmalloc_base": vmalloc, "vmemmap_base": vmemmap}
+    return LINUX_X86_64_MARKERS(geometry, {k: v for k, v in given.items() if v is not None},
+                                fixaddr_start=fixaddr_start)
+
+
+def format_size(delta: int) -> str:
+    """The `%9lu%c ` size column: shift by 10 while divisible by 1024 (and a unit is left)."""
     unit = 0
-    while delta and not delta & 1023 and unit < len(UNITS) - 1:
+    while not delta & 1023 and unit < len(UNITS) - 1:
         delta >>= 10
         unit += 1
     return f"{delta:9d}{UNITS[unit]} "
 
 
-def _prot(pr: int, level: int) -> str:
-    """printk_prot()."""
-    if not pr & e.P:
+def format_prot(prot: int, level: int) -> str:
+    """printk_prot(): the flag columns and the level name (level is Linux's, pgd=0 .. pte=4)."""
+    if not prot & e.P:
         return NOT_PRESENT + LEVEL_NAMES[level]
+    pat = (level == 4 and prot & e.PAT_4K) or (level in (2, 3) and prot & e.PAT_LARGE)
     return "".join((
-        "USR " if pr & e.US else "    ",
-        "RW " if pr & e.RW else "ro ",
-        "PWT " if pr & e.PWT else "    ",
-        "PCD " if pr & e.PCD else "    ",
-        "PSE " if level <= 3 and pr & e.PS else "    ",
-        "PAT " if (level == 4 and pr & e.PAT_4K) or (level in (2, 3) and pr & e.PAT_LARGE) else "    ",
-        "GLB " if pr & e.G else "    ",
-        "NX " if pr & e.NX else "x  ",
+        "USR " if prot & e.US else "    ",
+        "RW " if prot & e.RW else "ro ",
+        "PWT " if prot & e.PWT else "    ",
+        "PCD " if prot & e.PCD else "    ",
+        "PSE " if level <= 3 and prot & e.PS else "    ",  # bit 7 is PAT in a pte
+        "PAT " if pat else "    ",
+        "GLB " if prot & e.G else "    ",
+        "NX " if prot & e.NX else "x  ",
         LEVEL_NAMES[level],
     ))
 
 
-def _guard_hole(geometry: Geometry) -> tuple[int, int]:
-    """GUARD_HOLE_{BASE,END}_ADDR: 16 top-level slots ptdump never walks."""
-    shift = geometry.shift(0)
-    base = ((-256) << shift) & 0xFFFF_FFFF_FFFF_FFFF
-    return base, base + (16 << shift)
+def linux_level(depth: np.ndarray | int, geometry: Geometry) -> np.ndarray | int:
+    """Linux's level number (pgd=0 .. pte=4) of a walk depth."""
+    return depth + (5 - geometry.levels)
 
 
-def format_walk(w: Walk, markers: list[Marker]) -> str:
+@dataclass
+class _Entries:
+    """What note_page() is called with, as runs of equal entries in raw
+    (unsign-extended) address order: calls at start, start + entry, ... < end."""
+
+    start: np.ndarray
+    end: np.ndarray
+    entry: np.ndarray
+    prot: np.ndarray
+    eff: np.ndarray
+    level: np.ndarray
+
+    def take(self, index: np.ndarray) -> _Entries:
+        return _Entries(*(getattr(self, f)[index] for f in ("start", "end", "entry", "prot", "eff", "level")))
+
+
+def _noted_entries(ranges: np.ndarray, geometry: Geometry) -> _Entries:
+    bits = geometry.va_bits
+    full = np.uint64(1 << bits)
+    mask = np.uint64((1 << bits) - 1)
+    start = ranges["va"] & mask
+    # va + size is the canonical end for parsed lines and a raw one for the
+    # walker's runs that cross from the user half into the kernel half: the
+    # low bits are the raw end either way, and 0 is the top of the space.
+    end = (ranges["va"] + ranges["size"]) & mask
+    end = np.where(end <= start, full, end)
+    level = linux_level(ranges["level"].astype(np.int64), geometry)
+    prot = ranges["prot"].copy()
+    eff = ranges["eff"].copy()
+    present = (prot & np.uint64(e.P)) != 0
+    # pgd_none_or_clear_bad()/p4d_none_or_clear_bad(): a non-present top
+    # entry, zero or not, is reported as a hole with value 0.
+    cleared = ~present & (level <= 1)
+    prot[cleared] = 0
+    eff[cleared] = 0
+    # A non-present but non-zero pud is no pud_leaf() (it needs P) and a pmd is
+    # a pmd_leaf() only with PSE: the walker calls no note_page() for them, and
+    # the run before goes on over them.
+    silent = ~present & (prot != 0) & ((level == 2) | ((level == 3) & ((prot & np.uint64(e.PS)) == 0)))
+    entry = np.left_shift(np.uint64(1), (12 + 9 * (4 - level)).astype(np.uint64))
+    noted = _Entries(start, end, entry, prot, eff, level.astype(np.int8)).take(np.flatnonzero(~silent))
+    # ptdump_walk_pgd_level_core() walks [0, half) and [GUARD_HOLE_END, ~0UL):
+    # the guard hole's 16 top-level slots are never visited.
+    hole_lo = np.uint64(1 << (bits - 1))
+    hole_hi = hole_lo + np.uint64(16 << geometry.shift(0))
+    low = noted.take(np.flatnonzero(noted.start < hole_lo))
+    low.end = np.minimum(low.end, hole_lo)
+    high = noted.take(np.flatnonzero(noted.end > hole_hi))
+    high.start = np.maximum(high.start, hole_hi)
+    both = _Entries(*(np.concatenate((getattr(low, f), getattr(high, f)))
+                      for f in ("start", "end", "entry", "prot", "eff", "level")))
+    both = both.take(np.argsort(both.start, kind="stable"))
+    # An entry is noted until the next one starts (parsed lines and gaps overlap or leave room).
+    if len(both.start):
+        both.end = np.minimum(both.end, np.concatenate((both.start[1:], both.end[-1:])))
+    return both
+
+
+def _raw_address(va: int, geometry: Geometry) -> int:
+    """Where a canonical (or non-canonical marker) address falls in raw address order."""
+    half = 1 << (geometry.va_bits - 1)
+    kernel = (1 << 64) - half
+    if va < half:
+        return va
+    return half if va < kernel else va - kernel + half
+
+
+def _first_note_at_or_after(n: _Entries, addr: int) -> int | None:
+    i = int(np.searchsorted(n.start, np.uint64(addr), side="right")) - 1
+    if i >= 0 and addr < int(n.end[i]):
+        s, step = int(n.start[i]), int(n.entry[i])
+        call = s + -(-(addr - s) // step) * step
+        if call < int(n.end[i]):
+            return call
+    j = int(np.searchsorted(n.start, np.uint64(addr), side="left"))
+    return int(n.start[j]) if j < len(n.start) else None
+
+
+def format_walk(w: Walk, markers: list[Marker] | None = None) -> str:
+    """The ptdump text of a walked tree (current_user if w is a user CR3's)."""
     return format_ranges(w.ranges, w.geometry, markers)
 
 
-def format_ranges(ranges: np.ndarray, geometry: Geometry, markers: list[Marker]) -> str:
-    """The text Linux prints for a tree whose walk gave these ranges.
+def format_ranges(ranges: np.ndarray, geometry: Geometry, markers: list[Marker] | None = None) -> str:
+    """The text Linux prints for a tree whose walk (or parsed ptdump) gave these ranges."""
+    if markers is None:
+        markers = LINUX_X86_64_MARKERS(geometry)
+    n = _noted_entries(ranges, geometry)
+    if not len(n.start):
+        # The final flush is then the first call: it prints the first header only.
+        return f"---[ {markers[0].name} ]---\n"
+    same = (n.prot[1:] == n.prot[:-1]) & (n.eff[1:] == n.eff[:-1]) & (n.level[1:] == n.level[:-1])
+    breaks = n.start[np.flatnonzero(np.concatenate(([True], ~same)))]
+    # The first call sets the marker without comparing; later ones advance one marker each.
+    advances: list[int] = []
+    last = int(n.start[0])
+    for marker in markers[1:]:
+        call = _first_note_at_or_after(n, max(_raw_address(marker.start, geometry), last + 1))
+        if call is None:
+            break
+        advances.append(call)
+        last = call
+    adv = np.array(advances, dtype=np.uint64)
+    starts = np.union1d(breaks, adv)
+    owner = np.searchsorted(n.start, starts, side="right") - 1
+    group = np.searchsorted(adv, starts, side="right")
+    first = np.searchsorted(group, np.arange(len(advances) + 2))
+    cap = np.array([m.max_lines for m in markers[:len(advances) + 1]], dtype=np.int64)
+    rank = np.arange(len(starts)) - first[group]
+    shown = np.flatnonzero((cap[group] == 0) | (rank < cap[group]))
 
-    Linux calls note_page() at every entry it visits and compares with the
-    run so far; a run breaks on new flags, rights or level, or once an
-    entry's address reaches the next marker (one marker per call, so a
-    marker inside one large entry waits for the next entry). The ranges here
-    are runs already; only the entry boundaries that can cross a marker are
-    replayed.
-    """
-    if not len(ranges):
-        return ""
-    hole_start, hole_end = _guard_hole(geometry)
-    r = ranges.copy()
-    lo, hi = np.uint64(hole_start), np.uint64(hole_end)
-    straddle = (r["va"] >= lo) & (r["va"] < hi) & (r["va"] + r["size"] > hi)
-    r["size"][straddle] -= hi - r["va"][straddle]
-    r["va"][straddle] = hi
-    r = r[(r["va"] < lo) | (r["va"] >= hi)]
-    level = (r["level"].astype(np.int64) + (5 - geometry.levels)).tolist()
-    shifts = [geometry.shift(int(d)) for d in r["level"].tolist()]
+    half = np.uint64(1 << (geometry.va_bits - 1))
+    lift = np.uint64(((1 << 64) - (1 << geometry.va_bits)) & U64)
+    canon = np.where(starts >= half, starts + lift, starts)
+    ends = np.concatenate((canon[1:], np.zeros(1, np.uint64)))  # the flush call is at address 0
+    lines = _format_lines(canon[shown], ends[shown], n.prot[owner[shown]], n.level[owner[shown]])
+
     out: list[str] = []
-    state = {"level": -1, "prot": 0, "eff": 0, "start": 0, "marker": 0, "lines": 0}
-
-    def note(addr: int, prot: int, eff: int, lvl: int) -> None:
-        st = state
-        if st["level"] == -1:
-            st.update(prot=prot, eff=eff, level=lvl, start=addr, marker=0, lines=0)
-            out.append(f"---[ {markers[0].name} ]---\n")
-            return
-        nxt = markers[st["marker"] + 1].start if st["marker"] + 1 < len(markers) else 1 << 64
-        crossed = addr >= nxt and lvl != -2
-        if prot == st["prot"] and eff == st["eff"] and lvl == st["level"] and not crossed:
-            return
-        current = markers[st["marker"]]
-        if not current.max_lines or st["lines"] < current.max_lines:
-            delta = (addr - st["start"]) & 0xFFFF_FFFF_FFFF_FFFF
-            out.append(f"0x{st['start']:016x}-0x{addr:016x}   {_size(delta)}{_prot(st['prot'], st['level'])}\n")
-        st["lines"] += 1
-        if crossed:
-            if current.max_lines and st["lines"] > current.max_lines:
-                skipped = st["lines"] - current.max_lines
-                out.append(f"... {skipped} entr{'y' if skipped == 1 else 'ies'} skipped ... \n")
-            st["marker"] += 1
-            st["lines"] = 0
-            out.append(f"---[ {markers[st['marker']].name} ]---\n")
-        st.update(start=addr, prot=prot, eff=eff, level=lvl)
-
-    for va, size, prot, eff, lvl, shift in zip(r["va"].tolist(), r["size"].tolist(), r["prot"].tolist(),
-                                               r["eff"].tolist(), level, shifts):
-        note(va, prot, eff, lvl)
-        end = va + size
-        entry = 1 << shift
-        while state["marker"] + 1 < len(markers):
-            target = markers[state["marker"] + 1].start
-            if not va < target < end:
-                break
-            boundary = va + -(-(target - va) // entry) * entry
-            if boundary >= end:
-                break
-            note(boundary, prot, eff, lvl)
-    # mm/ptdump.c ends with note_page(st, 0, -1, 0): the last run ends at 0.
-    note(0, 0, 0, -2)
+    at = 0
+    for g in range(len(advances) + 1):
+        out.append(f"---[ {markers[g].name} ]---\n")
+        upto = int(np.searchsorted(shown, first[g + 1]))
+        out.extend(lines[at:upto])
+        at = upto
+        total = int(first[g + 1] - first[g])
+        if g < len(advances) and cap[g] and total > cap[g]:
+            skipped = total - int(cap[g])
+            out.append(f"... {skipped} entr{'y' if skipped == 1 else 'ies'} skipped ... \n")
     return "".join(out)
 
 
-_LINE = re.compile(r"^0x([0-9a-f]{16})-0x([0-9a-f]{16})\s+(\d+)([BKMGTPE]) (.{30}|USR .*?|    .*?)(pgd|p4d|pud|pmd|pte)$")
-_FLAGS = {"USR": e.US, "RW": e.RW, "PWT": e.PWT, "PCD": e.PCD, "PSE": e.PS, "GLB": e.G, "NX": e.NX}
+def _format_lines(start: np.ndarray, end: np.ndarray, prot: np.ndarray, level: np.ndarray) -> list[str]:
+    delta = end - start  # wraps for the last line, which ends at 0
+    unit = np.zeros(len(delta), dtype=np.int64)
+    for _ in range(len(UNITS) - 1):
+        step = (delta & np.uint64(1023)) == 0
+        delta = np.where(step, delta >> np.uint64(10), delta)
+        unit += step
+    shown_bits = np.uint64(e.P | e.US | e.RW | e.PWT | e.PCD | e.PS | e.G | e.PAT_LARGE | e.NX)
+    prot = prot & shown_bits
+    columns: dict[tuple[int, int], str] = {}
+    out = []
+    for s, t, d, u, p, lv in zip(start.tolist(), end.tolist(), delta.tolist(), unit.tolist(),
+                                 prot.tolist(), level.tolist()):
+        text = columns.get((p, lv))
+        if text is None:
+            text = columns[(p, lv)] = format_prot(p, lv)
+        out.append(f"0x{s:016x}-0x{t:016x}   {d:9d}{UNITS[u]} {text}\n")
+    return out
 
 
 @dataclass
 class Ptdump:
-    """A parsed ptdump file: ranges (RANGE_DTYPE, levels as pgd=0..pte=4) and
-    the markers seen, with how many lines each had skipped."""
+    """A parsed ptdump file.
+
+    ranges: RANGE_DTYPE, one per printed line, level as a depth of geometry
+    (inferred from the addresses unless given); pa is 0 (not in the text);
+    prot is P plus the printed flags (0 for a blank line); eff is the line's
+    own USR/RW/NX, as the file does not show the upper levels.
+    markers: (index of the first range under it, name).
+    skipped: lines the ESPfix cap left out, in all; skips: (index of the
+    range they followed, count) per `... skipped ...` line."""
 
     ranges: np.ndarray
     markers: list[tuple[int, str]]
     skipped: int
+    geometry: Geometry = field(default_factory=Geometry)
+    skips: list[tuple[int, int]] = field(default_factory=list)
 
 
-def parse_ptdump(text: str, source: str = "ptdump") -> Ptdump:
-    """Read any of kernel, current_kernel, current_user. Effective rights are
-    those of the printed entry: the file does not show the upper levels."""
-    rows, markers, skipped = [], [], 0
+_LINE = re.compile(r"0x([0-9a-f]{16})-0x([0-9a-f]{16})   ( *\d+)([BKMGTPE]) (.{30})(pgd|p4d|pud|pmd|pte)")
+_SKIP = re.compile(r"\.\.\. (\d+) entr(y|ies) skipped \.\.\. ?")
+_HEADER = re.compile(r"---\[ (.+) \]---")
+_COLUMNS = ((0, 4, {"USR ": e.US, "    ": 0}), (4, 7, {"RW ": e.RW, "ro ": 0}), (7, 11, {"PWT ": e.PWT, "    ": 0}),
+            (11, 15, {"PCD ": e.PCD, "    ": 0}), (15, 19, {"PSE ": e.PS, "    ": 0}),
+            (19, 23, {"PAT ": -1, "    ": 0}), (23, 27, {"GLB ": e.G, "    ": 0}), (27, 30, {"NX ": e.NX, "x  ": 0}))
+
+
+def _flags(block: str, level: int) -> int | None:
+    """The entry flags behind printk_prot()'s columns, or None if they are not its columns."""
+    if block == NOT_PRESENT:
+        return 0
+    prot = e.P
+    for lo, hi, words in _COLUMNS:
+        bit = words.get(block[lo:hi])
+        if bit is None:
+            return None
+        if bit == -1:
+            if level not in (2, 3, 4):
+                return None
+            bit = e.PAT_4K if level == 4 else e.PAT_LARGE
+        elif bit == e.PS and level == 4:
+            return None
+        prot |= bit
+    return prot
+
+
+def _infer_geometry(va: np.ndarray) -> Geometry:
+    # Only LA57 maps user addresses at or above 2^47 or kernel ones below 0xffff800000000000.
+    high_user = (va >= np.uint64(1 << 47)) & (va < np.uint64(1 << 63))
+    low_kernel = (va >= np.uint64(1 << 63)) & (va < np.uint64(0xFFFF_8000_0000_0000))
+    return Geometry(5 if (high_user | low_kernel).any() else 4)
+
+
+def parse_ptdump(text: str, source: str = "ptdump", geometry: Geometry | None = None) -> Ptdump:
+    """Read any of the kernel, current_kernel and current_user files.
+
+    A malformed line raises InputError naming source:line."""
+    rows: list[tuple[int, int, int, int, int, int]] = []
+    markers: list[tuple[int, str]] = []
+    skips: list[tuple[int, int]] = []
+    columns: dict[tuple[str, int], int | None] = {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        if line.startswith("---[ ") and line.endswith(" ]---"):
-            markers.append((len(rows), line[5:-5]))
+        m = _LINE.fullmatch(line)
+        if m:
+            start, end = int(m[1], 16), int(m[2], 16)
+            level = LEVEL_NAMES.index(m[6])
+            key = (m[5], level)
+            prot = columns[key] if key in columns else columns.setdefault(key, _flags(m[5], level))
+            if prot is None:
+                raise InputError(f"{source}:{number}: flag columns {m[5]!r} are not printk_prot()'s for {m[6]}")
+            size = (end - start) & U64
+            if len(m[3]) < 9 or format_size(size) != f"{m[3]}{m[4]} ":
+                raise InputError(f"{source}:{number}: size {m[3].strip()}{m[4]} does not match the range "
+                                 f"{start:#x}-{end:#x}")
+            eff = (EFF_US if prot & e.US else 0) | (EFF_RW if prot & e.RW else 0) | (EFF_NX if prot & e.NX else 0)
+            rows.append((start, size, 0, level, prot, eff))
             continue
-        if line.startswith("... ") and "skipped" in line:
-            try:
-                skipped += int(line.split()[1])
-            except (IndexError, ValueError):
-                raise InputError(f"{source}:{number}: malformed skip line: {line[:60]!r}") from None
+        m = _HEADER.fullmatch(line)
+        if m:
+            markers.append((len(rows), m[1]))
             continue
-        m = _LINE.match(line)
-        if not m:
-            raise InputError(f"{source}:{number}: not a ptdump line: {line[:70]!r}")
-        start, end = int(m.group(1), 16), int(m.group(2), 16)
-        words = m.group(5).split()
-        prot = 0
-        if m.group(5).strip():
-            prot = e.P
-            for word in words:
-                if word == "PAT":
-                    prot |= e.PAT_LARGE if m.group(6) != "pte" else e.PAT_4K
-                else:
-                    prot |= _FLAGS.get(word, 0)
-        eff = ((EFF_US if prot & e.US else 0) | (EFF_RW if prot & e.RW else 0) | (EFF_NX if prot & e.NX else 0)) \
-            if prot else 0
-        rows.append((start, (end - start) & 0xFFFF_FFFF_FFFF_FFFF, 0, LEVEL_NAMES.index(m.group(6)), prot, eff))
+        m = _SKIP.fullmatch(line)
+        if m and (m[2] == "y") == (m[1] == "1"):
+            skips.append((len(rows) - 1, int(m[1])))
+            continue
+        raise InputError(f"{source}:{number}: not a ptdump line: {line[:70]!r}")
     if not rows:
         raise InputError(f"{source}: no ptdump lines")
-    return Ptdump(np.array(rows, dtype=RANGE_DTYPE), markers, skipped)
+    ranges = np.array(rows, dtype=RANGE_DTYPE)
+    geometry = geometry or _infer_geometry(ranges["va"])
+    depth = ranges["level"].astype(np.int64) - (5 - geometry.levels)
+    # A 4-level kernel prints its top level as p4d (see the module docstring);
+    # older ones called it pgd: both are depth 0.
+    ranges["level"] = np.maximum(depth, 0)
+    return Ptdump(ranges, markers, sum(c for _, c in skips), geometry, skips)

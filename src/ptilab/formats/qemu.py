@@ -1,10 +1,31 @@
-"""QEMU monitor text: `info mem` and `info tlb` (QEMU 7.2 target/i386/monitor.c).
+"""QEMU monitor text: `info mem` and `info tlb` (QEMU 7.2, target/i386/monitor.c), written and read.
 
-QEMU's walker is an independent oracle for ptilab's: the tests require
-`ptilab dump --format qemu` to equal QEMU's own text line for line.
+QEMU's walker is an independent oracle for ptilab's: the real-kernel tests
+require these writers to print exactly what QEMU printed for the same CR3.
+
+- `info mem` (mem_info_la48): one line per run of consecutive present pages
+  whose rights are equal, `%016lx-%016lx %016lx %c%c%c`; the rights are the
+  leaf's US|RW|P ANDed with every upper entry's, whatever the level, the
+  frames, or NX (never shown). start, end and even the size go through
+  addr_canonical() (sign extension from bit 47, 56 with LA57); a run reaching
+  the top of the space ends at the flush address 1 << 48, which prints as
+  0001000000000000.
+- `info tlb`: one line per present leaf, `%016lx: %016lx` then nine letters
+  XGPDACTUW of the leaf's own bits; the frame is masked to bits 12..49 (21..49,
+  30..49 for 2M and 1G leaves), and a pte's bit 7 (PAT) is cleared first, so
+  `P` marks large pages only.
+- mem_info_la57 of QEMU 7.2 tests `present` the wrong way round below the
+  p4d: it skips every present pud and descends into absent ones. On sane
+  tables it prints nothing (a zero pud contributes rights 0); it prints only
+  absent puds with PS set and US or RW. format_info_mem reproduces that by
+  default; an absent, non-zero pud without PS would make QEMU read the frame it
+  names as a pmd table, which a walk cannot know, and is taken as printing
+  nothing.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -12,14 +33,25 @@ from ptilab.errors import InputError
 from ptilab.paging import EFF_RW, EFF_US, Walk
 from ptilab.paging import entry as e
 
-# print_pte()'s frame masks: bits 12..49, 21..49, 30..49 (QEMU assumes 50-bit physical).
-_TLB_MASK = {12: 0x3FFFFFFFFF000, 21: 0x3FFFFFFE00000, 30: 0x3FFFFC0000000}
-_TLB_FLAGS = ((e.NX, "X"), (e.G, "G"), (e.PS, "P"), (e.D, "D"), (e.A, "A"), (e.PCD, "C"), (e.PWT, "T"),
-              (e.US, "U"), (e.RW, "W"))
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_NIBBLES = np.arange(60, -4, -4, dtype=np.uint64)
+_QEMU_FRAME = 0x3_FFFF_FFFF_F000  # bits 12..49: QEMU assumes 50-bit physical addresses
+_TLB_LETTERS = ((e.NX, "X"), (e.G, "G"), (e.PS, "P"), (e.D, "D"), (e.A, "A"), (e.PCD, "C"), (e.PWT, "T"),
+                (e.US, "U"), (e.RW, "W"))
+TLB_DTYPE = np.dtype([("va", "<u8"), ("pa", "<u8"), ("flags", "U9")])
 
 
-def _raw(va: np.ndarray, bits: int) -> np.ndarray:
-    return va & np.uint64((1 << bits) - 1)
+def _hex16(values: np.ndarray) -> np.ndarray:
+    """(n, 16) ASCII bytes of %016lx."""
+    return _HEX[((values[:, None] >> _NIBBLES) & np.uint64(15)).astype(np.intp)]
+
+
+def _text(columns: list[np.ndarray | bytes]) -> str:
+    """Glue per-line byte columns (arrays of shape (n, k), or constant bytes) into lines."""
+    n = next(len(c) for c in columns if isinstance(c, np.ndarray))
+    parts = [c if isinstance(c, np.ndarray) else np.broadcast_to(np.frombuffer(c, np.uint8), (n, len(c)))
+             for c in columns]
+    return np.concatenate(parts, axis=1).tobytes().decode("ascii") if n else ""
 
 
 def _canonical(values: np.ndarray, bits: int) -> np.ndarray:
@@ -29,75 +61,99 @@ def _canonical(values: np.ndarray, bits: int) -> np.ndarray:
     return np.where(values & top, values | ext, values)
 
 
-def format_info_mem(w: Walk) -> str:
-    """`info mem`: runs of virtually contiguous present pages with the same
-    user/write rights (ANDed down the levels), whatever their frames and levels."""
+def format_info_mem(w: Walk, *, qemu_la57_bug: bool = True) -> str:
+    """What QEMU 7.2's `info mem` prints for this walk's CR3.
+
+    With 5-level paging and qemu_la57_bug (the default) that is QEMU 7.2's
+    inverted walk (see the module docstring); without it, what the 4-level
+    walk would print if it went on to 57 bits."""
     bits = w.geometry.va_bits
-    r = w.mapped
+    mask = np.uint64((1 << bits) - 1)
+    r = w.ranges
+    present = (r["prot"] & np.uint64(e.P)) != 0
+    if w.geometry.levels == 5 and qemu_la57_bug:
+        absent_large = ~present & ((r["prot"] & np.uint64(e.PS)) != 0) & (r["level"] == w.geometry.depth_of("pud"))
+        r = r[absent_large & ((r["eff"] & np.uint8(EFF_US | EFF_RW)) != 0)]
+    else:
+        r = r[present]
     if not len(r):
         return ""
-    start = _raw(r["va"], bits)
+    start = r["va"] & mask
     end = start + r["size"]
-    prot = r["eff"] & np.uint8(EFF_US | EFF_RW)
-    join = (start[1:] == end[:-1]) & (prot[1:] == prot[:-1])
+    rights = r["eff"] & np.uint8(EFF_US | EFF_RW)
+    join = (start[1:] == end[:-1]) & (rights[1:] == rights[:-1])
     first = np.flatnonzero(np.concatenate(([True], ~join)))
     last = np.concatenate((first[1:], [len(r)])) - 1
-    s, t = start[first], end[last]
-    cols = (_canonical(s, bits), _canonical(t, bits), _canonical(t - s, bits))
-    letters = np.where(prot[first] & EFF_US, "u", "-"), np.where(prot[first] & EFF_RW, "w", "-")
-    return "".join(f"{a:016x}-{b:016x} {c:016x} {u}r{wr}\n"
-                   for a, b, c, u, wr in zip(*(x.tolist() for x in cols), *(x.tolist() for x in letters)))
+    s, t, rights = start[first], end[last], rights[first]
+    return format_info_mem_rows(_canonical(s, bits), _canonical(t, bits), _canonical(t - s, bits),
+                                (rights & EFF_US) != 0, (rights & EFF_RW) != 0)
+
+
+def format_info_mem_rows(start: np.ndarray, end: np.ndarray, size: np.ndarray,
+                         user: np.ndarray, writable: np.ndarray) -> str:
+    """`info mem` lines from their columns, already canonical as QEMU prints them."""
+    as_u64 = [np.asarray(x, dtype=np.uint64) for x in (start, end, size)]
+    u = np.where(np.asarray(user, bool), ord("u"), ord("-")).astype(np.uint8)[:, None]
+    wr = np.where(np.asarray(writable, bool), ord("w"), ord("-")).astype(np.uint8)[:, None]
+    return _text([_hex16(as_u64[0]), b"-", _hex16(as_u64[1]), b" ", _hex16(as_u64[2]), b" ", u, b"r", wr, b"\n"])
 
 
 def format_info_tlb(w: Walk) -> str:
-    """`info tlb`: one line per present leaf entry, its own flags (not the walk's)."""
+    """What QEMU 7.2's `info tlb` prints: every present leaf page, in address order."""
     bits = w.geometry.va_bits
     r = w.mapped
     if not len(r):
         return ""
-    shift = np.array([w.geometry.shift(int(d)) for d in r["level"]], dtype=np.uint64)
+    shift = (12 + 9 * (w.geometry.levels - 1 - r["level"].astype(np.int64))).astype(np.uint64)
     counts = (r["size"] >> shift).astype(np.int64)
     owner = np.repeat(np.arange(len(r)), counts)
-    index = (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)).astype(np.uint64)
-    step = index << shift[owner]
-    va = _canonical(_raw(r["va"][owner], bits) + step, bits)
-    level_shift = shift[owner]
-    entry = (r["pa"][owner] + step) | r["prot"][owner]
-    lines = []
-    for v, ent, sh in zip(va.tolist(), entry.tolist(), level_shift.tolist()):
-        flags = "".join(ch if ent & bit else "-" for bit, ch in _TLB_FLAGS)
-        lines.append(f"{v:016x}: {ent & _TLB_MASK[sh]:016x} {flags}\n")
-    return "".join(lines)
+    index = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    step = index.astype(np.uint64) << shift[owner]
+    va = _canonical((r["va"][owner] & np.uint64((1 << bits) - 1)) + step, bits)
+    frame = (r["pa"][owner] + step) & np.uint64(_QEMU_FRAME)
+    own = np.where(r["level"] == w.geometry.levels - 1, r["prot"] & ~np.uint64(e.PS), r["prot"])
+    letters = np.stack([np.where((own & np.uint64(bit)) != 0, ord(ch), ord("-")).astype(np.uint8)
+                        for bit, ch in _TLB_LETTERS], axis=1)
+    return _text([_hex16(va), b": ", _hex16(frame), b" ", letters[owner], b"\n"])
 
 
-def parse_info_mem(text: str) -> list[tuple[int, int, int, str]]:
-    """`info mem` lines -> (start, end, size, 'urw'-style rights)."""
+_MEM_LINE = re.compile(r"([0-9a-f]{16})-([0-9a-f]{16}) ([0-9a-f]{16}) ([u-]r[w-])")
+_TLB_LINE = re.compile(r"([0-9a-f]{16}): ([0-9a-f]{16}) ([X-][G-][P-][D-][A-][C-][T-][U-][W-])")
+
+
+def parse_info_mem(text: str, source: str = "info mem") -> list[tuple[int, int, int, str]]:
+    """`info mem` lines -> (start, end, size, 'urw'-style rights), as printed (canonical)."""
     out = []
     for number, line in enumerate(text.splitlines(), 1):
-        parts = line.replace("-", " ", 1).split()
-        if not line.strip():
-            continue
-        try:
-            start, end, size = (int(x, 16) for x in parts[:3])
-            rights = parts[3]
-        except (ValueError, IndexError):
-            raise InputError(f"info mem line {number} is not 'start-end size prot': {line[:60]!r}") from None
-        if len(rights) != 3:
-            raise InputError(f"info mem line {number}: rights {rights!r} are not three letters")
-        out.append((start, end, size, rights))
+        m = _MEM_LINE.fullmatch(line)
+        if not m:
+            if not line.strip():
+                continue
+            raise InputError(f"{source}:{number}: not 'start-end size [u-]r[w-]': {line[:70]!r}")
+        out.append((int(m[1], 16), int(m[2], 16), int(m[3], 16), m[4]))
     return out
 
 
-def parse_info_tlb(text: str) -> list[tuple[int, int, str]]:
-    """`info tlb` lines -> (virtual address, frame, flag letters)."""
-    out = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            va, rest = line.split(":", 1)
-            pa, flags = rest.split()
-            out.append((int(va, 16), int(pa, 16), flags))
-        except ValueError:
-            raise InputError(f"info tlb line {number} is not 'va: pa flags': {line[:60]!r}") from None
-    return out
+def format_parsed_info_mem(rows: list[tuple[int, int, int, str]]) -> str:
+    """parse_info_mem()'s rows printed back."""
+    if not rows:
+        return ""
+    start, end, size, rights = zip(*rows)
+    return format_info_mem_rows(np.array(start, np.uint64), np.array(end, np.uint64), np.array(size, np.uint64),
+                                np.array([p[0] == "u" for p in rights]), np.array([p[2] == "w" for p in rights]))
+
+
+def parse_info_tlb(text: str, source: str = "info tlb") -> np.ndarray:
+    """`info tlb` lines -> TLB_DTYPE records (va as printed, frame, the nine flag letters)."""
+    lines = text.splitlines()
+    out = np.empty(len(lines), dtype=TLB_DTYPE)
+    n = 0
+    for number, line in enumerate(lines, 1):
+        m = _TLB_LINE.fullmatch(line)
+        if not m:
+            if not line.strip():
+                continue
+            raise InputError(f"{source}:{number}: not 'va: frame XGPDACTUW': {line[:70]!r}")
+        out[n] = (int(m[1], 16), int(m[2], 16), m[3])
+        n += 1
+    return out[:n]
