@@ -283,6 +283,64 @@ def dump(image, cr3, cpu, la57, fmt) -> None:
         click.echo(format_walk(w, linux_markers(geometry)), nl=False)
 
 
+@cli.command("report")
+@click.argument("out", type=click.Path(dir_okay=False))
+@kernel_option
+@cpus_option
+@paging_option
+@click.option("--image", default=None, type=click.Path(dir_okay=False), metavar="CORE",
+              help="Report an audit of this ELF core or raw image instead of comparing the designs.")
+@click.option("--cr3", default=None, metavar="HEX", help="With --image: the CR3 to judge "
+              "(default: from the core's QEMU notes, a CPU in user mode first).")
+@click.option("--system-map", type=click.Path(dir_okay=False), default=None,
+              help="With --image: System.map or /proc/kallsyms text, to name the entry text.")
+@click.pass_context
+def report(ctx: click.Context, out: str, profile: str, cpus: int, levels: str, image: str | None,
+           cr3: str | None, system_map: str | None) -> None:
+    """Write OUT as one self-contained HTML page (inline CSS and SVG, no
+    network): the designs compared on a modelled kernel, or the audit of an
+    image. Both show the user and kernel views as an address-space map and
+    the page-table tree behind the cpu_entry_area, espfix, entry text and
+    cpu_tss_rw, with the tables both PGDs share highlighted.
+
+    \b
+    Examples:
+      ptilab report designs.html                            # linux-6.1, 4 CPUs, 4-level
+      ptilab report k2017.html --kernel kaiser-2017 --cpus 2
+      ptilab report audit.html --image tests/realkernel/out/pti-4level/core.elf
+      ptilab report audit.html --image mem.raw --cr3 61d9000
+    """
+    from pathlib import Path
+
+    from click.core import ParameterSource
+
+    from ptilab.errors import InputError
+
+    if image:
+        given = [f"--{name.replace('levels', 'paging').replace('profile', 'kernel')}"
+                 for name in ("profile", "cpus", "levels")
+                 if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+        if given:
+            raise PtilabError(f"{', '.join(given)}: only for a modelled kernel, not with --image")
+        from ptilab.report.html import audit_report
+        symbols = None
+        if system_map:
+            from ptilab.formats.kallsyms import read_symbols
+            symbols = read_symbols(system_map)
+        mem, value, geometry = _open_image_and_cr3(image, cr3, None, None)
+        page = audit_report(mem, value, geometry, f"{image} (CR3 {value:#x}, {geometry.levels}-level)", symbols)
+    else:
+        if cr3 or system_map:
+            raise PtilabError("--cr3 and --system-map go with --image")
+        from ptilab.report.html import comparison_report
+        page = comparison_report(profile, cpus, _levels(levels))
+    try:
+        Path(out).write_text(page, encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"{out}: cannot write: {err.strerror}") from None
+    click.echo(f"wrote {out} ({len(page.encode()) // 1024} KiB)")
+
+
 def main() -> None:
     """Console entry point: one line on stderr and a documented exit code on error.
 
