@@ -147,6 +147,56 @@ def simulate(design: str, profile: str, cpus: int, levels: str, view: str, as_js
         click.echo(format_walk(w, linux_markers(kernel.geometry)), nl=False)
 
 
+@cli.command("cost")
+@kernel_option
+@click.option("--cpus", "cpus_list", default=str(DEFAULT_CPUS), show_default=True, metavar="N[,N...]",
+              help="NR_CPUS; several, comma-separated, sweep them (and plot against them).")
+@paging_option
+@click.option("--pcid/--no-pcid", default=True, show_default=True,
+              help="CR4.PCIDE: PTI's PCID pair with NOFLUSH switches, or every CR3 write flushing.")
+@click.option("--design", "designs", default="all", show_default=True, metavar="DESIGN[,DESIGN...]",
+              help="explicit, mirror, shared-pmd, linux, or off (PTI off: the baseline); 'all' is all five.")
+@click.option("--workload", "workloads", multiple=True, metavar="NAME|FILE.toml",
+              help="syscall, interrupt, nmi, context-switch, or your own TOML file; repeatable. Default: all shipped.")
+@click.option("--cpu", type=int, default=0, show_default=True, help="The CPU whose cpu_entry_area the workloads use.")
+@json_option
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also write a PNG or SVG of the refill cost against NR_CPUS and per design (needs matplotlib).")
+def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs: str, workloads: tuple[str, ...],
+                 cpu: int, as_json: bool, plot_file: str | None) -> None:
+    """Measure the TLB-refill cost of entry/exit workloads per design: TLB
+    misses, page-walk loads, and the distinct cache lines the walks touch,
+    with how many of them both the kernel and the user tables use (the
+    seed's "fewer cache lines needed to refill the TLB").
+
+    \b
+    Examples:
+      ptilab cost                                   # every design and workload, linux-6.1, 4 CPUs, PCID
+      ptilab cost --design mirror,linux --workload nmi --no-pcid
+      ptilab cost --cpus 1,4,16,64,256 --plot refill.svg
+      ptilab cost --workload my-entry.toml --json
+    """
+    from ptilab.mmu.cost import PTI_OFF, sweep
+    from ptilab.pti import DESIGNS
+    from ptilab.report.tables import refill_table
+
+    try:
+        cpus = [int(n) for n in cpus_list.split(",")]
+    except ValueError:
+        raise PtilabError(f"--cpus must be numbers separated by commas, not {cpus_list!r}") from None
+    chosen = [*DESIGNS, PTI_OFF] if designs == "all" else designs.split(",")
+    costs = sweep(profile, cpus, chosen, _levels(levels), list(workloads) or None, pcid, cpu)
+    if plot_file:
+        from ptilab.report.plots import plot_refill
+        plot_refill(costs, plot_file)
+    if as_json:
+        _emit_json([c.as_dict() for c in costs])
+    else:
+        _console().print(refill_table(costs))
+        if plot_file:
+            click.echo(f"plot written to {plot_file}")
+
+
 def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool | None):
     """The image, the CR3 to judge and the paging mode: from the options, or
     from QEMU's per-CPU notes in the core (a CPU in user mode first)."""

@@ -6,6 +6,7 @@ from rich.table import Table
 
 from ptilab.compare.layout_change import Outcome
 from ptilab.compare.metrics import DesignReport
+from ptilab.mmu.cost import WorkloadCost
 
 
 def _kib(n: int) -> str:
@@ -55,4 +56,24 @@ def findings_table(findings: list, title: str) -> Table:
             where = f"\n[{first.start:#x}-{first.end:#x} {first.rights}" + (
                 f", +{len(f.spans) - 1} more]" if len(f.spans) > 1 else "]")
         t.add_row(f.severity.name.lower(), f.id, f"{f.title}: {f.explanation}{where}")
+    return t
+
+
+def refill_table(costs: list["WorkloadCost"]) -> Table:
+    """One row per (NR_CPUS, design, workload): the cold refill and what the warm run still misses."""
+    first = costs[0]
+    t = Table(title=f"TLB refill cost on {first.profile}, {first.levels}-level paging, "
+                    f"PCID {'on' if first.pcid else 'off'}, CPU {first.cpu}",
+              caption="cold: empty TLB, paging-structure and data caches; warm: the same workload again at once. "
+                      "lines: distinct 64-byte lines the walks loaded; both views: of those, lines walked from "
+                      "the kernel and the user tables alike")
+    for col in ("NR_CPUS", "design", "workload", "accesses", "TLB misses", "walk loads", "lines", "both views",
+                "warm misses", "warm loads", "faults"):
+        t.add_column(col, overflow="fold")
+    for c in costs:
+        faults = "; ".join(c.cold.faults[:2]) + (f"; +{len(c.cold.faults) - 2} more" if len(c.cold.faults) > 2
+                                                  else "") if c.cold.faults else "none"
+        t.add_row(str(c.cpus), c.design, c.workload, str(c.cold.accesses), str(c.cold.tlb_misses),
+                  str(c.cold.walk_loads), str(c.cold.lines), str(c.cold.lines_both_views), str(c.warm.tlb_misses),
+                  str(c.warm.walk_loads), faults)
     return t
