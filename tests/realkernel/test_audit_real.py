@@ -66,3 +66,14 @@ def test_model_user_view_has_the_real_kernels_shape(pti_kernel):
     model = walk(k.ram, k.user_cr3(), k.geometry, top_slots=(256, 512))
     assert real.table_pages() == model.table_pages()
     assert int(real.mapped["size"].sum()) == int(model.mapped["size"].sum())
+
+
+def test_meltdown_through_the_real_user_tables_recovers_the_kaslr_slide():
+    from ptilab.mmu.meltdown import exposure
+
+    unslid = real_kernel("pti-4level").symbols
+    k = real_kernel("pti-kaslr")
+    found = views_from_image(k.mem, k.cpu()["cr3"], k.geometry)
+    result = exposure(k.mem, found.user, unslid)
+    assert result.kaslr_slide == k.symbols["_text"] - unslid["_text"]
+    assert result.text_base == k.symbols["_text"]
