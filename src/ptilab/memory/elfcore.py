@@ -157,6 +157,9 @@ class ElfCore(PhysicalMemory):
                     loads.append(_Load(h.p_paddr, h.p_memsz, h.p_offset, min(h.p_filesz, h.p_memsz)))
         except ELFError as ex:
             raise InputError(f"{self.path}: not a readable ELF core: {ex}") from None
+        except (ValueError, OverflowError):
+            # pyelftools seeks to e_phoff as given: past 2**63 the seek itself fails.
+            raise InputError(f"{self.path}: not a readable ELF core: program headers lie past any file") from None
         extents = [(f"the segment at pa {s.pa:#x}", s.offset + s.filesz) for s in loads]
         extents += [("the note segment", offset + length) for offset, length in notes]
         for what, end in extents:

@@ -1,0 +1,323 @@
+"""Fuzz targets and their input strategies, shared by the CI fuzz tests and bench/fuzz_long.py.
+
+A target takes one generated input and exercises one reader; it may raise
+:class:`ptilab.errors.PtilabError` (the input was refused, with a message) and
+nothing else: any other exception is a crash. Targets also check the few
+invariants a result must keep whatever the input (ranges sorted and disjoint).
+
+Inputs start from real bytes where real bytes exist: the Debian 6.1 fixture's
+user page tables (tests/realkernel/out/pti-4level) and a small core written by
+:func:`ptilab.memory.elfwrite.write_elf_core`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from hypothesis import strategies as st
+
+from ptilab.errors import PtilabError
+from ptilab.formats.ptdump import format_walk, linux_markers, parse_ptdump
+from ptilab.formats.qemu import format_info_mem, parse_info_mem, parse_info_tlb
+from ptilab.memory.elfcore import ElfCore
+from ptilab.memory.elfwrite import qemu_cpu_note, write_elf_core
+from ptilab.memory.images import open_image
+from ptilab.memory.simulated import SimulatedRAM
+from ptilab.paging import Geometry, walk
+from ptilab.paging import entry as e
+
+FIXTURE = Path(__file__).resolve().parents[1] / "realkernel" / "out" / "pti-4level"
+MAX_ENTRIES = 1 << 22  # a mutated tree may alias itself: bound the expansion
+RAM_SIZE = 256 << 20
+
+
+class Crash(AssertionError):
+    """A target failed an invariant (as opposed to raising a non-ptilab exception)."""
+
+
+# -- the small valid core ---------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def small_core() -> bytes:
+    """A core with two segments (one sparse), a 4-level tree mapping a few
+    pages and one 2 MiB page, and two QEMU CPU notes."""
+    pgd, pud, pmd, pt = 0x1000, 0x2000, 0x3000, 0x4000
+    tables = {pgd: {0: pud | 0x67, 511: pud | 0x63}, pud: {0: pmd | 0x67, 510: pmd | 0x63},
+              pmd: {0: pt | 0x67, 1: 0x200000 | 0xE3}, pt: {i: (0x10000 + i * 0x1000) | 0x65 for i in range(8)}}
+    pages = []
+    for pa, entries in tables.items():
+        frame = np.zeros(512, np.uint64)
+        for i, v in entries.items():
+            frame[i] = v
+        pages.append((pa, frame))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "small.elf"
+        write_elf_core(path, [(0, 0x8000), (0x100000, 0x300000, 0x400000)],
+                       notes=[qemu_cpu_note(cr3=pgd), qemu_cpu_note(cr3=pgd, cs=0x33)], pages=pages)
+        return path.read_bytes()
+
+
+HEADER_FIELDS = {  # name: (offset, struct format) in the ELF header / first program headers
+    "e_phoff": (32, "<Q"), "e_shoff": (40, "<Q"), "e_ehsize": (52, "<H"), "e_phentsize": (54, "<H"),
+    "e_phnum": (56, "<H"), "e_shentsize": (58, "<H"), "e_shnum": (60, "<H"), "e_shstrndx": (62, "<H"),
+    "e_type": (16, "<H"), "e_machine": (18, "<H"), "ei_class": (4, "<B"), "ei_data": (5, "<B"),
+}
+for _i in range(3):
+    _base = 64 + 56 * _i
+    for _name, _off, _fmt in (("p_type", 0, "<I"), ("p_offset", 8, "<Q"), ("p_paddr", 24, "<Q"),
+                              ("p_filesz", 32, "<Q"), ("p_memsz", 40, "<Q")):
+        HEADER_FIELDS[f"ph{_i}.{_name}"] = (_base + _off, _fmt)
+
+INTERESTING = [0, 1, 2, 3, 4, 7, 8, 0x38, 0x40, 0x1000, 0xFFF, 0x7FFF, 0xFFFF, 0x7FFF_FFFF, 0xFFFF_FFFF,
+               0x1_0000_0000, 1 << 52, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, (1 << 64) - 0x1000]
+
+
+def _fit(value: int, fmt: str) -> int:
+    return value & ((1 << (8 * struct.calcsize(fmt))) - 1)
+
+
+@st.composite
+def mutated_cores(draw) -> bytes:
+    """The small core, truncated, with header fields set to odd values, or with bytes flipped."""
+    data = bytearray(small_core())
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["field", "flip", "truncate", "note"]))
+        if kind == "field":
+            name = draw(st.sampled_from(sorted(HEADER_FIELDS)))
+            off, fmt = HEADER_FIELDS[name]
+            value = draw(st.one_of(st.sampled_from(INTERESTING), st.integers(0, (1 << 64) - 1)))
+            if off + struct.calcsize(fmt) <= len(data):
+                struct.pack_into(fmt, data, off, _fit(value, fmt))
+        elif kind == "flip" and data:
+            # Mostly the headers and notes, sometimes the tables.
+            limit = draw(st.sampled_from([0x400, len(data)]))
+            at = draw(st.integers(0, min(limit, len(data)) - 1))
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "note":
+            # The note segment follows the headers: namesz/descsz/type words.
+            at = 64 + 56 * 3 + 4 * draw(st.integers(0, 5))
+            if at + 4 <= len(data):
+                struct.pack_into("<I", data, at, _fit(draw(st.sampled_from(INTERESTING)), "<I"))
+        else:
+            del data[draw(st.integers(0, len(data))):]
+    return bytes(data)
+
+
+def fuzz_core(data: bytes) -> None:
+    """Open a (mutated) core, read every CPU's tree and a few frames through it."""
+    fd, path = tempfile.mkstemp(suffix=".elf", prefix="ptilab-fuzz-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            mem = open_image(path)
+        except PtilabError:
+            return
+        try:
+            pfns = np.array([0, 1, 2, 7, 8, 0x100, 0x3FF, 0x400, 0x4FF, 0x500, 1 << 40], np.uint64)
+            present = mem.frames_present(pfns)
+            if len(pfns[present]):
+                rows = mem.read_frames(pfns[present])
+                if rows.shape != (int(present.sum()), 512):
+                    raise Crash(f"read_frames gave shape {rows.shape}")
+            for cpu in getattr(mem, "cpus", ()):
+                try:
+                    _check(walk(mem, cpu.cr3_register, cpu.geometry, max_entries=MAX_ENTRIES))
+                except PtilabError:
+                    pass
+            for pa in (0, 0x1000, 0x7FF8, 0x100000, 0x3FFFF8, 0x4FFFF8):
+                try:
+                    mem.read_entry(pa)
+                except PtilabError:
+                    pass
+        finally:
+            if isinstance(mem, ElfCore) or hasattr(mem, "close"):
+                mem.close()
+    finally:
+        os.unlink(path)
+
+
+# -- the real user tree, mutated ------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def real_tables() -> tuple[int, int, dict[int, np.ndarray]]:
+    """(user CR3, kernel CR3, {pfn: table}) for every table of both views of the
+    real fixture's user CPU (a few hundred frames)."""
+    meta = json.loads((FIXTURE / "meta.json").read_text())
+    user_cr3 = meta["cpus"][meta["user_cpu"]]["cr3"] & ~0xFFF
+    kernel_cr3 = user_cr3 & ~0x1000
+    mem = open_image(FIXTURE / "core.elf")
+    try:
+        frames: dict[int, np.ndarray] = {}
+        for cr3 in (user_cr3, kernel_cr3):
+            pfns = walk(mem, cr3, Geometry(4)).all_table_frames()
+            for pfn, row in zip(pfns.tolist(), mem.read_frames(pfns)):
+                frames[pfn] = row.copy()
+        return user_cr3, kernel_cr3, frames
+    finally:
+        mem.close()
+
+
+def real_fixture_present() -> bool:
+    return (FIXTURE / "meta.json").exists() and (FIXTURE / "core.elf").exists()
+
+
+ENTRY_VALUES = st.one_of(
+    st.integers(0, (1 << 64) - 1),
+    st.sampled_from([0, e.P, e.P | e.PS, (1 << 64) - 1, e.P | (1 << 51), e.P | (RAM_SIZE - 0x1000),
+                     e.P | RAM_SIZE, e.P | (1 << 40), e.P | e.RW | e.US | 0x1000]),
+)
+
+
+@st.composite
+def table_mutations(draw) -> tuple[bool, bool, bool, list[tuple[int, int, str, int]]]:
+    """(walk the user view?, keep the ESPfix slot?, print and parse the result?,
+    [(table number, entry index, how, value)]): each mutation picks one of the
+    real tables by its rank, and an entry in it.
+
+    The ESPfix slot maps one page 65536 times, which makes a walk ten times
+    slower; most inputs drop it (clear PGD slot 510) so the budget goes on
+    more inputs, a fifth keep it."""
+    user_view = draw(st.booleans())
+    keep_espfix = draw(st.integers(0, 4)) == 0
+    printed = draw(st.integers(0, 3)) == 0
+    muts = []
+    for _ in range(draw(st.integers(1, 8))):
+        how = draw(st.sampled_from(["set", "flip", "point-at-table", "toggle-ps", "clear"]))
+        table = draw(st.integers(0, 1 << 16))
+        index = draw(st.one_of(st.integers(0, 511), st.sampled_from([0, 1, 255, 256, 273, 508, 510, 511])))
+        value = draw(ENTRY_VALUES) if how == "set" else draw(st.integers(0, 1 << 16)) if how == "point-at-table" \
+            else draw(st.integers(0, 63))
+        muts.append((table, index, how, value))
+    return user_view, keep_espfix, printed, muts
+
+
+ESPFIX_PGD_SLOT = 510
+
+
+def mutated_ram(user_view: bool, keep_espfix: bool, muts) -> tuple[SimulatedRAM, int]:
+    user_cr3, kernel_cr3, frames = real_tables()
+    cr3 = user_cr3 if user_view else kernel_cr3
+    pfns = sorted(frames)
+    # The view's own PGD first, so small table numbers hit the top of the tree.
+    pfns.remove(cr3 >> 12)
+    pfns.insert(0, cr3 >> 12)
+    edited = {}
+    if not keep_espfix:
+        edited[pfns[0]] = frames[pfns[0]].copy()
+        edited[pfns[0]][ESPFIX_PGD_SLOT] = 0
+    for table, index, how, value in muts:
+        pfn = pfns[table % len(pfns)]
+        row = edited.setdefault(pfn, frames[pfn].copy())
+        old = int(row[index])
+        if how == "set":
+            new = value
+        elif how == "flip":
+            new = old ^ (1 << value)
+        elif how == "point-at-table":
+            new = (old & ~0x000F_FFFF_FFFF_F000 | (pfns[value % len(pfns)] << 12) | e.P) & ~e.PS
+        elif how == "toggle-ps":
+            new = old ^ e.PS
+        else:
+            new = 0
+        row[index] = np.uint64(new & ((1 << 64) - 1))
+    ram = SimulatedRAM(RAM_SIZE)
+    for pfn in pfns:
+        ram.write_entries(pfn << 12, edited.get(pfn, frames[pfn]))
+    return ram, cr3
+
+
+def _check(w) -> None:
+    r = w.ranges
+    if len(r) < 2:
+        return
+    va = r["va"]
+    if (r["size"] == 0).any():
+        raise Crash("a range of size 0")
+    # Sorted in raw (pre-sign-extension) order is sorted in canonical order too.
+    ends = va[:-1] + r["size"][:-1]
+    if not (va[1:] >= ends).all():
+        at = int(np.flatnonzero(va[1:] < ends)[0])
+        raise Crash(f"ranges overlap or are unsorted at {int(va[at]):#x}+{int(r['size'][at]):#x} / {int(va[at + 1]):#x}")
+
+
+def fuzz_walk(user_view: bool, keep_espfix: bool, printed: bool, muts) -> None:
+    """Walk the real tree with entries mutated, then (if printed) print it as
+    ptdump and as `info mem` and read both back."""
+    ram, cr3 = mutated_ram(user_view, keep_espfix, muts)
+    try:
+        w = walk(ram, cr3, Geometry(4), max_entries=MAX_ENTRIES)
+    except PtilabError:
+        return
+    _check(w)
+    if not printed:
+        return
+    text = format_info_mem(w)
+    if text:
+        parse_info_mem(text)
+    # ptdump's text of a 16-line-capped tree: parsing must take it back.
+    parse_ptdump(format_walk(w, linux_markers(w.geometry)))
+
+
+# -- text parsers ------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def real_texts() -> dict[str, list[str]]:
+    """Lines to mutate: the fixture's own `info mem`/`info tlb` heads and ptilab's ptdump of the user view."""
+    out = {}
+    for kind in ("info_mem", "info_tlb"):
+        with open(FIXTURE / f"cpu0.{kind}.txt") as f:
+            out[kind] = [next(f) for _ in range(200)]
+    ram, cr3 = mutated_ram(True, True, [])
+    w = walk(ram, cr3, Geometry(4))
+    out["ptdump"] = format_walk(w, linux_markers(w.geometry)).splitlines(keepends=True)
+    return out
+
+
+PARSERS = {"info_mem": parse_info_mem, "info_tlb": parse_info_tlb, "ptdump": parse_ptdump}
+
+
+@st.composite
+def mutated_texts(draw) -> tuple[str, str]:
+    kind = draw(st.sampled_from(sorted(PARSERS)))
+    lines = real_texts()[kind]
+    start = draw(st.integers(0, len(lines) - 1))
+    chunk = list(lines[start:start + draw(st.integers(1, 20))])
+    for _ in range(draw(st.integers(0, 4))):
+        i = draw(st.integers(0, len(chunk) - 1))
+        line = chunk[i]
+        how = draw(st.sampled_from(["replace", "insert", "delete", "truncate", "garbage-line"]))
+        at = draw(st.integers(0, len(line)))
+        ch = draw(st.sampled_from(list("0123456789abcdefxgGKMUSRW -[]\t\n\x00\u00e9") + [""]))
+        if how == "replace":
+            line = line[:at] + ch + line[at + 1:]
+        elif how == "insert":
+            line = line[:at] + ch + line[at:]
+        elif how == "delete":
+            line = line[:at] + line[at + 1:]
+        elif how == "truncate":
+            line = line[:at]
+        else:
+            line = draw(st.text(max_size=80)) + "\n"
+        chunk[i] = line
+    return kind, "".join(chunk)
+
+
+def fuzz_text(kind: str, text: str) -> None:
+    try:
+        PARSERS[kind](text)
+    except PtilabError:
+        pass
+
+
+TARGETS = {  # name: (strategy, target taking the strategy's value)
+    "core": (mutated_cores(), fuzz_core),
+    "walk": (table_mutations(), lambda m: fuzz_walk(*m)),
+    "text": (mutated_texts(), lambda t: fuzz_text(*t)),
+}
