@@ -83,10 +83,3 @@ def table_runs(mem: WritableMemory, geometry: Geometry, pgd: int, va: int, count
         if slot is not None:
             yield slot, done, n
         done += n
-
-
-def set_entries(mem: WritableMemory, geometry: Geometry, pgd: int, va: int, depth: int, values: np.ndarray,
-                alloc: AllocTable, table_flags: int = e.KERNPG_TABLE) -> None:
-    """Install consecutive entries at depth starting with va's, a table at a time."""
-    for slot, first, n in table_runs(mem, geometry, pgd, va, len(values), depth, alloc, table_flags):
-        mem.write_entries(slot, values[first:first + n])
