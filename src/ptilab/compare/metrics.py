@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ptilab import progress
 from ptilab.compare.views import Divergence, diff, rights
 from ptilab.linux.kernel import Kernel, boot
 from ptilab.linux.regions import region_of
@@ -101,4 +102,5 @@ def compare(profile: str = "linux-6.1", cpus: int = 4, levels: int = 4,
             designs: list[str] | None = None) -> list[DesignReport]:
     from ptilab.pti import DESIGNS
 
-    return [measure(boot(profile, d, cpus, levels)) for d in (designs or list(DESIGNS))]
+    chosen = designs or list(DESIGNS)
+    return [measure(boot(profile, d, cpus, levels)) for d in progress.over(chosen, "comparing designs")]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from ptilab import progress
 from ptilab.errors import UsageError
 from ptilab.memory.allocators import Allocator, Gfp, Phase, PhysicalAllocators
 from ptilab.memory.simulated import SimulatedRAM
@@ -199,7 +200,7 @@ class Kernel:
         self._init_espfix(0)
         self._note("pti_init()")
         self.design.on_pti_init()
-        for cpu in range(1, self.nr_cpus):
+        for cpu in progress.over(range(1, self.nr_cpus), "booting APs"):
             self.cpu_up(cpu)
         self._phase(Phase.RUNTIME, "smp_init() done; init runs")
         self._spawn_init_process()

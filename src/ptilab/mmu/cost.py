@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
+from ptilab import progress
 from ptilab.errors import UsageError
 from ptilab.linux.kernel import Kernel, boot
 from ptilab.mmu.mmu import MMU
@@ -116,4 +117,5 @@ def sweep(profile: str = "linux-6.1", cpus: Iterable[int] = (1, 2, 4, 8, 16, 64,
     from ptilab.pti import DESIGNS
 
     designs = list(designs) if designs is not None else [*DESIGNS, PTI_OFF]
-    return [c for n in cpus for d in designs for c in cost(profile, d, n, levels, workload, pcid, cpu)]
+    runs = progress.over([(n, d) for n in cpus for d in designs], "measuring NR_CPUS x designs")
+    return [c for n, d in runs for c in cost(profile, d, n, levels, workload, pcid, cpu)]
