@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from html.parser import HTMLParser
 
 import numpy as np
@@ -48,6 +49,24 @@ def test_comparison_has_a_row_and_a_section_per_design(comparison):
     assert {"comparison", "compare-table"} | {f"design-{d}" for d in designs} <= comparison.ids()
     for d in designs:
         assert {f"d-{d}-map", f"d-{d}-tree", f"d-{d}-tree-pgd-user", f"d-{d}-tree-pgd-kernel"} <= comparison.ids()
+
+
+def test_comparison_embeds_the_cost_models_numbers_and_plot():
+    from ptilab.mmu.cost import cost
+
+    page = comparison_report("linux-4.15", cpus=2, levels=4)
+    parsed = Elements(page)
+    rows = [a["data-design"] for _, a in parsed.with_class("cost-row")]
+    assert rows == ["explicit", "mirror", "shared-pmd", "linux", "off"]
+    # The table shows what cost() measures for that design, not a canned value.
+    mirror = {c.workload: c.cold for c in cost("linux-4.15", "mirror", 2, 4)}
+    body = page[page.index('class="cost-row" data-design="mirror"'):]
+    body = body[:body.index("</tr>")]
+    for refill in mirror.values():
+        assert f"<td>{refill.lines} ({refill.lines_both_views})" in body
+    img = next(a for t, a in parsed.tags if t == "img" and a.get("id") == "cost-plot")
+    png = base64.b64decode(img["src"].split(",", 1)[1])
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
 def test_report_loads_nothing_from_the_network(comparison):

@@ -199,6 +199,8 @@ def test_comparison_renders_tree_with_shared_tables_and_saves_the_readme_shot(br
     # The highlight is a colour the browser really paints, not just a class name.
     assert shared[0].value_of_css_property("fill") == "rgb(201, 239, 211)"
     assert browser.find_elements(By.CSS_SELECTOR, "#d-linux-map g.map-seg")
+    plot = browser.find_element(By.ID, "cost-plot")
+    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", plot) > 600
     assert console_errors(browser) == []
 
     browser.execute_script("window.scrollTo(0, 0)")

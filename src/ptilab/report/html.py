@@ -13,7 +13,6 @@ view, where a table both PGDs reach is drawn shared.
 from __future__ import annotations
 
 import base64
-import importlib
 from dataclasses import dataclass
 from html import escape
 
@@ -396,18 +395,32 @@ def space_sections(space: Space, prefix: str) -> list[str]:
 
 
 def _plots_section(profile: str, cpus: int, levels: int) -> str:
-    """The TLB-refill plot from ptilab.report.plots, when that module exists."""
-    try:
-        plots = importlib.import_module("ptilab.report.plots")
-    except ImportError:
-        return ""
-    make = getattr(plots, "tlb_refill_png", None)
-    if make is None:
-        return ""
-    png = make(profile, cpus, levels)
-    data = base64.b64encode(png).decode("ascii")
+    """The cost model's answer to the seed's "fewer cache lines to refill the
+    TLB": every design and PTI off, swept over NR_CPUS up to the report's."""
+    from ptilab.mmu.cost import PTI_OFF, sweep
+    from ptilab.pti import DESIGNS
+    from ptilab.report.plots import METRICS, refill_image
+
+    points = sorted({n for n in (1, 4, 16, 64) if n < cpus} | {cpus})
+    costs = sweep(profile, points, [*DESIGNS, PTI_OFF], levels, None, True, 0)
+    data = base64.b64encode(refill_image(costs, "png")).decode("ascii")
+    at = [c for c in costs if c.cpus == cpus]
+    workloads = list(dict.fromkeys(c.workload for c in at))
+    head = "".join(f"<th>{escape(w)}</th>" for w in workloads)
+    rows = []
+    for design in dict.fromkeys(c.design for c in at):
+        cells = {c.workload: c.cold for c in at if c.design == design}
+        rows.append(f'<tr class="cost-row" data-design="{escape(design)}"><td><code>{escape(design)}</code></td>'
+                    + "".join(f"<td>{cells[w].lines} ({cells[w].lines_both_views})"
+                              f"{' <strong>faults</strong>' if cells[w].faults else ''}</td>" for w in workloads)
+                    + "</tr>")
     return ('<section id="plots"><h2>TLB-refill cost</h2>'
-            f'<img alt="TLB-refill cost per design" src="data:image/png;base64,{data}"></section>')
+            f'<p class="note">Cold runs with PCID: {escape(METRICS["lines"])} per workload, in brackets '
+            "those both the kernel and the user view's walks load (what shared tables save). "
+            "'off' is PTI off, the baseline.</p>"
+            f'<table id="cost-table"><thead><tr><th>design</th>{head}</tr></thead><tbody>{"".join(rows)}'
+            f'</tbody></table><img id="cost-plot" alt="TLB-refill cost per design against NR_CPUS" '
+            f'src="data:image/png;base64,{data}"></section>')
 
 
 def comparison_report(profile: str = "linux-6.1", cpus: int = 4, levels: int = 4,

@@ -5,6 +5,7 @@ with its Agg backend (no display), and a clear error if it is missing.
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -39,6 +40,13 @@ def plot_refill(costs: Iterable["WorkloadCost"], path: str | Path, metric: str =
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg"):
         raise UsageError(f"plot file must end in .png or .svg, not {path.name!r}")
+    path.write_bytes(refill_image(costs, path.suffix.lower()[1:], metric, run))
+    return path
+
+
+def refill_image(costs: Iterable["WorkloadCost"], fmt: str = "png", metric: str = "lines",
+                 run: str = "cold") -> bytes:
+    """plot_refill's figure as PNG or SVG bytes (the HTML report embeds them)."""
     if metric not in METRICS:
         raise UsageError(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
     costs = list(costs)
@@ -70,10 +78,14 @@ def plot_refill(costs: Iterable["WorkloadCost"], path: str | Path, metric: str =
     right.set_xticks([d + width * (len(workloads) - 1) / 2 for d in range(len(designs))], designs)
     right.set_ylabel(METRICS[metric])
     right.set_title(f"per design, NR_CPUS={top}")
-    right.legend(fontsize="small")
+    # Headroom above the tallest bar so the legend never hides one.
+    right.set_ylim(0, max(at_top.values(), default=1) * 1.35)
+    right.legend(fontsize="small", ncols=len(workloads), loc="upper center")
     first = costs[0]
     fig.suptitle(f"TLB refill cost: {first.profile}, {first.levels}-level, PCID {'on' if first.pcid else 'off'}")
     fig.tight_layout()
-    fig.savefig(path)
+    out = io.BytesIO()
+    # A fixed date keeps the SVG the same from run to run.
+    fig.savefig(out, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
     plt.close(fig)
-    return path
+    return out.getvalue()
