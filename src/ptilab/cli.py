@@ -1,46 +1,144 @@
-"""The `ptilab` command: parse arguments, call the API, print. Nothing else."""
+"""The `ptilab` command: parse arguments, call the API, print. Nothing else.
+
+Every run computes its whole result before printing any of it, and writes
+files whole or not at all (ptilab.terminal.write_atomically), so an error
+leaves one line on stderr, nothing on stdout and no half-written file.
+"""
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 
 import click
-from rich.console import Console
+from click.shell_completion import CompletionItem
 
-from ptilab.errors import PtilabError
+from ptilab.errors import InputError, PtilabError, UsageError
+from ptilab.terminal import Output, write_atomically
 
 DEFAULT_PROFILE = "linux-6.1"
 DEFAULT_CPUS = 4
+COMPLETE_VAR = "_PTILAB_COMPLETE"
+
+EXIT_CODES = """\b
+Exit codes:
+  0    success
+  1    ptilab audit found something at or above --fail-on
+  2    bad usage or bad input: one line on stderr, "ptilab: error: ..."
+  130  interrupted (Ctrl-C)
+
+\b
+Output: tables and colour on a terminal, plain aligned text when piped;
+progress bars on stderr when it is a terminal. NO_COLOR and FORCE_COLOR
+are honoured. Shell completion: eval "$(ptilab completion bash)".
+"""
 
 
-def _console() -> Console:
-    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+def _out() -> Output:
+    """The Output the group set up for this run (a default one outside it)."""
+    ctx = click.get_current_context(silent=True)
+    found = ctx.find_object(Output) if ctx else None
+    return found or Output()
 
 
-def _emit_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, default=lambda o: getattr(o, "value", str(o))))
+# -- shell completion -------------------------------------------------------
+
+def _complete_from(names, listed: bool = False):
+    """A shell_complete callback offering names; listed: the value is a comma-separated list."""
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+        head, comma, last = incomplete.rpartition(",") if listed else ("", "", incomplete)
+        return [CompletionItem(head + comma + name) for name in names() if name.startswith(last)]
+    return complete
+
+
+def _profile_names() -> list[str]:
+    from ptilab.linux.profiles import PROFILES
+    return list(PROFILES)
+
+
+def _design_names() -> list[str]:
+    from ptilab.pti import DESIGNS
+    return list(DESIGNS)
+
+
+def _cost_design_names() -> list[str]:
+    from ptilab.mmu.cost import PTI_OFF
+    return ["all", *_design_names(), PTI_OFF]
+
+
+def _complete_workload(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    from ptilab.mmu.workload import available
+    named = [CompletionItem(name) for name in available() if name.startswith(incomplete)]
+    return named or [CompletionItem(incomplete, type="file")]  # else a TOML file of one's own
 
 
 kernel_option = click.option("--kernel", "profile", default=DEFAULT_PROFILE, show_default=True, metavar="PROFILE",
+                             shell_complete=_complete_from(_profile_names),
                              help="Kernel layout profile: kaiser-2017, linux-4.15 or linux-6.1.")
 cpus_option = click.option("--cpus", default=DEFAULT_CPUS, show_default=True, type=int,
                            help="NR_CPUS (possible CPUs), 1 to 8192.")
 paging_option = click.option("--paging", "levels", default="4", show_default=True, metavar="4|5",
                              help="Paging levels: 4 (PML4) or 5 (LA57).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as one JSON document on stdout, and nothing else there.")
+
+
+def _design_option(help: str):
+    return click.option("--design", default="linux", show_default=True, metavar="DESIGN",
+                        shell_complete=_complete_from(_design_names), help=help)
 
 
 def _levels(text: str) -> int:
     if text not in ("4", "5"):
-        raise PtilabError(f"--paging must be 4 or 5, not {text!r}")
+        raise UsageError(f"--paging must be 4 or 5, not {text!r}")
     return int(text)
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="ptilab")
+def _check_kernel(profile: str, cpus: int, levels: int) -> None:
+    """Refuse a kernel the model cannot boot, with the message booting it would give."""
+    from ptilab.linux.kernel import NR_CPUS_MAX
+    from ptilab.linux.profiles import get_profile
+
+    if not 1 <= cpus <= NR_CPUS_MAX:
+        raise UsageError(f"NR_CPUS must be between 1 and {NR_CPUS_MAX}, not {cpus}")
+    get_profile(profile).check(cpus, levels)
+
+
+def _given(ctx: click.Context, *names: str) -> list[str]:
+    """The options among names that the command line set (as --option words)."""
+    from click.core import ParameterSource
+
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    return [flags[name] for name in names if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+
+
+def _refuse(ctx: click.Context, names: tuple[str, ...], why: str) -> None:
+    given = _given(ctx, *names)
+    if given:
+        raise UsageError(f"{', '.join(given)}: {why}")
+
+
+class _Cli(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader (head, less) went away: stop quietly, as cat would,
+            # and keep Python from complaining when it flushes stdout at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(0)
+
+
+@click.group(cls=_Cli, invoke_without_command=True, epilog=EXIT_CODES,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ptilab", prog_name="ptilab")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Results and errors only: no progress bars, no 'wrote FILE' lines.")
+@click.option("--color/--no-color", default=None,
+              help="Force colour and boxed tables even when stdout is not a terminal, or never colour. "
+                   "Default: as the terminal and NO_COLOR/FORCE_COLOR say.")
 @click.pass_context
-def cli(ctx: click.Context) -> None:
+def cli(ctx: click.Context, quiet: bool, color: bool | None) -> None:
     """ptilab: x86-64 kernel page-table isolation (KAISER / Linux PTI), executable.
 
     Under PTI the kernel runs on one page-table tree and user space on a
@@ -49,6 +147,7 @@ def cli(ctx: click.Context) -> None:
     shared-pmd) and what Linux shipped (linux), and compares them.
 
     With no command, compares all designs on linux-6.1 with 4 CPUs.
+    Options before the command (--quiet, --color) apply to every command.
 
     \b
     Examples:
@@ -56,7 +155,11 @@ def cli(ctx: click.Context) -> None:
       ptilab compare --kernel kaiser-2017 --cpus 64
       ptilab simulate --design shared-pmd --cpus 2 --view user
       ptilab layout-change --kernel linux-6.1
+      ptilab --quiet report designs.html      # no progress, no "wrote" line
+      ptilab --no-color audit guest.core | less
     """
+    out = ctx.obj = Output(quiet, color)
+    ctx.with_resource(out.progress())
     if ctx.invoked_subcommand is None:
         ctx.invoke(compare)
 
@@ -74,15 +177,16 @@ def compare(profile: str, cpus: int, levels: str, as_json: bool) -> None:
     Examples:
       ptilab compare
       ptilab compare --kernel linux-4.15 --cpus 64 --paging 5 --json
+      ptilab compare --cpus 4096 | less     # plain text when piped
     """
     from ptilab.compare.metrics import compare as run_compare
     from ptilab.report.tables import compare_table
 
     reports = run_compare(profile, cpus, _levels(levels))
     if as_json:
-        _emit_json([r.as_dict() for r in reports])
+        _out().json([r.as_dict() for r in reports])
     else:
-        _console().print(compare_table(reports))
+        _out().table(compare_table(reports))
 
 
 @cli.command("layout-change")
@@ -95,22 +199,25 @@ def layout_change(profile: str, cpus: int, levels: str, as_json: bool) -> None:
     rights, guard pages) and report which designs stay correct unmodified.
 
     \b
-    Example:
+    Examples:
       ptilab layout-change --kernel kaiser-2017 --cpus 2
+      ptilab layout-change --json
     """
     from ptilab.compare.layout_change import run
     from ptilab.report.tables import layout_change_table
 
+    # run() reports a layout that fails to boot as an outcome; one that fails
+    # as given is the user's mistake, and an error.
+    _check_kernel(profile, cpus, _levels(levels))
     outcomes = run(profile, cpus, _levels(levels))
     if as_json:
-        _emit_json([o.__dict__ for o in outcomes])
+        _out().json([o.__dict__ for o in outcomes])
     else:
-        _console().print(layout_change_table(outcomes, profile))
+        _out().table(layout_change_table(outcomes, profile))
 
 
 @cli.command()
-@click.option("--design", default="linux", show_default=True, metavar="DESIGN",
-              help="explicit, mirror, shared-pmd or linux.")
+@_design_option("explicit, mirror, shared-pmd or linux.")
 @kernel_option
 @cpus_option
 @paging_option
@@ -127,24 +234,28 @@ def simulate(design: str, profile: str, cpus: int, levels: str, view: str, as_js
       ptilab simulate --design explicit --kernel kaiser-2017 --cpus 2
       ptilab simulate --design linux --paging 5 --view user --json
     """
+    from ptilab.formats.ptdump import format_walk, linux_markers
     from ptilab.linux.kernel import boot
     from ptilab.paging import walk
 
     kernel = boot(profile, design, cpus, _levels(levels))
-    from ptilab.formats.ptdump import format_walk, linux_markers
-
     views = {"user": kernel.user_cr3(), "kernel": kernel.kernel_cr3()}
     chosen = ["user", "kernel"] if view == "both" else [view]
     walks = {name: walk(kernel.ram, views[name], kernel.geometry) for name in chosen}
     if as_json:
         from ptilab.formats.jsonout import walk_to_dict
-        _emit_json({name: walk_to_dict(w) for name, w in walks.items()})
+        _out().json({name: walk_to_dict(w) for name, w in walks.items()})
         return
+    text = []
     for name, w in walks.items():
         title = "current_user" if name == "user" else "current_kernel"
-        click.echo(f"# {title}: design {design}, {profile}, {cpus} CPUs, {kernel.geometry.levels}-level, "
-                   f"CR3 {w.cr3}")
-        click.echo(format_walk(w, linux_markers(kernel.geometry)), nl=False)
+        text.append(f"# {title}: design {design}, {profile}, {cpus} CPUs, {kernel.geometry.levels}-level, "
+                    f"CR3 {w.cr3}\n")
+        text.append(format_walk(w, linux_markers(kernel.geometry)))
+    _out().text("".join(text))
+
+
+PLOT_SUFFIXES = (".png", ".svg")
 
 
 @cli.command("cost")
@@ -155,8 +266,9 @@ def simulate(design: str, profile: str, cpus: int, levels: str, view: str, as_js
 @click.option("--pcid/--no-pcid", default=True, show_default=True,
               help="CR4.PCIDE: PTI's PCID pair with NOFLUSH switches, or every CR3 write flushing.")
 @click.option("--design", "designs", default="all", show_default=True, metavar="DESIGN[,DESIGN...]",
+              shell_complete=_complete_from(_cost_design_names, listed=True),
               help="explicit, mirror, shared-pmd, linux, or off (PTI off: the baseline); 'all' is all five.")
-@click.option("--workload", "workloads", multiple=True, metavar="NAME|FILE.toml",
+@click.option("--workload", "workloads", multiple=True, metavar="NAME|FILE.toml", shell_complete=_complete_workload,
               help="syscall, interrupt, nmi, context-switch, or your own TOML file; repeatable. Default: all shipped.")
 @click.option("--cpu", type=int, default=0, show_default=True, help="The CPU whose cpu_entry_area the workloads use.")
 @json_option
@@ -177,24 +289,34 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
       ptilab cost --workload my-entry.toml --json
     """
     from ptilab.mmu.cost import PTI_OFF, sweep
-    from ptilab.pti import DESIGNS
+    from ptilab.mmu.workload import load
+    from ptilab.pti import DESIGNS, get_design
     from ptilab.report.tables import refill_table
 
     try:
         cpus = [int(n) for n in cpus_list.split(",")]
     except ValueError:
-        raise PtilabError(f"--cpus must be numbers separated by commas, not {cpus_list!r}") from None
+        raise UsageError(f"--cpus must be numbers separated by commas, not {cpus_list!r}") from None
     chosen = [*DESIGNS, PTI_OFF] if designs == "all" else designs.split(",")
+    # Refuse a bad name or plot file now, not after minutes of sweeping.
+    for design in chosen:
+        if design != PTI_OFF:
+            get_design(design)
+    for workload in workloads:
+        load(workload)
+    if plot_file and os.path.splitext(plot_file)[1].lower() not in PLOT_SUFFIXES:
+        raise UsageError(f"plot file must end in .png or .svg, not {os.path.basename(plot_file)!r}")
     costs = sweep(profile, cpus, chosen, _levels(levels), list(workloads) or None, pcid, cpu)
+    out = _out()
     if plot_file:
         from ptilab.report.plots import plot_refill
-        plot_refill(costs, plot_file)
+        write_atomically(plot_file, lambda tmp: plot_refill(costs, tmp))
     if as_json:
-        _emit_json([c.as_dict() for c in costs])
+        out.json([c.as_dict() for c in costs])
     else:
-        _console().print(refill_table(costs))
+        out.table(refill_table(costs))
         if plot_file:
-            click.echo(f"plot written to {plot_file}")
+            out.info(f"plot written to {plot_file}")
 
 
 def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool | None):
@@ -203,23 +325,28 @@ def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool
     from ptilab.memory.images import open_image
     from ptilab.paging import Geometry
 
+    if cr3 is not None and cpu is not None:
+        raise UsageError("--cpu takes a CPU's CR3 from the core; give --cpu or --cr3, not both")
+    if cr3 is not None:
+        try:
+            value = int(cr3, 16)
+        except ValueError:
+            value = -1
+        if not 0 <= value < 1 << 64:
+            raise UsageError(f"--cr3 must be a 64-bit hexadecimal number, not {cr3!r}")
     mem = open_image(image)
-    cpus = getattr(mem, "cpus", ())
     if cr3 is None:
+        cpus = getattr(mem, "cpus", ())
         if not cpus:
-            raise PtilabError(f"{image} carries no CPU registers: give --cr3")
+            raise InputError(f"{image} carries no CPU registers: give --cr3")
         if cpu is None:
             cpu = next((c.index for c in cpus if c.cpl == 3), 0)
         if not 0 <= cpu < len(cpus):
-            raise PtilabError(f"--cpu {cpu}: the core holds CPUs 0 to {len(cpus) - 1}")
+            raise UsageError(f"--cpu {cpu}: the core holds CPUs 0 to {len(cpus) - 1}")
         state = cpus[cpu]
         value = state.cr3
         levels = 5 if la57 else state.geometry.levels
     else:
-        try:
-            value = int(cr3, 16)
-        except ValueError:
-            raise PtilabError(f"--cr3 must be hexadecimal, not {cr3!r}") from None
         levels = 5 if la57 else 4
     return mem, value, Geometry(levels)
 
@@ -230,12 +357,20 @@ image_options = [
     click.option("--cpu", type=int, default=None, help="With a QEMU core: take this CPU's CR3 and CR4."),
     click.option("--la57", is_flag=True, default=None, help="5-level paging (default: CR4.LA57 from the core, else 4)."),
 ]
+IMAGE_OPTIONS = ("cr3", "cpu", "la57")
 
 
 def _with_image_options(fn):
     for option in reversed(image_options):
         fn = option(fn)
     return fn
+
+
+def _symbols(system_map: str | None) -> dict[str, int] | None:
+    if not system_map:
+        return None
+    from ptilab.formats.kallsyms import read_symbols
+    return read_symbols(system_map)
 
 
 @cli.command("audit")
@@ -248,7 +383,8 @@ def _with_image_options(fn):
 @click.option("--fail-on", default="medium", show_default=True, metavar="SEVERITY",
               help="Exit 1 if a finding is at least this severe: info, low, medium, high, critical.")
 @json_option
-def audit_command(image, cr3, cpu, la57, ptdump_file, system_map, fail_on, as_json) -> None:
+@click.pass_context
+def audit_command(ctx, image, cr3, cpu, la57, ptdump_file, system_map, fail_on, as_json) -> None:
     """Check a real kernel's page tables against PTI's promises: what the
     user tables expose of the kernel and with which rights.
 
@@ -260,47 +396,49 @@ def audit_command(image, cr3, cpu, la57, ptdump_file, system_map, fail_on, as_js
       ptilab audit guest.core                     # CR3 of a user-mode CPU from the core
       ptilab audit mem.raw --cr3 61d9000 --system-map kallsyms.txt
       ptilab audit --ptdump current_user.txt --json
+      ptilab audit guest.core --fail-on low && echo clean
     """
     from ptilab.audit import audit
     from ptilab.audit.findings import Severity
     from ptilab.report.tables import findings_table
 
     threshold = Severity.parse(fail_on)
-    symbols = None
-    if system_map:
-        from ptilab.formats.kallsyms import read_symbols
-        symbols = read_symbols(system_map)
+    if ptdump_file and image:
+        raise UsageError("give an IMAGE or --ptdump, not both")
+    if not ptdump_file and not image:
+        raise UsageError("give an IMAGE to audit, or --ptdump FILE")
     if ptdump_file:
-        if image:
-            raise PtilabError("give an IMAGE or --ptdump, not both")
+        _refuse(ctx, IMAGE_OPTIONS, "only with an IMAGE, not with --ptdump")
+    symbols = _symbols(system_map)
+    out = _out()
+    if ptdump_file:
         from ptilab.audit.sources import views_from_ptdump
         views, subject = views_from_ptdump(ptdump_file, symbols), ptdump_file
         extra: dict = {}
-    elif image:
+    else:
         from ptilab.audit.sources import views_from_image
         mem, value, geometry = _open_image_and_cr3(image, cr3, cpu, la57)
-        found = views_from_image(mem, value, geometry, symbols)
+        with out.busy("walking the page tables"):
+            found = views_from_image(mem, value, geometry, symbols)
         views, subject = found.views, f"{image} (CR3 {value:#x}, {geometry.levels}-level)"
         extra = {"pti_pair": {"kernel_pgd": f"{found.pair.kernel_pgd:#x}", "user_pgd": f"{found.pair.user_pgd:#x}",
                               "is_pti": found.pair.is_pti, "reasons": list(found.pair.reasons)},
                  "kaslr_slide": None if found.kaslr_slide is None else f"{found.kaslr_slide:#x}"}
-    else:
-        raise PtilabError("give an IMAGE to audit, or --ptdump FILE")
     findings = audit(views)
     if as_json:
         from ptilab.formats.jsonout import ranges_to_list
-        _emit_json({"subject": subject, **extra, "findings": [f.as_dict() for f in findings],
-                    "user_view": ranges_to_list(views.user, views.geometry)})
+        out.json({"subject": subject, **extra, "findings": [f.as_dict() for f in findings],
+                  "user_view": ranges_to_list(views.user, views.geometry)})
     else:
-        console = _console()
+        table = findings_table(findings, f"PTI audit of {subject}")
         if "pti_pair" in extra:
             pair = extra["pti_pair"]
             verdict = "a Linux PTI pair" if pair["is_pti"] else "not a PTI pair"
-            console.print(f"PGD pair: kernel {pair['kernel_pgd']}, user {pair['user_pgd']}: {verdict}"
-                          + (f"; KASLR slide {extra['kaslr_slide']}" if extra.get("kaslr_slide") else ""))
-        console.print(findings_table(findings, f"PTI audit of {subject}"))
+            out.line(f"PGD pair: kernel {pair['kernel_pgd']}, user {pair['user_pgd']}: {verdict}"
+                     + (f"; KASLR slide {extra['kaslr_slide']}" if extra.get("kaslr_slide") else ""))
+        out.table(table)
     if any(f.severity >= threshold for f in findings):
-        sys.exit(1)
+        ctx.exit(1)
 
 
 @cli.command("dump")
@@ -308,7 +446,9 @@ def audit_command(image, cr3, cpu, la57, ptdump_file, system_map, fail_on, as_js
 @_with_image_options
 @click.option("--format", "fmt", type=click.Choice(["ptdump", "qemu", "json"]), default="ptdump", show_default=True,
               help="Linux ptdump text, QEMU monitor 'info mem' text, or JSON.")
-def dump(image, cr3, cpu, la57, fmt) -> None:
+@click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
+@click.pass_context
+def dump(ctx, image, cr3, cpu, la57, fmt, as_json) -> None:
     """Print the page tables a CR3 points at, as Linux's ptdump or QEMU's
     'info mem' would show them.
 
@@ -316,25 +456,31 @@ def dump(image, cr3, cpu, la57, fmt) -> None:
     Examples:
       ptilab dump guest.core                      # a user-mode CPU's tables, ptdump style
       ptilab dump guest.core --cpu 1 --format qemu
-      ptilab dump mem.raw --cr3 61d9000 --format json
+      ptilab dump mem.raw --cr3 61d9000 --json
     """
     from ptilab.paging import walk
 
+    if as_json:
+        if fmt != "json" and _given(ctx, "fmt"):
+            raise UsageError(f"--json and --format {fmt}: give one")
+        fmt = "json"
     mem, value, geometry = _open_image_and_cr3(image, cr3, cpu, la57)
-    w = walk(mem, value, geometry)
+    out = _out()
+    with out.busy("walking the page tables"):
+        w = walk(mem, value, geometry)
     if fmt == "json":
         from ptilab.formats.jsonout import walk_to_dict
-        _emit_json(walk_to_dict(w))
+        out.json(walk_to_dict(w))
     elif fmt == "qemu":
         from ptilab.formats.qemu import format_info_mem
-        click.echo(format_info_mem(w), nl=False)
+        out.text(format_info_mem(w))
     else:
         from ptilab.formats.ptdump import format_walk, linux_markers
-        click.echo(format_walk(w, linux_markers(geometry)), nl=False)
+        out.text(format_walk(w, linux_markers(geometry)))
 
 
 @cli.command("report")
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out_file", metavar="OUT", type=click.Path(dir_okay=False))
 @kernel_option
 @cpus_option
 @paging_option
@@ -344,51 +490,51 @@ def dump(image, cr3, cpu, la57, fmt) -> None:
               "(default: from the core's QEMU notes, a CPU in user mode first).")
 @click.option("--system-map", type=click.Path(dir_okay=False), default=None,
               help="With --image: System.map or /proc/kallsyms text, to name the entry text.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"wrote": OUT, "bytes": N, ...} instead of the "wrote" line.')
 @click.pass_context
-def report(ctx: click.Context, out: str, profile: str, cpus: int, levels: str, image: str | None,
-           cr3: str | None, system_map: str | None) -> None:
+def report(ctx: click.Context, out_file: str, profile: str, cpus: int, levels: str, image: str | None,
+           cr3: str | None, system_map: str | None, as_json: bool) -> None:
     """Write OUT as one self-contained HTML page (inline CSS and SVG, no
     network): the designs compared on a modelled kernel, or the audit of an
     image. Both show the user and kernel views as an address-space map and
     the page-table tree behind the cpu_entry_area, espfix, entry text and
-    cpu_tss_rw, with the tables both PGDs share highlighted.
+    cpu_tss_rw, with the tables both PGDs share highlighted. OUT is written
+    whole or not at all.
 
     \b
     Examples:
       ptilab report designs.html                            # linux-6.1, 4 CPUs, 4-level
       ptilab report k2017.html --kernel kaiser-2017 --cpus 2
       ptilab report audit.html --image tests/realkernel/out/pti-4level/core.elf
-      ptilab report audit.html --image mem.raw --cr3 61d9000
+      ptilab report audit.html --image mem.raw --cr3 61d9000 --json
     """
-    from pathlib import Path
-
-    from click.core import ParameterSource
-
-    from ptilab.errors import InputError
-
+    out = _out()
     if image:
-        given = [f"--{name.replace('levels', 'paging').replace('profile', 'kernel')}"
-                 for name in ("profile", "cpus", "levels")
-                 if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
-        if given:
-            raise PtilabError(f"{', '.join(given)}: only for a modelled kernel, not with --image")
+        _refuse(ctx, ("profile", "cpus", "levels"), "only for a modelled kernel, not with --image")
         from ptilab.report.html import audit_report
-        symbols = None
-        if system_map:
-            from ptilab.formats.kallsyms import read_symbols
-            symbols = read_symbols(system_map)
+        symbols = _symbols(system_map)
         mem, value, geometry = _open_image_and_cr3(image, cr3, None, None)
-        page = audit_report(mem, value, geometry, f"{image} (CR3 {value:#x}, {geometry.levels}-level)", symbols)
+        subject = f"{image} (CR3 {value:#x}, {geometry.levels}-level)"
+        with out.busy("walking the page tables"):
+            page = audit_report(mem, value, geometry, subject, symbols)
+        what = {"report": "audit", "subject": subject}
     else:
-        if cr3 or system_map:
-            raise PtilabError("--cr3 and --system-map go with --image")
+        _refuse(ctx, ("cr3", "system_map"), "only with --image")
         from ptilab.report.html import comparison_report
         page = comparison_report(profile, cpus, _levels(levels))
-    try:
-        Path(out).write_text(page, encoding="utf-8")
-    except OSError as err:
-        raise InputError(f"{out}: cannot write: {err.strerror}") from None
-    click.echo(f"wrote {out} ({len(page.encode()) // 1024} KiB)")
+        what = {"report": "designs", "kernel": profile, "cpus": cpus, "paging": int(levels)}
+    data = page.encode()
+
+    def write(path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+
+    size = write_atomically(out_file, write)
+    if as_json:
+        out.json({"wrote": out_file, "bytes": size, **what})
+    else:
+        out.info(f"wrote {out_file} ({size // 1024} KiB)")
 
 
 @cli.command("meltdown")
@@ -396,13 +542,13 @@ def report(ctx: click.Context, out: str, profile: str, cpus: int, levels: str, i
 @_with_image_options
 @click.option("--system-map", type=click.Path(dir_okay=False), default=None,
               help="System.map or /proc/kallsyms text (unslid) to turn IDT handlers into a KASLR slide.")
-@click.option("--design", default="linux", show_default=True, metavar="DESIGN",
-              help="Without IMAGE: the modelled design to attack.")
+@_design_option("Without IMAGE: the modelled design to attack.")
 @kernel_option
 @cpus_option
 @paging_option
 @json_option
-def meltdown(image, cr3, cpu, la57, system_map, design, profile, cpus, levels, as_json) -> None:
+@click.pass_context
+def meltdown(ctx, image, cr3, cpu, la57, system_map, design, profile, cpus, levels, as_json) -> None:
     """What a Meltdown attacker in user mode reads through the user tables,
     and which kernel pointers (IDT handlers, TSS stacks, GDT base) and KASLR
     offsets that reveals; of a real image, or of a modelled design.
@@ -414,22 +560,22 @@ def meltdown(image, cr3, cpu, la57, system_map, design, profile, cpus, levels, a
       ptilab meltdown guest.core --system-map System.map --json
     """
     from ptilab.mmu.meltdown import exposure, kernel_exposure
-    from ptilab.paging import walk
 
+    out = _out()
     if image:
+        _refuse(ctx, ("design", "profile", "cpus", "levels"), "only for a modelled kernel, not with an IMAGE")
         from ptilab.audit.sources import views_from_image
-        symbols = None
-        if system_map:
-            from ptilab.formats.kallsyms import read_symbols
-            symbols = read_symbols(system_map)
+        symbols = _symbols(system_map)
         mem, value, geometry = _open_image_and_cr3(image, cr3, cpu, la57)
-        found = views_from_image(mem, value, geometry)
-        result = exposure(mem, found.user, symbols)
+        with out.busy("walking the page tables"):
+            found = views_from_image(mem, value, geometry)
+            result = exposure(mem, found.user, symbols)
     else:
+        _refuse(ctx, (*IMAGE_OPTIONS, "system_map"), "only with an IMAGE")
         from ptilab.linux.kernel import boot
         result = kernel_exposure(boot(profile, design, cpus, _levels(levels)))
     if as_json:
-        _emit_json(result.as_dict())
+        out.json(result.as_dict())
         return
     from rich.table import Table
     t = Table(title="Readable through the user tables (Meltdown ignores the US bit)")
@@ -438,29 +584,47 @@ def meltdown(image, cr3, cpu, la57, system_map, design, profile, cpus, levels, a
     for r in result.readable:
         t.add_row(f"{r.start:#x}", f"{r.end:#x}", r.region, str(r.pages), str(r.frames),
                   ("RW" if r.writable else "ro") + (" x" if r.executable else " NX"))
-    console = _console()
-    console.print(t)
+    out.table(t)
     for leak in result.leaks:
-        console.print(f"{leak.source} at {leak.va:#x}: {leak.value:#x} = {leak.meaning}")
+        out.line(f"{leak.source} at {leak.va:#x}: {leak.value:#x} = {leak.meaning}")
     if result.text_base is not None:
-        console.print(f"kernel text base {result.text_base:#x}"
-                      + (f", KASLR slide {result.kaslr_slide:#x}" if result.kaslr_slide is not None else ""))
+        out.line(f"kernel text base {result.text_base:#x}"
+                 + (f", KASLR slide {result.kaslr_slide:#x}" if result.kaslr_slide is not None else ""))
     for note in result.notes:
-        console.print(note)
+        out.line(note)
 
 
-def main() -> None:
+SHELLS = ("bash", "zsh", "fish")
+
+
+@cli.command("completion")
+@click.argument("shell", type=click.Choice(SHELLS), metavar="SHELL")
+def completion(shell: str) -> None:
+    """Print the shell code that completes ptilab's commands and options,
+    kernel profiles, designs and workloads included.
+
+    \b
+    Examples:
+      eval "$(ptilab completion bash)"                  # in ~/.bashrc
+      eval "$(ptilab completion zsh)"                   # in ~/.zshrc
+      ptilab completion fish > ~/.config/fish/completions/ptilab.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    complete = get_completion_class(shell)(cli, {}, "ptilab", COMPLETE_VAR)
+    _out().text(complete.source())
+
+
+def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line on stderr and a documented exit code on error.
 
     Exit codes: 0 success; 1 the audit found something at or above the chosen
-    severity; 2 bad usage or bad input.
+    severity; 2 bad usage or bad input; 130 interrupted.
     """
     try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
+        code = cli.main(args=argv, prog_name="ptilab", complete_var=COMPLETE_VAR, standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("ptilab: aborted", err=True)
+        click.echo("ptilab: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as err:
         click.echo(f"ptilab: error: {err.format_message()}", err=True)
@@ -468,8 +632,7 @@ def main() -> None:
     except PtilabError as err:
         click.echo(f"ptilab: error: {err}", err=True)
         sys.exit(err.exit_code)
-    except BrokenPipeError:
-        sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

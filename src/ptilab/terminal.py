@@ -1,0 +1,151 @@
+"""Where the CLI's output goes: rich tables and colour when stdout is a
+terminal, plain aligned text (no box drawing, no ANSI codes) when it is not;
+a progress bar on stderr when that is a terminal. Only the CLI imports this
+module, and with it rich: the library reports progress through
+ptilab.progress and never draws anything itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ptilab import progress
+from ptilab.errors import InputError
+
+PLAIN_WIDTH = 200  # not a terminal: wide enough that the tables do not fold
+
+
+class Output:
+    """The CLI's stdout and stderr for one run.
+
+    color None follows the environment as rich does (a terminal, NO_COLOR,
+    FORCE_COLOR); True forces the terminal look on any stdout; False keeps the
+    layout and drops the colour. quiet drops progress and informational lines:
+    results and errors only.
+    """
+
+    def __init__(self, quiet: bool = False, color: bool | None = None):
+        self.quiet = quiet
+        self.stdout = Console(soft_wrap=False, markup=False, force_terminal=True if color else None,
+                              no_color=True if color is False else None)
+        if not self.stdout.is_terminal:
+            self.stdout.width = PLAIN_WIDTH
+        self.stderr = Console(stderr=True, markup=False, no_color=True if color is False else None)
+
+    @property
+    def plain(self) -> bool:
+        return not self.stdout.is_terminal
+
+    def table(self, table: Table) -> None:
+        """A result table: boxed on a terminal; else aligned columns, rows of
+        several lines set apart by a blank line instead of rules."""
+        if not self.plain:
+            self.stdout.print(table)
+            return
+        # The title and caption on lines of their own, so that the table's
+        # width does not wrap them.
+        title, caption = table.title, table.caption
+        table.title = table.caption = None
+        table.box = None
+        table.pad_edge = False
+        if table.show_lines:
+            table.leading = 1
+        with self.stdout.capture() as captured:
+            self.stdout.print(table)
+        lines = [str(title)] if title else []
+        lines += [line.rstrip() for line in captured.get().splitlines()]
+        lines += [str(caption)] if caption else []
+        click.echo("".join(line + "\n" for line in lines), nl=False)
+
+    def line(self, text: str) -> None:
+        """A line of the result."""
+        self.stdout.print(text, highlight=not self.plain)
+
+    def info(self, text: str) -> None:
+        """A line about what was done (a file written); --quiet drops it."""
+        if not self.quiet:
+            self.stdout.print(text, highlight=False)
+
+    def text(self, text: str) -> None:
+        """Preformatted output (ptdump, info mem), exactly as given."""
+        click.echo(text, nl=False)
+
+    def json(self, data) -> None:
+        """The whole result as one JSON document: with --json nothing else goes to stdout."""
+        click.echo(json.dumps(data, indent=2, default=lambda o: getattr(o, "value", str(o))))
+
+    @contextmanager
+    def progress(self) -> Iterator[None]:
+        """Draw the library's progress steps as bars on stderr, if that is a
+        terminal and not --quiet; else let them go nowhere."""
+        if self.quiet or not self.stderr.is_terminal:
+            yield
+            return
+        bars = ProgressBars(self.stderr)
+        with bars.progress, progress.reporting(bars):
+            yield
+
+    @contextmanager
+    def busy(self, what: str) -> Iterator[None]:
+        """One step of unknown length (walking a large image) as a pulsing bar."""
+        progress.step(what, 0, None)
+        yield
+        progress.step(what, 1, 1)
+
+
+class ProgressBars:
+    """A ptilab.progress reporter: one transient bar per kind of work under way."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+        self.tasks: dict[str, int] = {}
+
+    def step(self, what: str, done: int, total: int | None) -> None:
+        task = self.tasks.get(what)
+        if task is None:
+            self.tasks[what] = task = self.progress.add_task(what, total=total, completed=done)
+        else:
+            self.progress.update(task, completed=done, total=total)
+        if total is not None and done >= total:
+            self.progress.remove_task(task)
+            del self.tasks[what]
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> int:
+    """Have write() fill a temporary file next to path, then rename it over
+    path: a reader sees the old file or the whole new one, never half of it,
+    and a failure leaves nothing behind. Returns the size written."""
+    target = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
+    except OSError as err:
+        raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        size = os.path.getsize(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except OSError as err:
+        raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return size
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
