@@ -1,11 +1,17 @@
 """The command line: useful by default, one-line errors with documented exit codes."""
 
 import json
+import os
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from ptilab.cli import main
+from ptilab.memory.elfwrite import qemu_cpu_note, write_elf_core
+from ptilab.paging import entry as e
 from tests.realkernel.conftest import real_kernel
 
 
@@ -25,25 +31,6 @@ def test_compare_json_lists_every_design():
     reports = json.loads(ptilab("compare", "--kernel", "kaiser-2017", "--cpus", "2", "--json").stdout)
     assert [r["design"] for r in reports] == ["explicit", "mirror", "shared-pmd", "linux"]
     assert reports[0]["ap_work"] and not reports[3]["ap_work"]
-
-
-@pytest.mark.parametrize("args, words", [
-    (["compare", "--kernel", "linux-9.9"], "choose one of: kaiser-2017, linux-4.15, linux-6.1"),
-    (["simulate", "--design", "kaiser"], "choose one of: explicit, mirror, shared-pmd, linux"),
-    (["compare", "--cpus", "9000"], "between 1 and 8192"),
-    (["compare", "--kernel", "kaiser-2017", "--paging", "5"], "no 5-level layout"),
-    (["compare", "--paging", "3"], "--paging must be 4 or 5"),
-    (["audit", "/no/such/core"], "cannot read"),
-    (["audit"], "give an IMAGE"),
-    (["audit", "--fail-on", "urgent", "x"], "unknown severity"),
-    (["frobnicate"], "No such command"),
-])
-def test_bad_input_gives_one_line_and_exit_2(args, words):
-    done = ptilab(*args)
-    assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and words in done.stderr
-    assert "Traceback" not in done.stderr
-    assert done.stdout == ""
 
 
 def test_audit_exit_code_gates_on_severity():
@@ -77,3 +64,315 @@ def test_dump_in_ptdump_format_has_the_linux_markers():
     for marker in ("---[ User Space ]---", "---[ CPU entry Area ]---", "---[ ESPfix Area ]---"):
         assert marker in done.stdout
     assert "entries skipped" in done.stdout
+
+
+# -- in process, through main(): the same code path as the console script ----
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    """ptilab args through ptilab.cli.main: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return done.value.code, out, err
+
+
+PGD = 0x1000
+PTE_FLAGS = e.P | e.RW | e.US | e.A
+
+
+def _tiny_tables() -> bytes:
+    """Four frames: nothing at 0, a PGD at 0x1000 mapping user page 0 through
+    a PUD, PMD and PTE table packed in the next frames (one table each)."""
+    mem = bytearray(6 * 4096)
+    for level, frame in enumerate((1, 2, 3, 4)):
+        struct.pack_into("<Q", mem, frame * 4096, ((frame + 1) * 4096) | PTE_FLAGS)
+    return bytes(mem)
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch) -> Path:
+    """A directory of small good and bad inputs, also the working directory."""
+    (tmp_path / "raw.img").write_bytes(_tiny_tables())
+    write_elf_core(tmp_path / "core.elf", [(0, _tiny_tables())],
+                   [qemu_cpu_note(cr3=PGD, cs=0x33), qemu_cpu_note(cr3=PGD, cs=0x10)])
+    whole = (tmp_path / "core.elf").read_bytes()
+    (tmp_path / "truncated.elf").write_bytes(whole[:-5000])
+    (tmp_path / "garbage.elf").write_bytes(b"\x7fELF" + bytes(range(7, 207)))
+    (tmp_path / "tiny.img").write_bytes(b"x" * 100)
+    (tmp_path / "notes.txt").write_text("hello world\nthis is not ptdump\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "sysmap.txt").write_text("garbage line, not a symbol\n")
+    (tmp_path / "bad.toml").write_text("this is = = not toml")
+    (tmp_path / "badstep.toml").write_text('[[step]]\ndo = "jump"\n')
+    (tmp_path / "adir").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# Every way the CLI refuses its input: (arguments, words the one line must hold).
+# Each exits 2, prints one line on stderr and nothing on stdout, writes no file.
+REFUSALS = [
+    # usage: click's own checks
+    (["frobnicate"], "No such command"),
+    (["compare", "--bogus"], "No such option"),
+    (["compare", "--cpus", "abc"], "not a valid integer"),
+    (["simulate", "--view", "sideways"], "'sideways' is not one of"),
+    (["dump", "core.elf", "--format", "yaml"], "'yaml' is not one of"),
+    (["dump"], "Missing argument 'IMAGE'"),
+    (["report"], "Missing argument 'OUT'"),
+    (["completion", "tcsh"], "'tcsh' is not one of"),
+    (["--color=maybe"], "does not take a value"),
+    # the modelled kernel
+    (["compare", "--kernel", "linux-9.9"], "choose one of: kaiser-2017, linux-4.15, linux-6.1"),
+    (["simulate", "--design", "kaiser"], "choose one of: explicit, mirror, shared-pmd, linux"),
+    (["meltdown", "--design", "kaiser"], "unknown design 'kaiser'"),
+    (["compare", "--cpus", "0"], "between 1 and 8192, not 0"),
+    (["compare", "--cpus", "99999"], "between 1 and 8192"),
+    (["compare", "--cpus", "9000"], "between 1 and 8192"),
+    (["compare", "--kernel", "kaiser-2017", "--cpus", "200"], "room for 102 CPUs"),
+    (["compare", "--kernel", "kaiser-2017", "--paging", "5"], "no 5-level layout"),
+    (["compare", "--paging", "3"], "--paging must be 4 or 5"),
+    (["layout-change", "--cpus", "0"], "between 1 and 8192"),
+    (["layout-change", "--kernel", "kaiser-2017", "--paging", "5"], "no 5-level layout"),
+    (["simulate", "--paging", "five"], "--paging must be 4 or 5"),
+    # cost
+    (["cost", "--cpus", "1,,2"], "--cpus must be numbers separated by commas"),
+    (["cost", "--cpus", "2,99999"], "between 1 and 8192"),
+    (["cost", "--design", "mirror,kaiser"], "unknown design 'kaiser'"),
+    (["cost", "--workload", "nope"], "unknown workload 'nope'"),
+    (["cost", "--workload", "bad.toml"], "bad.toml"),
+    (["cost", "--workload", "badstep.toml"], "step 1: 'do' must be one of"),
+    (["cost", "--workload", "missing.toml"], "missing.toml"),
+    (["cost", "--cpus", "2", "--design", "linux", "--workload", "syscall", "--cpu", "7"], "CPU 7 does not exist"),
+    (["cost", "--plot", "refill.pdf"], "must end in .png or .svg"),
+    (["cost", "--cpus", "1", "--design", "linux", "--workload", "syscall", "--plot", "nodir/refill.svg"],
+     "nodir/refill.svg: cannot write"),
+    (["cost", "--plot", "adir"], "is a directory"),
+    # images
+    (["audit"], "give an IMAGE"),
+    (["audit", "/no/such/core"], "cannot read"),
+    (["audit", "adir"], "is a directory"),
+    (["audit", "raw.img"], "carries no CPU registers: give --cr3"),
+    (["audit", "tiny.img", "--cr3", "1000"], "less than one 4 KiB frame"),
+    (["audit", "garbage.elf"], "garbage.elf: not a readable ELF core"),
+    (["audit", "truncated.elf"], "truncated"),
+    (["audit", "raw.img", "--cr3", "zz"], "--cr3 must be a 64-bit hexadecimal number"),
+    (["audit", "raw.img", "--cr3", "-1000"], "--cr3 must be a 64-bit hexadecimal number"),
+    (["audit", "raw.img", "--cr3", "1" + "0" * 16], "--cr3 must be a 64-bit hexadecimal number"),
+    (["audit", "raw.img", "--cr3", "10000000"], "physical address 0x10000000 is outside the memory image"),
+    (["audit", "core.elf", "--cpu", "2"], "--cpu 2: the core holds CPUs 0 to 1"),
+    (["audit", "core.elf", "--cpu", "-1"], "--cpu -1"),
+    (["audit", "core.elf", "--cpu", "1", "--cr3", "1000"], "give --cpu or --cr3, not both"),
+    (["audit", "core.elf", "--fail-on", "urgent"], "unknown severity"),
+    (["audit", "--fail-on", "urgent", "x"], "unknown severity"),
+    (["audit", "core.elf", "--system-map", "sysmap.txt"], "sysmap.txt:1: not a System.map/kallsyms line"),
+    (["audit", "core.elf", "--system-map", "notes.txt"], "not a System.map/kallsyms line"),
+    (["audit", "core.elf", "--system-map", "missing.map"], "cannot read symbols from missing.map"),
+    (["audit", "--ptdump", "notes.txt"], "notes.txt:1: not a ptdump line"),
+    (["audit", "--ptdump", "empty.txt"], "no ptdump lines"),
+    (["audit", "--ptdump", "raw.img"], "not a ptdump line"),
+    (["audit", "--ptdump", "missing.txt"], "cannot read"),
+    (["audit", "core.elf", "--ptdump", "notes.txt"], "give an IMAGE or --ptdump, not both"),
+    (["audit", "--ptdump", "notes.txt", "--cr3", "1000"], "--cr3: only with an IMAGE"),
+    (["dump", "raw.img"], "give --cr3"),
+    (["dump", "raw.img", "--cr3", "10000000"], "outside the memory image"),
+    (["dump", "garbage.elf"], "not a readable ELF core"),
+    (["dump", "core.elf", "--format", "qemu", "--json"], "--json and --format qemu"),
+    (["meltdown", "raw.img"], "give --cr3"),
+    (["meltdown", "raw.img", "--cr3", "10000000"], "outside the memory image"),
+    (["meltdown", "raw.img", "--cr3", "1000", "--design", "mirror"], "--design: only for a modelled kernel"),
+    (["meltdown", "--cr3", "1000"], "--cr3: only with an IMAGE"),
+    (["meltdown", "core.elf", "--system-map", "sysmap.txt"], "not a System.map/kallsyms line"),
+    # report: nothing written unless all of it is
+    (["report", "adir"], "is a directory"),
+    (["report", "nodir/out.html", "--kernel", "kaiser-2017", "--cpus", "2"], "nodir/out.html: cannot write"),
+    (["report", "raw.img/out.html", "--kernel", "kaiser-2017", "--cpus", "2"], "cannot write"),
+    (["report", "out.html", "--cpus", "0"], "between 1 and 8192"),
+    (["report", "out.html", "--cr3", "1000"], "--cr3: only with --image"),
+    (["report", "out.html", "--image", "missing.core"], "cannot read"),
+    (["report", "out.html", "--image", "raw.img"], "give --cr3"),
+    (["report", "out.html", "--image", "garbage.elf"], "not a readable ELF core"),
+    (["report", "out.html", "--image", "core.elf", "--cpus", "2"], "--cpus: only for a modelled kernel"),
+    (["report", "out.html", "--image", "core.elf", "--system-map", "sysmap.txt"], "not a System.map"),
+]
+
+
+@pytest.mark.parametrize("args, words", REFUSALS, ids=[" ".join(a) for a, _ in REFUSALS])
+def test_bad_input_is_one_line_exit_2_and_nothing_else(capsys, inputs, args, words):
+    before = sorted(p.name for p in inputs.rglob("*"))
+    code, out, err = run(capsys, *args)
+    assert code == 2
+    assert err.startswith("ptilab: error: ") and err.count("\n") == 1 and words in err, err
+    assert "Traceback" not in err
+    assert out == ""
+    assert sorted(p.name for p in inputs.rglob("*")) == before  # no output file, whole or partial
+
+
+def test_the_console_script_refuses_bad_input_the_same_way():
+    done = ptilab("compare", "--kernel", "linux-9.9")
+    assert done.returncode == 2
+    assert done.stderr == ("ptilab: error: unknown kernel profile 'linux-9.9'; "
+                           "choose one of: kaiser-2017, linux-4.15, linux-6.1\n")
+    assert done.stdout == ""
+
+
+def test_an_interrupt_exits_130_with_one_line(capsys, monkeypatch):
+    import ptilab.compare.metrics
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ptilab.compare.metrics, "compare", interrupted)
+    code, out, err = run(capsys, "compare")
+    assert code == 130 and out == ""
+    assert err.strip() == "ptilab: interrupted"
+
+
+def test_a_write_that_fails_half_way_leaves_the_old_report_whole(capsys, inputs, monkeypatch):
+    import ptilab.cli
+    import ptilab.report.html
+
+    old = inputs / "out.html"
+    old.write_text("the previous report")
+    monkeypatch.setattr(ptilab.report.html, "comparison_report", lambda *args: "<html>" + "x" * 100_000)
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.f = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:4096])
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ptilab.cli, "open", FullDisk, raising=False)
+    code, out, err = run(capsys, "report", "out.html")
+    assert code == 2 and out == ""
+    assert err == "ptilab: error: out.html: cannot write: No space left on device\n"
+    assert old.read_text() == "the previous report"
+    assert not [p.name for p in inputs.iterdir() if p.name.startswith(".")]  # the temporary is gone too
+
+
+# -- success: exit 0, and with --json one JSON document on stdout -------------
+
+JSON_RUNS = [
+    ["compare", "--kernel", "kaiser-2017", "--cpus", "2", "--json"],
+    ["layout-change", "--kernel", "kaiser-2017", "--cpus", "2", "--json"],
+    ["simulate", "--kernel", "kaiser-2017", "--cpus", "2", "--view", "user", "--json"],
+    ["cost", "--cpus", "2", "--design", "linux,off", "--workload", "syscall", "--json"],
+    ["audit", "core.elf", "--json", "--fail-on", "critical"],
+    ["audit", "raw.img", "--cr3", "1000", "--json", "--fail-on", "critical"],
+    ["dump", "core.elf", "--json"],
+    ["dump", "raw.img", "--cr3", "1000", "--format", "json"],
+    ["meltdown", "--kernel", "kaiser-2017", "--cpus", "2", "--json"],
+    ["meltdown", "core.elf", "--json"],
+    ["report", "out.html", "--kernel", "kaiser-2017", "--cpus", "2", "--json"],
+    ["-q", "report", "out.html", "--image", "core.elf", "--json"],
+]
+
+
+@pytest.mark.parametrize("args", JSON_RUNS, ids=[" ".join(a) for a in JSON_RUNS])
+def test_json_is_the_only_thing_on_stdout(capsys, inputs, args):
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    json.loads(out)
+    assert err == ""
+
+
+def test_report_json_says_what_it_wrote(capsys, inputs):
+    code, out, _ = run(capsys, "report", "out.html", "--kernel", "kaiser-2017", "--cpus", "2", "--json")
+    done = json.loads(out)
+    assert done["wrote"] == "out.html" and done["bytes"] == (inputs / "out.html").stat().st_size
+    assert done["report"] == "designs" and done["kernel"] == "kaiser-2017" and done["cpus"] == 2
+    assert [p.name for p in inputs.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_report_says_what_it_wrote_unless_quiet(capsys, inputs):
+    code, out, _ = run(capsys, "report", "out.html", "--kernel", "kaiser-2017", "--cpus", "2")
+    assert code == 0 and out.startswith("wrote out.html (")
+    code, out, _ = run(capsys, "--quiet", "report", "out.html", "--kernel", "kaiser-2017", "--cpus", "2")
+    assert code == 0 and out == ""
+
+
+def test_cost_writes_its_plot_and_says_so_unless_quiet(capsys, inputs):
+    args = ["cost", "--cpus", "1,2", "--design", "linux", "--workload", "syscall", "--plot", "refill.svg"]
+    code, out, _ = run(capsys, *args)
+    assert code == 0 and out.rstrip().endswith("plot written to refill.svg")
+    assert (inputs / "refill.svg").read_text().lstrip().startswith("<?xml")
+    code, out, _ = run(capsys, "-q", *args)
+    assert code == 0 and "plot written" not in out and "TLB refill cost" in out
+
+
+def test_piped_tables_are_plain_aligned_text(capsys):
+    code, out, _ = run(capsys, "compare", "--kernel", "kaiser-2017", "--cpus", "2")
+    assert code == 0
+    assert "\x1b" not in out
+    assert not set(out) & set("─━│┃┏┓┗┛┡┩╇╭╮╰╯═")
+    lines = out.splitlines()
+    assert lines[0] == "PTI designs on kaiser-2017, 2 CPUs, 4-level paging"
+    header = lines[1]
+    assert header.startswith("design ") and header.index("user tables") == lines[2].index("4 (16 KiB)")
+    assert all(line == line.rstrip() for line in lines)
+
+
+def test_color_forces_the_terminal_look_and_no_color_drops_the_codes(capsys, monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    code, out, _ = run(capsys, "--color", "meltdown", "--kernel", "kaiser-2017", "--cpus", "2")
+    assert code == 0 and "\x1b[" in out and "┃" in out
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    code, out, _ = run(capsys, "--no-color", "meltdown", "--kernel", "kaiser-2017", "--cpus", "2")
+    assert code == 0 and "┃" in out and "\x1b[3" not in out.replace("\x1b[3m", "")
+
+
+# -- help, completion ------------------------------------------------------------
+
+COMMANDS = ["compare", "layout-change", "simulate", "cost", "audit", "dump", "report", "meltdown", "completion"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_help_shows_examples(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    examples = out[out.index("Example"):].splitlines()[1:]
+    assert any(line.strip().startswith(("ptilab ", "eval ")) for line in examples)
+
+
+def test_the_help_documents_every_exit_code(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    codes = out[out.index("Exit codes:"):]
+    for number, meaning in (("0", "success"), ("1", "--fail-on"), ("2", "bad usage or bad input"),
+                            ("130", "interrupted")):
+        assert any(line.split()[:1] == [number] and meaning in line for line in codes.splitlines())
+    for command in COMMANDS:
+        assert command in out
+
+
+def _complete(*words: str) -> list[str]:
+    env = {**os.environ, "_PTILAB_COMPLETE": "bash_complete", "COMP_WORDS": " ".join(["ptilab", *words]),
+           "COMP_CWORD": str(len(words))}
+    done = subprocess.run([sys.executable, "-m", "ptilab.cli"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [line.split(",", 1)[1] for line in done.stdout.splitlines()]
+
+
+def test_completion_offers_kernel_profiles():
+    assert _complete("compare", "--kernel", "li") == ["linux-4.15", "linux-6.1"]
+
+
+def test_completion_offers_designs_and_workloads():
+    assert _complete("simulate", "--design", "s") == ["shared-pmd"]
+    assert _complete("cost", "--design", "mirror,") == ["mirror,all", "mirror,explicit", "mirror,mirror",
+                                                        "mirror,shared-pmd", "mirror,linux", "mirror,off"]
+    assert _complete("cost", "--workload", "s") == ["syscall"]
+    assert _complete("la") == ["layout-change"]
+
+
+@pytest.mark.parametrize("shell, says", [("bash", "complete -o nosort -F"), ("zsh", "compdef"),
+                                          ("fish", "complete --no-files --command ptilab")])
+def test_completion_prints_the_shell_script(capsys, shell, says):
+    code, out, _ = run(capsys, "completion", shell)
+    assert code == 0 and says in out and "_PTILAB_COMPLETE" in out

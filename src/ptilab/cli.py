@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack
 
 import click
 from click.shell_completion import CompletionItem
 
 from ptilab.errors import InputError, PtilabError, UsageError
-from ptilab.terminal import Output, write_atomically
+from ptilab.terminal import Output, atomic_file
 
 DEFAULT_PROFILE = "linux-6.1"
 DEFAULT_CPUS = 4
@@ -299,6 +300,8 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
         raise UsageError(f"--cpus must be numbers separated by commas, not {cpus_list!r}") from None
     chosen = [*DESIGNS, PTI_OFF] if designs == "all" else designs.split(",")
     # Refuse a bad name or plot file now, not after minutes of sweeping.
+    for n in cpus:
+        _check_kernel(profile, n, _levels(levels))
     for design in chosen:
         if design != PTI_OFF:
             get_design(design)
@@ -306,11 +309,13 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
         load(workload)
     if plot_file and os.path.splitext(plot_file)[1].lower() not in PLOT_SUFFIXES:
         raise UsageError(f"plot file must end in .png or .svg, not {os.path.basename(plot_file)!r}")
-    costs = sweep(profile, cpus, chosen, _levels(levels), list(workloads) or None, pcid, cpu)
+    with ExitStack() as stack:
+        plot_tmp = stack.enter_context(atomic_file(plot_file)) if plot_file else None
+        costs = sweep(profile, cpus, chosen, _levels(levels), list(workloads) or None, pcid, cpu)
+        if plot_tmp:
+            from ptilab.report.plots import plot_refill
+            plot_refill(costs, plot_tmp)
     out = _out()
-    if plot_file:
-        from ptilab.report.plots import plot_refill
-        write_atomically(plot_file, lambda tmp: plot_refill(costs, tmp))
     if as_json:
         out.json([c.as_dict() for c in costs])
     else:
@@ -510,6 +515,18 @@ def report(ctx: click.Context, out_file: str, profile: str, cpus: int, levels: s
       ptilab report audit.html --image mem.raw --cr3 61d9000 --json
     """
     out = _out()
+    with atomic_file(out_file) as tmp:
+        what = _write_report(ctx, tmp, out, profile, cpus, levels, image, cr3, system_map)
+    size = os.path.getsize(out_file)
+    if as_json:
+        out.json({"wrote": out_file, "bytes": size, **what})
+    else:
+        out.info(f"wrote {out_file} ({size // 1024} KiB)")
+
+
+def _write_report(ctx: click.Context, path: str, out: Output, profile: str, cpus: int, levels: str,
+                  image: str | None, cr3: str | None, system_map: str | None) -> dict:
+    """Write the report's page to path; what it reports, for --json."""
     if image:
         _refuse(ctx, ("profile", "cpus", "levels"), "only for a modelled kernel, not with --image")
         from ptilab.report.html import audit_report
@@ -524,17 +541,9 @@ def report(ctx: click.Context, out_file: str, profile: str, cpus: int, levels: s
         from ptilab.report.html import comparison_report
         page = comparison_report(profile, cpus, _levels(levels))
         what = {"report": "designs", "kernel": profile, "cpus": cpus, "paging": int(levels)}
-    data = page.encode()
-
-    def write(path: str) -> None:
-        with open(path, "wb") as f:
-            f.write(data)
-
-    size = write_atomically(out_file, write)
-    if as_json:
-        out.json({"wrote": out_file, "bytes": size, **what})
-    else:
-        out.info(f"wrote {out_file} ({size // 1024} KiB)")
+    with open(path, "wb") as f:
+        f.write(page.encode())
+    return what
 
 
 @cli.command("meltdown")

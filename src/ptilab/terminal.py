@@ -12,7 +12,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import click
 from rich.console import Console
@@ -87,8 +87,9 @@ class Output:
     @contextmanager
     def progress(self) -> Iterator[None]:
         """Draw the library's progress steps as bars on stderr, if that is a
-        terminal and not --quiet; else let them go nowhere."""
-        if self.quiet or not self.stderr.is_terminal:
+        terminal and not --quiet; else let them go nowhere. FORCE_COLOR does
+        not count: CI sets it, and its logs want no bars."""
+        if self.quiet or not _isatty(self.stderr.file):
             yield
             return
         bars = ProgressBars(self.stderr)
@@ -122,10 +123,12 @@ class ProgressBars:
             del self.tasks[what]
 
 
-def write_atomically(path: str, write: Callable[[str], None]) -> int:
-    """Have write() fill a temporary file next to path, then rename it over
-    path: a reader sees the old file or the whole new one, never half of it,
-    and a failure leaves nothing behind. Returns the size written."""
+@contextmanager
+def atomic_file(path: str) -> Iterator[str]:
+    """A temporary file next to path for the block to fill, renamed over path
+    when the block ends and removed if it fails: a reader sees the old file or
+    the whole new one, never half of one. The temporary is made at once, so an
+    unwritable place is refused before any work is done."""
     target = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
@@ -133,16 +136,21 @@ def write_atomically(path: str, write: Callable[[str], None]) -> int:
         raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
     os.close(fd)
     try:
-        write(tmp)
-        size = os.path.getsize(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for the temporary only
         os.replace(tmp, target)
     except OSError as err:
         raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return size
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _umask() -> int:
