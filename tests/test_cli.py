@@ -224,7 +224,7 @@ def test_an_interrupt_exits_130_with_one_line(capsys, monkeypatch):
     monkeypatch.setattr(ptilab.compare.metrics, "compare", interrupted)
     code, out, err = run(capsys, "compare")
     assert code == 130 and out == ""
-    assert err.strip() == "ptilab: interrupted"
+    assert err == "ptilab: interrupted\n"
 
 
 def test_a_write_that_fails_half_way_leaves_the_old_report_whole(capsys, inputs, monkeypatch):

@@ -123,6 +123,9 @@ class _Cli(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # Here rather than in click, which would first print an empty line.
+            raise click.exceptions.Abort() from None
         except BrokenPipeError:
             # The reader (head, less) went away: stop quietly, as cat would,
             # and keep Python from complaining when it flushes stdout at exit.
