@@ -208,6 +208,16 @@ def test_bad_input_is_one_line_exit_2_and_nothing_else(capsys, inputs, args, wor
     assert sorted(p.name for p in inputs.rglob("*")) == before  # no output file, whole or partial
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+@pytest.mark.parametrize("args", [["audit", "secret.img", "--cr3", "1000"], ["audit", "--ptdump", "secret.img"],
+                                  ["audit", "core.elf", "--system-map", "secret.img"]])
+def test_an_unreadable_file_is_one_line_exit_2(capsys, inputs, args):
+    (inputs / "secret.img").write_bytes(bytes(8192))
+    (inputs / "secret.img").chmod(0)
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "Permission denied" in err
+
+
 def test_the_console_script_refuses_bad_input_the_same_way():
     done = ptilab("compare", "--kernel", "linux-9.9")
     assert done.returncode == 2

@@ -109,7 +109,8 @@ class ProgressBars:
 
     def __init__(self, console: Console):
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True,
+                                 redirect_stdout=False, redirect_stderr=False)  # results stay on stdout
         self.tasks: dict[str, int] = {}
 
     def step(self, what: str, done: int, total: int | None) -> None:
