@@ -142,7 +142,7 @@ REFUSALS = [
     (["cost", "--workload", "nope"], "unknown workload 'nope'"),
     (["cost", "--workload", "bad.toml"], "bad.toml"),
     (["cost", "--workload", "badstep.toml"], "step 1: 'do' must be one of"),
-    (["cost", "--workload", "missing.toml"], "missing.toml"),
+    (["cost", "--workload", "missing.toml"], "missing.toml: cannot read: No such file"),
     (["cost", "--cpus", "2", "--design", "linux", "--workload", "syscall", "--cpu", "7"], "CPU 7 does not exist"),
     (["cost", "--plot", "refill.pdf"], "must end in .png or .svg"),
     (["cost", "--cpus", "1", "--design", "linux", "--workload", "syscall", "--plot", "nodir/refill.svg"],

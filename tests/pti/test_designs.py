@@ -104,3 +104,12 @@ def test_five_level_boot_puts_cea_under_a_user_p4d():
     w = walk(k.ram, k.user_cr3(), k.geometry)
     assert len(w.tables) == 5
     assert np.isin(w.tables[2], walk(k.ram, k.kernel_cr3(), k.geometry).tables[2]).any()
+
+
+def test_layout_change_refuses_a_bad_base_configuration_instead_of_failing_every_design():
+    from ptilab.errors import UsageError
+
+    with pytest.raises(UsageError, match="between 1 and"):
+        layout_change("linux-6.1", cpus=0)
+    with pytest.raises(UsageError, match="no 5-level layout"):
+        layout_change("kaiser-2017", cpus=2, levels=5)

@@ -96,8 +96,10 @@ def load(name_or_path: str | Path) -> Workload:
                              "or give a .toml file")
     try:
         data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise InputError(f"{path}: {err}") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not TOML: {err}") from None
     steps = []
     for i, raw in enumerate(data.get("step", [])):
         unknown = set(raw) - set(Step.__dataclass_fields__)
