@@ -193,6 +193,8 @@ REFUSALS = [
     (["report", "out.html", "--image", "raw.img"], "give --cr3"),
     (["report", "out.html", "--image", "garbage.elf"], "not a readable ELF core"),
     (["report", "out.html", "--image", "core.elf", "--cpus", "2"], "--cpus: only for a modelled kernel"),
+    (["report", "out.html", "--design", "linux,bogus"], "unknown design 'bogus'"),
+    (["report", "out.html", "--image", "core.elf", "--design", "linux"], "--design: only for a modelled kernel"),
     (["report", "out.html", "--image", "core.elf", "--system-map", "sysmap.txt"], "not a System.map"),
 ]
 
@@ -298,6 +300,16 @@ def test_report_json_says_what_it_wrote(capsys, inputs):
     assert done["wrote"] == "out.html" and done["bytes"] == (inputs / "out.html").stat().st_size
     assert done["report"] == "designs" and done["kernel"] == "kaiser-2017" and done["cpus"] == 2
     assert [p.name for p in inputs.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_report_of_one_design_is_a_simulation_of_it(capsys, inputs):
+    code, out, _ = run(capsys, "report", "one.html", "--kernel", "kaiser-2017", "--cpus", "2",
+                       "--design", "shared-pmd", "--json")
+    assert code == 0 and json.loads(out)["designs"] == ["shared-pmd"]
+    page = (inputs / "one.html").read_text()
+    assert 'id="design-shared-pmd"' in page
+    assert not [d for d in ("explicit", "mirror", "linux") if f'id="design-{d}"' in page]
+    assert 'class="cost-row" data-design="off"' in page  # its cost, against PTI off
 
 
 def test_report_says_what_it_wrote_unless_quiet(capsys, inputs):

@@ -492,6 +492,9 @@ def dump(ctx, image, cr3, cpu, la57, fmt, as_json) -> None:
 @kernel_option
 @cpus_option
 @paging_option
+@click.option("--design", "designs", default="all", show_default=True, metavar="DESIGN[,DESIGN...]",
+              shell_complete=_complete_from(lambda: ["all", *_design_names()], listed=True),
+              help="The designs to boot and show: one for a simulation, several (or all) for a comparison.")
 @click.option("--image", default=None, type=click.Path(dir_okay=False), metavar="CORE",
               help="Report an audit of this ELF core or raw image instead of comparing the designs.")
 @click.option("--cr3", default=None, metavar="HEX", help="With --image: the CR3 to judge "
@@ -501,8 +504,8 @@ def dump(ctx, image, cr3, cpu, la57, fmt, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"wrote": OUT, "bytes": N, ...} instead of the "wrote" line.')
 @click.pass_context
-def report(ctx: click.Context, out_file: str, profile: str, cpus: int, levels: str, image: str | None,
-           cr3: str | None, system_map: str | None, as_json: bool) -> None:
+def report(ctx: click.Context, out_file: str, profile: str, cpus: int, levels: str, designs: str,
+           image: str | None, cr3: str | None, system_map: str | None, as_json: bool) -> None:
     """Write OUT as one self-contained HTML page (inline CSS and SVG, no
     network): the designs compared on a modelled kernel, or the audit of an
     image. Both show the user and kernel views as an address-space map and
@@ -514,12 +517,13 @@ def report(ctx: click.Context, out_file: str, profile: str, cpus: int, levels: s
     Examples:
       ptilab report designs.html                            # linux-6.1, 4 CPUs, 4-level
       ptilab report k2017.html --kernel kaiser-2017 --cpus 2
+      ptilab report shared.html --design shared-pmd --paging 5   # one design: a simulation
       ptilab report audit.html --image tests/realkernel/out/pti-4level/core.elf
       ptilab report audit.html --image mem.raw --cr3 61d9000 --json
     """
     out = _out()
     with atomic_file(out_file) as tmp:
-        what = _write_report(ctx, tmp, out, profile, cpus, levels, image, cr3, system_map)
+        what = _write_report(ctx, tmp, out, profile, cpus, levels, designs, image, cr3, system_map)
     size = os.path.getsize(out_file)
     if as_json:
         out.json({"wrote": out_file, "bytes": size, **what})
@@ -527,11 +531,11 @@ def report(ctx: click.Context, out_file: str, profile: str, cpus: int, levels: s
         out.info(f"wrote {out_file} ({size // 1024} KiB)")
 
 
-def _write_report(ctx: click.Context, path: str, out: Output, profile: str, cpus: int, levels: str,
+def _write_report(ctx: click.Context, path: str, out: Output, profile: str, cpus: int, levels: str, designs: str,
                   image: str | None, cr3: str | None, system_map: str | None) -> dict:
     """Write the report's page to path; what it reports, for --json."""
     if image:
-        _refuse(ctx, ("profile", "cpus", "levels"), "only for a modelled kernel, not with --image")
+        _refuse(ctx, ("profile", "cpus", "levels", "designs"), "only for a modelled kernel, not with --image")
         from ptilab.report.html import audit_report
         symbols = _symbols(system_map)
         mem, value, geometry = _open_image_and_cr3(image, cr3, None, None)
@@ -541,9 +545,13 @@ def _write_report(ctx: click.Context, path: str, out: Output, profile: str, cpus
         what = {"report": "audit", "subject": subject}
     else:
         _refuse(ctx, ("cr3", "system_map"), "only with --image")
+        from ptilab.pti import DESIGNS, get_design
         from ptilab.report.html import comparison_report
-        page = comparison_report(profile, cpus, _levels(levels))
-        what = {"report": "designs", "kernel": profile, "cpus": cpus, "paging": int(levels)}
+        chosen = list(DESIGNS) if designs == "all" else designs.split(",")
+        for design in chosen:
+            get_design(design)
+        page = comparison_report(profile, cpus, _levels(levels), chosen)
+        what = {"report": "designs", "kernel": profile, "cpus": cpus, "paging": int(levels), "designs": chosen}
     with open(path, "wb") as f:
         f.write(page.encode())
     return what

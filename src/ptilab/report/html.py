@@ -394,15 +394,14 @@ def space_sections(space: Space, prefix: str) -> list[str]:
     ]
 
 
-def _plots_section(profile: str, cpus: int, levels: int) -> str:
+def _plots_section(profile: str, cpus: int, levels: int, designs: list[str]) -> str:
     """The cost model's answer to the seed's "fewer cache lines to refill the
-    TLB": every design and PTI off, swept over NR_CPUS up to the report's."""
+    TLB": the designs and PTI off, swept over NR_CPUS up to the report's."""
     from ptilab.mmu.cost import PTI_OFF, sweep
-    from ptilab.pti import DESIGNS
     from ptilab.report.plots import METRICS, refill_image
 
     points = sorted({n for n in (1, 4, 16, 64) if n < cpus} | {cpus})
-    costs = sweep(profile, points, [*DESIGNS, PTI_OFF], levels, None, True, 0)
+    costs = sweep(profile, points, [*designs, PTI_OFF], levels, None, True, 0)
     data = base64.b64encode(refill_image(costs, "png")).decode("ascii")
     at = [c for c in costs if c.cpus == cpus]
     workloads = list(dict.fromkeys(c.workload for c in at))
@@ -431,9 +430,10 @@ def comparison_report(profile: str = "linux-6.1", cpus: int = 4, levels: int = 4
     from ptilab.paging import walk
     from ptilab.pti import DESIGNS
 
-    booted = [boot(profile, d, cpus, levels) for d in (designs or list(DESIGNS))]
+    designs = designs or list(DESIGNS)
+    booted = [boot(profile, d, cpus, levels) for d in designs]
     reports = [measure(k) for k in booted]
-    body = [_comparison_table(reports), _plots_section(profile, cpus, levels)]
+    body = [_comparison_table(reports), _plots_section(profile, cpus, levels, designs)]
     symbols = {"__entry_text_start": ENTRY_TEXT[0], "__entry_text_end": ENTRY_TEXT[1]}
     for kernel, report in zip(booted, reports):
         space = Space(report.design, kernel.geometry, kernel.ram, walk(kernel.ram, kernel.user_cr3(), kernel.geometry),
