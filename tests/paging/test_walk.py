@@ -1,12 +1,14 @@
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ptilab.errors import FrameOutsideMemory, WalkTooLarge
 from ptilab.paging import EFF_NX, EFF_RW, EFF_US, FIVE_LEVEL, FOUR_LEVEL, PageFault, translate, walk
 from ptilab.paging import entry as e
 from ptilab.paging.install import map_page, set_entry
+from ptilab.memory.simulated import SimulatedRAM
+from ptilab.paging import coalesce
 from tests.conftest import BumpTables
 
 PGD = 0x1000
@@ -134,14 +136,18 @@ def test_one_table_shared_512_ways_is_read_once(bump):
     assert len(w.mapped) == 256  # one 1 GiB alias per pgd slot, not coalesced (same frame)
 
 
-def test_aliasing_beyond_budget_raises_instead_of_hanging(bump):
+def test_aliasing_beyond_budget_is_walked_once_but_not_expanded(bump):
     pud, pmd = bump.alloc(), bump.alloc()
     for i in range(512):
         bump.ram.write_entry(PGD + 8 * i, pud | e.P)
         bump.ram.write_entry(pud + 8 * i, pmd | e.P)
         bump.ram.write_entry(pmd + 8 * i, pmd | e.P)
+    w = walk(bump.ram, PGD, FOUR_LEVEL, max_entries=1 << 24)  # each shared table decoded once
+    assert len(w.distinct) <= 512 and w.alias_count() == 3 * 511
+    assert w.expanded_records() == 512 ** 4
+    assert w.mapped_bytes() == 1 << 48
     with pytest.raises(WalkTooLarge):
-        walk(bump.ram, PGD, FOUR_LEVEL, max_entries=1 << 24)
+        w.ranges
 
 
 def test_table_past_end_of_memory_is_an_anomaly(bump):
@@ -153,3 +159,114 @@ def test_table_past_end_of_memory_is_an_anomaly(bump):
 def test_cr3_outside_memory_is_a_clear_error(bump):
     with pytest.raises(FrameOutsideMemory):
         walk(bump.ram, 1 << 40, FOUR_LEVEL)
+
+
+# -- aliased subtrees: summarised by the walker, expanded exactly on demand --------------
+
+TABLES_PER_DEPTH = 3
+SHARED_FLAGS = st.sampled_from([0, e.RW, e.US, e.RW | e.US, e.NX, e.RW | e.NX, e.G | e.RW | e.US])
+
+
+@st.composite
+def shared_tree(draw):
+    """A small RAM whose tables point at each other heavily: every table of
+    a depth comes from a pool of 3, entries are written in strided runs of
+    one value, so a table is reached from many slots, with mixed rights,
+    holes, large pages, contiguous runs of leaves and reserved bits."""
+    geometry = draw(st.sampled_from([FOUR_LEVEL, FIVE_LEVEL]))
+    levels = geometry.levels
+    frame = iter(range(1, 1 + levels * TABLES_PER_DEPTH))
+    pool = [[0x1000 * next(frame) for _ in range(1 if d == 0 else TABLES_PER_DEPTH)] for d in range(levels)]
+    ram = SimulatedRAM(0x1000 * (2 + levels * TABLES_PER_DEPTH))
+    for depth in range(levels):
+        for table in pool[depth]:
+            for _ in range(draw(st.integers(0, 5))):
+                kind = draw(st.sampled_from(["ref", "ref", "ref", "leaf", "junk", "reserved", "run"]))
+                flags = draw(SHARED_FLAGS)
+                shift = geometry.shift(depth)
+                if kind == "run" and depth == levels - 1:
+                    base = draw(st.integers(0, 1 << 16)) << 12
+                    for i in range(512):
+                        ram.write_entry(table + 8 * i, (base + (i << 12)) | flags | e.P)
+                    continue
+                if depth < levels - 1 and kind in ("ref", "reserved", "run"):
+                    value = draw(st.sampled_from(pool[depth + 1])) | flags | e.P
+                    if kind == "reserved":
+                        value |= 1 << 45  # above the walk's MAXPHYADDR of 40
+                elif kind == "leaf" or kind == "run":
+                    if depth != levels - 1 and not geometry.leaf_allowed(depth):
+                        continue
+                    value = (draw(st.integers(0, 1 << 8)) << shift) | flags | e.P
+                    if depth != levels - 1:
+                        value |= e.PS | (draw(st.sampled_from([0, 0, 0, 1 << 13])))  # sometimes bad low bits
+                else:
+                    value = draw(st.integers(1, 1 << 20)) << 1  # not present, not zero
+                start = draw(st.integers(0, 511))
+                stride = draw(st.sampled_from([1, 1, 2, 16, 64]))
+                count = draw(st.integers(1, 64 if depth >= levels - 2 else 8))
+                for i in range(start, min(512, start + stride * count), stride):
+                    ram.write_entry(table + 8 * i, value)
+    return ram, pool[0][0], geometry
+
+
+def _reference(ram, cr3, geometry, **kw):
+    return walk(ram, cr3, geometry, maxphyaddr=40, _summarise=False, **kw)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(shared_tree())
+def test_summarised_walk_expands_to_exactly_the_full_walk(tree):
+    ram, cr3, geometry = tree
+    try:
+        full = _reference(ram, cr3, geometry, max_entries=1 << 20)
+    except WalkTooLarge:
+        assume(False)
+    w = walk(ram, cr3, geometry, maxphyaddr=40)
+    assert np.array_equal(w.ranges, full.ranges)
+    assert [t.tolist() for t in w.tables] == [t.tolist() for t in full.tables]
+    assert [r.tolist() for r in w.table_refs] == [r.tolist() for r in full.table_refs]
+    assert w.anomalies == full.anomalies
+    assert w.mapped_bytes() == full.mapped_bytes() == int(full.mapped["size"].sum())
+    assert w.expanded_records() >= len(full.ranges)
+    assert np.array_equal(w.runs(), coalesce(full.ranges, by_pa=False))
+    # Counting by address window without expanding agrees with the expansion.
+    edges = [1 << 21, 1 << 39, geometry.kernel_half_start(), 0xFFFF_FFFF_8000_0000]
+    by_bin = w.multiplicity(edges)
+    assert by_bin.sum() == w.expanded_records()
+    assert np.array_equal(by_bin, w._multiplicity_by_expanding(np.array(edges, np.uint64)))
+    lo, hi = 1 << 30, 3 << 39
+    window = w.ranges_within(lo, hi)
+    assert _pages(window, lo, hi) == _pages(full.ranges, lo, hi)
+
+
+def _pages(r, lo, hi):
+    """Every present 4 KiB page in [lo, hi) as (va, pa, eff, prot)."""
+    out = set()
+    for va, size, pa, prot, eff in zip(*(r[f].tolist() for f in ("va", "size", "pa", "prot", "eff"))):
+        if prot & e.P:
+            for off in range(max(va, lo) - va, min(va + size, hi) - va, 0x1000):
+                out.add((va + off, pa + off, eff, prot))
+    return out
+
+
+def test_espfix_of_8192_cpus_is_summarised_not_expanded():
+    """espfix_64.c: 64 stacks per page, so 128 pages; each PTE table holds
+    16 of them every 64 KiB (32 clones each), all 512 entries of a PMD table
+    point at that PTE table and 4 PUD entries at the PMD table: each page
+    appears 32 * 512 * 4 = 65536 times."""
+    from ptilab.linux.kernel import boot
+    from ptilab.linux.profiles import ESPFIX_BASE_ADDR
+
+    k = boot("linux-6.1", "linux", cpus=8192, levels=5)
+    w = walk(k.ram, k.user_cr3(), k.geometry)
+    groups = 8192 // 64 // 16
+    espfix = (w.aliases["va"] >= np.uint64(ESPFIX_BASE_ADDR)) & (w.aliases["va"] < np.uint64(ESPFIX_BASE_ADDR + (1 << 39)))
+    assert int(espfix.sum()) == groups * (3 + 511) == w.alias_count()
+    # The cpu_entry_area's per-CPU pages are distinct (about 135000 records); espfix adds 4096.
+    assert len(w.distinct) < 200_000 < 128 * 65536 <= w.expanded_records()
+    assert w._ranges is None  # nothing above expanded
+    inside = (w.distinct["va"] >= np.uint64(ESPFIX_BASE_ADDR)) & \
+        (w.distinct["va"] < np.uint64(ESPFIX_BASE_ADDR + (1 << 39)))
+    present = inside & ((w.distinct["prot"] & np.uint64(e.P)) != 0)
+    assert int((w.distinct["size"][present] * w.multiplicity()[present]).sum()) == 128 * 65536 * 4096
+    assert len(np.unique(w.distinct["pa"][present])) == 128

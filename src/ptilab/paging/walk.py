@@ -7,16 +7,29 @@ the tables hold, coalesced into runs the way Linux's ptdump coalesces them,
 but never across a physical discontinuity, so a range is exact: its pages map
 pa, pa + 4K, ... with the same entry flags and effective rights.
 
-Two shortcuts keep big trees cheap without changing the answer: a table of
-512 leaves mapping one contiguous physical range with the same flags becomes
-one run per reference (a direct map in 4 KiB pages), and rows that reach the
-same table with the same rights above it are expanded once and copied (the
-ESPfix area's 65536 aliases of one page).
+Aliased subtrees are summarised, not expanded: when several rows reach the
+same table with the same rights above it, only the lowest one (the source) is
+walked; every other one becomes an alias record (ALIAS_DTYPE) saying "the
+table's reach at va repeats the reach at source". So the walk costs what the
+distinct tables cost: the ESPfix area of 8192 CPUs (65536 aliases of each of
+128 pages) is a few thousand records, not 8 million. Walk.distinct holds the
+walked records and Walk.aliases the alias records; Walk.ranges expands them,
+lazily and within the max_entries budget, into exactly the list a full walk
+gives. Consumers that must scale count with Walk.multiplicity() or expand
+only a window (Walk.ranges_within()) or only as ptdump sees the tables
+(Walk.runs(), ignoring physical addresses).
+
+A second shortcut keeps direct maps cheap: a table of 512 leaves mapping one
+contiguous physical range with the same flags becomes one run per reference.
+
+Weights keep the full tree's counts: each walked row stands for as many rows
+of the fully expanded tree as it summarises, so table_refs and the anomaly
+counts are those of the expanded tree.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from dataclasses import dataclass, field
 
@@ -37,6 +50,12 @@ RANGE_DTYPE = np.dtype([
     ("level", "u1"),   # depth of the entry in the tree (0 = pgd)
     ("prot", "<u8"),   # the entry's own flags (entry & PTE_FLAGS_MASK), as ptdump keeps them
     ("eff", "u1"),     # effective rights along the walk: EFF_RW | EFF_US | EFF_NX
+])
+ALIAS_DTYPE = np.dtype([
+    ("va", "<u8"),      # canonical start of the aliasing entry's reach
+    ("size", "<u8"),    # the reach of the table it points at, bytes
+    ("source", "<u8"),  # canonical start of the walked entry whose reach this one repeats
+    ("level", "u1"),    # depth of the aliasing entry (0 = pgd); the shared table is one level below
 ])
 EFF_RW = 1
 EFF_US = 2
@@ -60,14 +79,29 @@ class Anomaly:
 
 @dataclass
 class Walk:
-    """A walked address space: ranges in address order, and what the walk saw on the way."""
+    """A walked address space: the distinct records and the aliases that
+    repeat them, and what the walk saw on the way.
+
+    ranges (the full address space in address order) is expanded from
+    distinct and aliases on first use; mapped_bytes(), table_pages(),
+    multiplicity() and alias_count() never expand."""
 
     geometry: Geometry
     cr3: CR3
-    ranges: np.ndarray  # RANGE_DTYPE, sorted by va
+    distinct: np.ndarray  # RANGE_DTYPE, sorted by va: the walked records, each aliased subtree once
+    aliases: np.ndarray  # ALIAS_DTYPE, sorted by va: reaches that repeat a walked one
     tables: list[np.ndarray]  # per depth: distinct table frame numbers visited
-    table_refs: list[np.ndarray]  # per depth: how many entries referenced each of them
+    table_refs: list[np.ndarray]  # per depth: how many entries of the expanded tree referenced each of them
     anomalies: list[Anomaly] = field(default_factory=list)
+    max_entries: int = DEFAULT_MAX_ENTRIES  # records ranges may expand to before WalkTooLarge
+    _ranges: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def ranges(self) -> np.ndarray:
+        """Every record of the address space (RANGE_DTYPE, sorted by va), aliases expanded."""
+        if self._ranges is None:
+            self._ranges = self.ranges_within(0, 1 << 64) if len(self.aliases) else self.distinct
+        return self._ranges
 
     @property
     def mapped(self) -> np.ndarray:
@@ -79,13 +113,153 @@ class Walk:
     def all_table_frames(self) -> np.ndarray:
         return np.unique(np.concatenate(self.tables)) if self.tables else np.zeros(0, np.uint64)
 
+    def alias_count(self) -> int:
+        """How many reaches repeat another one instead of being walked."""
+        return len(self.aliases)
+
+    def multiplicity(self, edges: Sequence[int] = ()) -> np.ndarray:
+        """How many times each distinct record appears in the full address space.
+
+        Without edges: an int64 array parallel to distinct. With sorted
+        canonical addresses edges: shape (len(distinct), len(edges) + 1),
+        column i counting the copies that start in [edges[i-1], edges[i]).
+        An alias whose reach straddles an edge is counted by expanding."""
+        bins = np.asarray(edges, dtype=np.uint64)
+        a = self.aliases
+        n, width = len(self.distinct), len(bins) + 1
+        count = np.zeros((n, width), dtype=np.int64)
+        count[np.arange(n), np.searchsorted(bins, self.distinct["va"], side="right")] = 1
+        if not len(a):
+            return count if len(bins) else count[:, 0]
+        a_bin = np.searchsorted(bins, a["va"], side="right")
+        if (a_bin != np.searchsorted(bins, a["va"] + (a["size"] - np.uint64(1)), side="right")).any():
+            return self._multiplicity_by_expanding(bins)
+        # Where each alias's own reach occurs, by bin: once where it is, plus
+        # once per occurrence of every shallower alias whose source reach
+        # holds it. Shallow first, so an alias's count is final before the
+        # reaches it repeats pass it on to what lies inside them.
+        seen = np.zeros((len(a), width), dtype=np.int64)
+        seen[np.arange(len(a)), a_bin] = 1
+        a_va, a_src = self._raw(a["va"]), self._raw(a["source"])
+        r_va = self._raw(self.distinct["va"])
+        for level in np.unique(a["level"]):
+            at = np.flatnonzero(a["level"] == level)
+            sources, of_alias = np.unique(a_src[at], return_inverse=True)
+            repeats = np.zeros((len(sources), width), dtype=np.int64)
+            np.add.at(repeats, of_alias.reshape(-1), seen[at])
+            reach = a["size"][at[0]]
+            deeper = a["level"] > level
+            for va, into in ((a_va[deeper], seen[deeper]), (r_va, count)):
+                window = np.searchsorted(sources, va, side="right") - 1
+                inside = (window >= 0) & (va < sources[np.maximum(window, 0)] + reach)
+                into[inside] += repeats[window[inside]]
+                if into is not count:
+                    seen[deeper] = into
+        return count if len(bins) else count[:, 0]
+
+    def _multiplicity_by_expanding(self, bins: np.ndarray) -> np.ndarray:
+        records, origin = self._expand(0, 1 << 64, by_pa=None)
+        count = np.zeros((len(self.distinct), len(bins) + 1), dtype=np.int64)
+        np.add.at(count, (origin, np.searchsorted(bins, self._canonical(records["va"]), side="right")), 1)
+        return count if len(bins) else count[:, 0]
+
+    def expanded_records(self) -> int:
+        """How many records expanding every alias gives before coalescing (at least len(ranges))."""
+        return int(self.multiplicity().sum())
+
     def mapped_bytes(self) -> int:
-        return int(self.mapped["size"].sum())
+        present = (self.distinct["prot"] & np.uint64(e.P)) != 0
+        return int((self.distinct["size"][present].astype(np.int64) * self.multiplicity()[present]).sum())
+
+    def ranges_within(self, start: int, end: int) -> np.ndarray:
+        """The records of the full address space that start in [start, end)
+        (canonical addresses), expanding only the aliases that reach there.
+        A run is coalesced as far as the expanded part reaches, so one that
+        crosses start or end may be shorter than in ranges."""
+        records, _ = self._expand(start, end, by_pa=True)
+        return records
+
+    def runs(self) -> np.ndarray:
+        """The full address space coalesced as ptdump sees it: adjacent
+        records with the same level, flags and rights joined whatever their
+        frames (pa is then the first frame of a run). Expands aliases run by
+        run, so repeated identical tables (the ESPfix area) stay small."""
+        records, _ = self._expand(0, 1 << 64, by_pa=False)
+        return records
+
+    def _raw(self, va: np.ndarray) -> np.ndarray:
+        return va & np.uint64((1 << self.geometry.va_bits) - 1)
+
+    def _canonical(self, va: np.ndarray) -> np.ndarray:
+        return _canonical(va, self.geometry)
+
+    def _expand(self, start: int, end: int, by_pa: bool | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Copy each alias's source reach to it, deepest aliases first, then
+        coalesce (by_pa None: never coalesce, and say which distinct record
+        each copy is). Only aliases reaching [start, end) are expanded."""
+        u64 = np.uint64
+        records = self.distinct.copy()
+        records["va"] = self._raw(records["va"])
+        origin = np.arange(len(records)) if by_pa is None else None
+        a = self.aliases
+        lo = int(self._raw(np.array([start], u64))[0]) if start < 1 << 64 else 1 << self.geometry.va_bits
+        hi = (1 << self.geometry.va_bits) if end >= 1 << 64 or end - 1 < start else \
+            int(self._raw(np.array([end - 1], u64))[0]) + 1
+        a_va, a_src = self._raw(a["va"]), self._raw(a["source"])
+        # Shallow first: an alias is needed if it reaches the window or the
+        # source reach of a needed shallower alias.
+        need = np.zeros(len(a), dtype=bool)
+        want_lo, want_hi = np.array([lo], u64), np.array([hi], u64)
+        for level in np.unique(a["level"]):
+            at = a["level"] == level
+            hit = at & _overlaps(a_va, a_va + a["size"], want_lo, want_hi)
+            need |= hit
+            want_lo = np.concatenate((want_lo, a_src[hit]))
+            want_hi = np.concatenate((want_hi, a_src[hit] + a["size"][hit]))
+        if by_pa is False:
+            records = _coalesce_within(records, _edges(a_src[need], a["size"][need]), by_pa=False)
+        copied = 0
+        for level in np.unique(a["level"][need])[::-1]:
+            at = need & (a["level"] == level)
+            src, dst, size = a_src[at], a_va[at], a["size"][at]
+            first = np.searchsorted(records["va"], src)
+            n = np.searchsorted(records["va"], src + size) - first
+            copied += int(n.sum())
+            if len(records) + copied > self.max_entries:
+                raise WalkTooLarge(
+                    f"expanding {len(self.aliases)} aliased table reaches gives over {self.max_entries} "
+                    f"records; count them with Walk.multiplicity() or expand a window with ranges_within()")
+            ends = np.cumsum(n)
+            idx = np.repeat(first - (ends - n), n) + np.arange(int(ends[-1]) if len(ends) else 0)
+            copies = records[idx]
+            copies["va"] = copies["va"] - np.repeat(src, n) + np.repeat(dst, n)
+            records = np.concatenate((records, copies))
+            order = np.argsort(records["va"], kind="stable")
+            records = records[order]
+            if origin is not None:
+                origin = np.concatenate((origin, origin[idx]))[order]
+            else:
+                # Keep the source reaches still to copy whole: coalesce up to their edges only.
+                later = need & (a["level"] < level)
+                records = _coalesce_within(records, _edges(a_src[later], a["size"][later]), by_pa=by_pa)
+        if by_pa is not None:
+            records = coalesce(records, by_pa=by_pa)
+        keep = (records["va"] >= u64(lo)) & (records["va"] < u64(hi)) if (lo, hi) != (0, 1 << self.geometry.va_bits) \
+            else slice(None)
+        records = records[keep]
+        records["va"] = self._canonical(records["va"])
+        return records, (origin[keep] if origin is not None else None)
 
 
 def coalesce(r: np.ndarray, by_pa: bool = True) -> np.ndarray:
     """Join address-adjacent runs with the same level, flags and rights (and,
     with by_pa, physically contiguous frames). r must be sorted by va."""
+    return _coalesce_within(r, None, by_pa)
+
+
+def _coalesce_within(r: np.ndarray, barriers: np.ndarray | None, by_pa: bool = True) -> np.ndarray:
+    """coalesce(), but never joining at an address in barriers (sorted): a
+    source reach stays a self-contained slice that aliases can copy."""
     if len(r) <= 1:
         return r
     va, size = r["va"], r["size"]
@@ -96,6 +270,9 @@ def coalesce(r: np.ndarray, by_pa: bool = True) -> np.ndarray:
     if by_pa:
         present = (r["prot"][1:] & e.P) != 0
         join &= ~present | (r["pa"][1:] == r["pa"][:-1] + size[:-1])
+    if barriers is not None and len(barriers):
+        at = np.minimum(np.searchsorted(barriers, va[1:]), len(barriers) - 1)
+        join &= barriers[at] != va[1:]
     starts = np.flatnonzero(np.concatenate(([True], ~join)))
     if len(starts) == len(r):
         return r
@@ -105,20 +282,41 @@ def coalesce(r: np.ndarray, by_pa: bool = True) -> np.ndarray:
     return out
 
 
+def _edges(start: np.ndarray, size: np.ndarray) -> np.ndarray:
+    return np.unique(np.concatenate((start, start + size)))
+
+
+def _overlaps(lo: np.ndarray, hi: np.ndarray, want_lo: np.ndarray, want_hi: np.ndarray) -> np.ndarray:
+    """Which [lo, hi) meet the union of the [want_lo, want_hi)."""
+    order = np.argsort(want_lo, kind="stable")
+    w_lo, w_hi = want_lo[order], np.maximum.accumulate(want_hi[order])
+    i = np.searchsorted(w_lo, hi, side="left") - 1
+    return (i >= 0) & (w_hi[np.maximum(i, 0)] > lo)
+
+
+def _canonical(va: np.ndarray, geometry: Geometry) -> np.ndarray:
+    top = np.uint64(1 << (geometry.va_bits - 1))
+    ext = np.uint64(((1 << 64) - 1) ^ ((1 << geometry.va_bits) - 1))
+    return np.where(va >= top, va | ext, va)
+
+
 def _addr_mask(shift: int, maxphyaddr: int) -> np.uint64:
     return np.uint64(((1 << maxphyaddr) - 1) & ~((1 << shift) - 1))
 
 
 def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
          maxphyaddr: int = e.PHYS_ADDR_BITS_MAX, max_entries: int = DEFAULT_MAX_ENTRIES,
-         top_slots: tuple[int, int] = (0, 512)) -> Walk:
-    """Walk every entry reachable from cr3 and return the address space as ranges.
+         top_slots: tuple[int, int] = (0, 512), _summarise: bool = True) -> Walk:
+    """Walk every entry reachable from cr3 and return the address space.
 
-    Tables reached from several entries are read once per level; the number
-    of entries expanded (references x 512) is bounded by max_entries, past
-    which WalkTooLarge is raised rather than spending unbounded time.
-    top_slots limits the walk to top-level entries [first, last), e.g.
-    (256, 512) for the kernel half.
+    Tables reached from several entries are read once per level; rows that
+    reach one table with the same rights above it are walked once and the
+    others recorded as aliases (see the module docstring). The entries
+    actually decoded (walked rows x 512) are bounded by max_entries, past
+    which WalkTooLarge is raised rather than spending unbounded time; the
+    same bound applies to expanding Walk.ranges. top_slots limits the walk
+    to top-level entries [first, last), e.g. (256, 512) for the kernel half.
+    _summarise=False walks every alias (a reference for tests).
     """
     if isinstance(cr3, int):
         cr3 = CR3(cr3)
@@ -130,8 +328,11 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
     row_va = np.zeros(1, dtype=u64)
     row_table = root
     row_eff = np.array([EFF_RW | EFF_US], dtype=np.uint8)
-    expanded = 0
+    row_weight = np.ones(1, dtype=np.int64)  # rows of the expanded tree each row stands for
+    decoded = 0
     per_depth: list[np.ndarray] = []
+    alias_parts: list[np.ndarray] = []
+    barriers = np.zeros(0, u64)  # edges of source reaches: records never coalesce across them
     tables: list[np.ndarray] = []
     table_refs: list[np.ndarray] = []
     anomalies: list[Anomaly] = []
@@ -142,13 +343,9 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
         name = geometry.names[depth]
         if len(row_table) == 0:
             break
-        expanded += len(row_table) * 512
-        if expanded > max_entries:
-            raise WalkTooLarge(
-                f"the tables reference {len(row_table)} {name} tables "
-                f"({len(np.unique(row_table))} distinct): expanding over {max_entries} entries; "
-                f"the tables alias far beyond any real kernel")
-        distinct, inverse, refs = np.unique(row_table, return_inverse=True, return_counts=True)
+        distinct, inverse = np.unique(row_table, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        refs = np.bincount(inverse, weights=row_weight, minlength=len(distinct)).astype(np.int64)
         inside = mem.frames_present(distinct)
         if not inside.all():
             bad = distinct[~inside]
@@ -157,7 +354,7 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
                                      f"{len(bad)} {name} table(s) lie past the end of physical memory "
                                      f"(first at {int(bad[0]) << 12:#x}); what they would map is unknown"))
             keep = inside[inverse]
-            row_va, row_eff, inverse = row_va[keep], row_eff[keep], inverse[keep]
+            row_va, row_eff, row_weight, inverse = row_va[keep], row_eff[keep], row_weight[keep], inverse[keep]
             remap = np.cumsum(inside) - 1
             inverse = remap[inverse]
             distinct, refs = distinct[inside], refs[inside]
@@ -170,6 +367,7 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
         next_va: list[np.ndarray] = []
         next_table: list[np.ndarray] = []
         next_eff: list[np.ndarray] = []
+        next_weight: list[np.ndarray] = []
         leaf_mask = _addr_mask(shift, maxphyaddr)
         table_mask = _addr_mask(e.PAGE_SHIFT, maxphyaddr)
         reserved_high = u64(((1 << e.PHYS_ADDR_BITS_MAX) - 1) & ~((1 << maxphyaddr) - 1))
@@ -184,23 +382,49 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
                 whole = run[inverse]
                 first = data[inverse[whole], 0]
                 records.append(_run_records(row_va[whole], row_eff[whole], first, shift, depth, leaf_mask))
-                row_va, row_eff, inverse = row_va[~whole], row_eff[~whole], inverse[~whole]
-        # Rows that share a table and the rights above it expand alike (ESPfix
-        # points thousands of entries at a handful of tables): expand each
-        # such pair once, then copy the result to every row that has it.
-        share = _Sharing.plan(inverse, row_va, row_eff, shift)
-        if share is None:
-            b_inverse, b_va, b_eff, weight, out = inverse, row_va, row_eff, None, records
-        else:
-            b_inverse, b_va, b_eff, weight, out = share.inverse, share.va, share.eff, share.weight, []
-        for start in range(0, len(b_inverse), BATCH_ROWS):
+                row_va, row_eff, row_weight, inverse = \
+                    row_va[~whole], row_eff[~whole], row_weight[~whole], inverse[~whole]
+        if _summarise and depth > 0 and len(inverse) > 1:
+            # Rows that share a table and the rights above it expand alike
+            # (ESPfix points thousands of entries at a handful of tables):
+            # walk the first, and let the others name it as their source.
+            key = inverse.astype(np.int64) * 8 + row_eff
+            _, source, of_row, members = np.unique(key, return_index=True, return_inverse=True,
+                                                   return_counts=True)
+            of_row = of_row.reshape(-1)
+            if len(source) < len(key):
+                alias = np.ones(len(key), dtype=bool)
+                alias[source] = False
+                reach = u64(1 << (shift + 9))
+                out = np.empty(int(alias.sum()), dtype=ALIAS_DTYPE)
+                out["va"] = row_va[alias]
+                out["size"] = reach
+                out["source"] = row_va[source[of_row[alias]]]
+                out["level"] = depth - 1
+                alias_parts.append(out)
+                shared = source[members > 1]
+                barriers = np.union1d(barriers, _edges(row_va[shared], np.full(len(shared), reach)))
+                weight = np.bincount(of_row, weights=row_weight, minlength=len(source)).astype(np.int64)
+                # Back to address order: the next level's first row of a group must be its lowest.
+                order = np.argsort(source)
+                source = source[order]
+                row_va, row_eff, inverse, row_weight = row_va[source], row_eff[source], inverse[source], weight[order]
+        decoded += len(inverse) * 512
+        if decoded > max_entries:
+            raise WalkTooLarge(
+                f"the tables reference {len(inverse)} distinct {name} tables-with-rights "
+                f"({len(distinct)} frames): decoding over {max_entries} entries; "
+                f"the tables alias far beyond any real kernel")
+        reserved_count = 0
+        reserved_values: list[np.ndarray] = []
+        for start in range(0, len(inverse), BATCH_ROWS):
             sl = slice(start, start + BATCH_ROWS)
-            ent = data[b_inverse[sl]]  # (rows, 512)
+            ent = data[inverse[sl]]  # (rows, 512)
             if depth == 0 and top_slots != (0, 512):
                 ent = ent.copy()
                 ent[:, :top_slots[0]] = 0
                 ent[:, top_slots[1]:] = 0
-            va = b_va[sl, None] + step
+            va = row_va[sl, None] + step
             present = (ent & u64(e.P)) != 0
             ps = (ent & u64(e.PS)) != 0
             bad = present & ((ent & reserved_high) != 0)
@@ -213,13 +437,10 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
                 bad |= present & ps
                 leaf = np.zeros_like(present)
             if bad.any():
-                count = int(bad.sum() if weight is None else (bad.sum(axis=1) * weight[sl]).sum())
-                anomalies.append(Anomaly("reserved-bits", name, tuple(int(x) for x in np.unique(ent[bad])[:16]),
-                                         count,
-                                         f"{count} {name} entr(ies) have reserved bits set "
-                                         f"(a real MMU faults with PFEC.RSVD); not followed"))
+                reserved_count += int((bad.sum(axis=1) * row_weight[sl]).sum())
+                reserved_values.append(np.unique(ent[bad]))
                 leaf &= ~bad
-            parent_eff = b_eff[sl, None]
+            parent_eff = row_eff[sl, None]
             rw_us = ((ent & u64(e.RW)) != 0) * np.uint8(EFF_RW) | ((ent & u64(e.US)) != 0) * np.uint8(EFF_US)
             eff = (parent_eff & rw_us) | (parent_eff & np.uint8(EFF_NX)) | ((ent >> u64(63)).astype(np.uint8) * np.uint8(EFF_NX))
             emit = leaf | ~present | bad
@@ -234,84 +455,38 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
                 # A faulting entry shows as a hole: hardware maps nothing there.
                 rec["prot"] = np.where(bad[emit], u64(0), ent_e & u64(e.FLAGS_MASK))
                 rec["eff"] = np.where(ent_e == 0, np.uint8(0), eff[emit])
-                out.append(coalesce(rec))
+                records.append(_coalesce_within(rec, barriers))
             descend = present & ~leaf & ~bad
             if depth < last_depth and descend.any():
                 next_va.append(va[descend])
                 next_table.append((ent[descend] & table_mask) >> u64(e.PAGE_SHIFT))
                 next_eff.append(eff[descend])
-        if share is not None:
-            if out:
-                records.append(share.place_records(np.concatenate(out)))
-            if next_va:
-                idx, va = share.copies(np.concatenate(next_va))
-                next_va, next_table, next_eff = [va], [np.concatenate(next_table)[idx]], [np.concatenate(next_eff)[idx]]
+                next_weight.append(np.broadcast_to(row_weight[sl, None], descend.shape)[descend])
+        if reserved_count:
+            values = np.unique(np.concatenate(reserved_values))
+            anomalies.append(Anomaly("reserved-bits", name, tuple(int(x) for x in values[:16]), reserved_count,
+                                     f"{reserved_count} {name} entr(ies) have reserved bits set "
+                                     f"(a real MMU faults with PFEC.RSVD); not followed"))
         if records:
             joined = np.concatenate(records)
             if len(records) > 1:
                 joined = joined[np.argsort(joined["va"], kind="stable")]
-            per_depth.append(coalesce(joined))
+            per_depth.append(_coalesce_within(joined, barriers))
         if depth < last_depth:
             row_va = np.concatenate(next_va) if next_va else np.zeros(0, u64)
             row_table = np.concatenate(next_table) if next_table else np.zeros(0, u64)
             row_eff = np.concatenate(next_eff) if next_eff else np.zeros(0, np.uint8)
+            row_weight = np.concatenate(next_weight) if next_weight else np.zeros(0, np.int64)
 
     ranges = np.concatenate(per_depth) if per_depth else np.zeros(0, RANGE_DTYPE)
     ranges = ranges[np.argsort(ranges["va"], kind="stable")]
-    top = u64(1 << (geometry.va_bits - 1))
-    ext = u64(((1 << 64) - 1) ^ ((1 << geometry.va_bits) - 1))
-    ranges["va"] = np.where(ranges["va"] >= top, ranges["va"] | ext, ranges["va"])
+    ranges["va"] = _canonical(ranges["va"], geometry)
+    aliases = np.concatenate(alias_parts) if alias_parts else np.zeros(0, ALIAS_DTYPE)
+    aliases = aliases[np.argsort(aliases["va"], kind="stable")]
+    aliases["va"] = _canonical(aliases["va"], geometry)
+    aliases["source"] = _canonical(aliases["source"], geometry)
     anomalies.extend(_tables_at_several_levels(geometry, tables))
-    return Walk(geometry, cr3, ranges, tables, table_refs, anomalies)
-
-
-@dataclass
-class _Sharing:
-    """Rows grouped by (table, rights above it): each group is expanded once,
-    as one template row at address k * span, and copied to its rows after."""
-
-    inverse: np.ndarray  # per template: index of its table among the level's distinct tables
-    va: np.ndarray  # per template: its private address
-    eff: np.ndarray  # per template: the rights above it
-    weight: np.ndarray  # per template: how many rows it stands for
-    of_row: np.ndarray  # per row: its template
-    row_va: np.ndarray  # per row: its address
-    span: int
-
-    @classmethod
-    def plan(cls, inverse: np.ndarray, row_va: np.ndarray, row_eff: np.ndarray, shift: int) -> "_Sharing | None":
-        """A plan when rows repeat enough to be worth it, else None."""
-        if len(inverse) < 64:
-            return None
-        # Twice a table's reach apart: one template's runs never touch the next one's, so never coalesce.
-        span = 2 << (shift + 9)
-        key = inverse.astype(np.int64) * 8 + row_eff
-        templates, of_row = np.unique(key, return_inverse=True)
-        if len(templates) * 2 > len(key) or len(templates) * span >= 1 << 64:
-            return None
-        return cls((templates // 8).astype(np.intp), np.arange(len(templates), dtype=np.uint64) * np.uint64(span),
-                   (templates % 8).astype(np.uint8), np.bincount(of_row, minlength=len(templates)),
-                   of_row.reshape(-1), row_va, span)
-
-    def copies(self, template_va: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For template items at sorted addresses template_va: which item each
-        copy is, and the copy's address, in address order."""
-        span = np.uint64(self.span)
-        k = (template_va // span).astype(np.intp)
-        rel = template_va - k.astype(np.uint64) * span
-        counts = np.bincount(k, minlength=len(self.va))
-        starts = np.cumsum(counts) - counts
-        n = counts[self.of_row]
-        ends = np.cumsum(n)
-        owner = np.repeat(np.arange(len(self.of_row)), n)
-        idx = np.repeat(starts[self.of_row] - (ends - n), n) + np.arange(int(ends[-1]) if len(ends) else 0)
-        return idx, self.row_va[owner] + rel[idx]
-
-    def place_records(self, template: np.ndarray) -> np.ndarray:
-        idx, va = self.copies(template["va"])
-        out = template[idx]
-        out["va"] = va
-        return out  # the level's records are coalesced together afterwards
+    return Walk(geometry, cr3, ranges, aliases, tables, table_refs, anomalies, max_entries)
 
 
 def _run_tables(data: np.ndarray, shift: int, last: bool, reserved_high: np.uint64) -> np.ndarray:
