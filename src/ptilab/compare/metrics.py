@@ -10,7 +10,7 @@ import numpy as np
 from ptilab import progress
 from ptilab.compare.views import Divergence, diff, rights
 from ptilab.linux.kernel import Kernel, boot
-from ptilab.linux.regions import region_of
+from ptilab.linux.regions import REGIONS, region_of
 from ptilab.memory.allocators import Phase
 from ptilab.paging import Walk, walk
 from ptilab.paging import entry as e
@@ -52,15 +52,29 @@ class DesignReport:
 
 
 def region_pages(view: Walk, levels: int) -> tuple[dict[str, int], dict[str, list[str]]]:
-    """Present kernel-half pages of a view per region, and the rights seen in each."""
-    r = view.mapped
-    r = r[r["va"] >= np.uint64(view.geometry.kernel_half_start())]
+    """Present kernel-half pages of a view per region, and the rights seen in each.
+
+    Counted over the walk's distinct records times how often each occurs in
+    each region, so the ESPfix area's aliases are counted, not expanded."""
+    edges = sorted({view.geometry.kernel_half_start()} | {edge for start, end, _ in REGIONS[levels]
+                                                          for edge in (start, end)})
+    r = view.distinct
+    present = (r["prot"] & np.uint64(e.P)) != 0
+    occurs = view.multiplicity(edges)[present]
+    r = r[present]
     counts: Counter[str] = Counter()
     seen: dict[str, set[str]] = {}
-    for va, size, eff in zip(r["va"].tolist(), r["size"].tolist(), r["eff"].tolist()):
-        region = region_of(va, levels)
-        counts[region] += size // e.PAGE_SIZE
-        seen.setdefault(region, set()).add(rights(eff))
+    for column in range(1, len(edges) + 1):
+        if edges[column - 1] < view.geometry.kernel_half_start():
+            continue
+        region = region_of(edges[column - 1], levels)
+        here = occurs[:, column] > 0
+        if not here.any():
+            continue
+        pages = int((r["size"][here].astype(np.int64) // e.PAGE_SIZE * occurs[here, column]).sum())
+        counts[region] += pages
+        for eff in np.unique(r["eff"][here]).tolist():
+            seen.setdefault(region, set()).add(rights(eff))
     return dict(counts), {k: sorted(v) for k, v in seen.items()}
 
 

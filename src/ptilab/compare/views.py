@@ -18,7 +18,8 @@ def pages(walk: Walk, start: int, end: int) -> np.ndarray:
     # Inclusive last bytes: a range ending at the top of the address space
     # would overflow u64 with an exclusive end.
     last_wanted = np.uint64(min(end, 1 << 64) - 1)
-    r = walk.mapped
+    r = walk.ranges_within(start, end)  # expands only the aliases that reach the window
+    r = r[(r["prot"] & np.uint64(e.P)) != 0]
     last = r["va"] + (r["size"] - np.uint64(1))
     r = r[(last >= np.uint64(start)) & (r["va"] <= last_wanted)]
     if not len(r):

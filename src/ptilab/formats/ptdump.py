@@ -214,7 +214,10 @@ def _first_note_at_or_after(n: _Entries, addr: int) -> int | None:
 
 def format_walk(w: Walk, markers: list[Marker] | None = None) -> str:
     """The ptdump text of a walked tree (current_user if w is a user CR3's)."""
-    return format_ranges(w.ranges, w.geometry, markers)
+    # ptdump breaks a line only on flags, rights or level, never on frames:
+    # the walk's runs ignoring pa print the same lines, and they expand the
+    # ESPfix area's aliases to a handful of runs instead of millions of pages.
+    return format_ranges(w.runs(), w.geometry, markers)
 
 
 def format_ranges(ranges: np.ndarray, geometry: Geometry, markers: list[Marker] | None = None) -> str:

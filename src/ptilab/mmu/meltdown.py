@@ -204,8 +204,10 @@ SUMMARY_AFTER = 64  # runs of one region and rights beyond which they are summed
 
 def readable(view: Walk) -> list[Readable]:
     """Every supervisor mapping of the user view, by region and rights, in address order."""
-    r = view.mapped
-    r = coalesce(r[(r["eff"] & EFF_US) == 0], by_pa=False)
+    # The runs ignoring frames are what this coalesces to anyway, and they
+    # keep the ESPfix area's 65536 aliases per page from being expanded.
+    r = view.runs()
+    r = coalesce(r[((r["prot"] & np.uint64(e.P)) != 0) & ((r["eff"] & EFF_US) == 0)], by_pa=False)
     levels = view.geometry.levels
     groups: dict[tuple[str, int], list[int]] = {}
     for i, va in enumerate(r["va"].tolist()):

@@ -172,7 +172,7 @@ class Walk:
         return int((self.distinct["size"][present].astype(np.int64) * self.multiplicity()[present]).sum())
 
     def ranges_within(self, start: int, end: int) -> np.ndarray:
-        """The records of the full address space that start in [start, end)
+        """The records of the full address space that meet [start, end)
         (canonical addresses), expanding only the aliases that reach there.
         A run is coalesced as far as the expanded part reaches, so one that
         crosses start or end may be shorter than in ranges."""
@@ -244,8 +244,8 @@ class Walk:
                 records = _coalesce_within(records, _edges(a_src[later], a["size"][later]), by_pa=by_pa)
         if by_pa is not None:
             records = coalesce(records, by_pa=by_pa)
-        keep = (records["va"] >= u64(lo)) & (records["va"] < u64(hi)) if (lo, hi) != (0, 1 << self.geometry.va_bits) \
-            else slice(None)
+        whole = (lo, hi) == (0, 1 << self.geometry.va_bits)
+        keep = slice(None) if whole else (records["va"] + records["size"] > u64(lo)) & (records["va"] < u64(hi))
         records = records[keep]
         records["va"] = self._canonical(records["va"])
         return records, (origin[keep] if origin is not None else None)
