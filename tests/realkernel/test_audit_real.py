@@ -77,3 +77,16 @@ def test_meltdown_through_the_real_user_tables_recovers_the_kaslr_slide():
     result = exposure(k.mem, found.user, unslid)
     assert result.kaslr_slide == k.symbols["_text"] - unslid["_text"]
     assert result.text_base == k.symbols["_text"]
+
+
+def test_real_kernels_walk_to_the_same_ranges_summarised_or_not(any_kernel):
+    """The ESPfix area's aliases are summarised by the walker; expanded, the
+    address space is record for record what walking every alias gives."""
+    cpu = any_kernel.cpu()
+    for cr3 in {cpu["cr3"] & ~0x1FFF, cpu["cr3"] & ~0xFFF}:
+        w = walk(any_kernel.mem, cr3, any_kernel.geometry)
+        full = walk(any_kernel.mem, cr3, any_kernel.geometry, _summarise=False)
+        assert np.array_equal(w.ranges, full.ranges)
+        assert [r.tolist() for r in w.table_refs] == [r.tolist() for r in full.table_refs]
+        assert w.mapped_bytes() == full.mapped_bytes()
+        assert len(w.distinct) < len(full.ranges) or not w.alias_count()
