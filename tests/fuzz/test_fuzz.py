@@ -112,13 +112,14 @@ def shortcut_trees(draw):
 @CI
 @given(shortcut_trees())
 def test_the_walk_shortcuts_change_no_answer(tree):
-    """Contiguous-run tables and shared (table, rights) rows are shortcuts:
-    with both turned off the walk must give the very same ranges and anomalies."""
+    """Contiguous-run tables and summarised (table, rights) aliases are
+    shortcuts: with both turned off the walk must give the very same ranges,
+    reference counts and anomalies once its aliases are expanded."""
     ram, pgd = tree
     fast = walk(ram, pgd, Geometry(4))
     walk_module = sys.modules["ptilab.paging.walk"]
-    with mock.patch.object(walk_module, "_run_tables", lambda data, *a: np.zeros(len(data), bool)), \
-            mock.patch.object(walk_module._Sharing, "plan", classmethod(lambda cls, *a: None)):
-        slow = walk(ram, pgd, Geometry(4))
+    with mock.patch.object(walk_module, "_run_tables", lambda data, *a: np.zeros(len(data), bool)):
+        slow = walk(ram, pgd, Geometry(4), _summarise=False)
     assert fast.ranges.tobytes() == slow.ranges.tobytes()
+    assert [r.tolist() for r in fast.table_refs] == [r.tolist() for r in slow.table_refs]
     assert [(a.kind, a.count, a.frames) for a in fast.anomalies] == [(a.kind, a.count, a.frames) for a in slow.anomalies]

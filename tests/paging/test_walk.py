@@ -226,6 +226,8 @@ def test_summarised_walk_expands_to_exactly_the_full_walk(tree):
     assert [t.tolist() for t in w.tables] == [t.tolist() for t in full.tables]
     assert [r.tolist() for r in w.table_refs] == [r.tolist() for r in full.table_refs]
     assert w.anomalies == full.anomalies
+    kernel_half = _reference(ram, cr3, geometry, top_slots=(256, 512)).all_table_frames()
+    assert np.array_equal(w.kernel_half_table_frames(), kernel_half)
     assert w.mapped_bytes() == full.mapped_bytes() == int(full.mapped["size"].sum())
     assert w.expanded_records() >= len(full.ranges)
     assert np.array_equal(w.runs(), coalesce(full.ranges, by_pa=False))

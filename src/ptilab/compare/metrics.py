@@ -86,8 +86,8 @@ def measure(kernel: Kernel) -> DesignReport:
     mine = [a for a in kernel.alloc.log if a.owner == name]
     by_phase = Counter(a.phase.value for a in mine)
     # Only the kernel half: the user half's tables are shared by construction.
-    kernel_tables = walk(kernel.ram, kernel.kernel_cr3(), kernel.geometry, top_slots=(256, 512)).all_table_frames()
-    user_tables = walk(kernel.ram, kernel.user_cr3(), kernel.geometry, top_slots=(256, 512)).all_table_frames()
+    kernel_tables = kern.kernel_half_table_frames()
+    user_tables = user.kernel_half_table_frames()
     shared = int(np.isin(user_tables, kernel_tables).sum())
     area_start = kernel.area_base
     area_end = area_start + kernel.profile.area_size(kernel.nr_cpus)

@@ -60,6 +60,9 @@ ALIAS_DTYPE = np.dtype([
 EFF_RW = 1
 EFF_US = 2
 EFF_NX = 4
+# Which half of the top-level table a table is reached through (both for the root).
+HALF_USER = 1
+HALF_KERNEL = 2
 
 # Rows of 512 entries expanded at once: bounds the walk's working memory.
 BATCH_ROWS = 4096
@@ -94,6 +97,7 @@ class Walk:
     table_refs: list[np.ndarray]  # per depth: how many entries of the expanded tree referenced each of them
     anomalies: list[Anomaly] = field(default_factory=list)
     max_entries: int = DEFAULT_MAX_ENTRIES  # records ranges may expand to before WalkTooLarge
+    table_halves: list[np.ndarray] = field(default_factory=list)  # per depth, per table: HALF_USER | HALF_KERNEL
     _ranges: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -112,6 +116,12 @@ class Walk:
 
     def all_table_frames(self) -> np.ndarray:
         return np.unique(np.concatenate(self.tables)) if self.tables else np.zeros(0, np.uint64)
+
+    def kernel_half_table_frames(self) -> np.ndarray:
+        """The table frames reached through top-level slots 256-511 (the root
+        included): what a walk with top_slots=(256, 512) visits."""
+        parts = [t[(h & HALF_KERNEL) != 0] for t, h in zip(self.tables, self.table_halves)]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
 
     def alias_count(self) -> int:
         """How many reaches repeat another one instead of being walked."""
@@ -148,13 +158,11 @@ class Walk:
             repeats = np.zeros((len(sources), width), dtype=np.int64)
             np.add.at(repeats, of_alias.reshape(-1), seen[at])
             reach = a["size"][at[0]]
-            deeper = a["level"] > level
-            for va, into in ((a_va[deeper], seen[deeper]), (r_va, count)):
-                window = np.searchsorted(sources, va, side="right") - 1
-                inside = (window >= 0) & (va < sources[np.maximum(window, 0)] + reach)
-                into[inside] += repeats[window[inside]]
-                if into is not count:
-                    seen[deeper] = into
+            deeper = np.flatnonzero(a["level"] > level)
+            inside, window = _holder(sources, reach, a_va[deeper])
+            seen[deeper[inside]] += repeats[window[inside]]
+            inside, window = _holder(sources, reach, r_va)
+            count[inside] += repeats[window[inside]]
         return count if len(bins) else count[:, 0]
 
     def _multiplicity_by_expanding(self, bins: np.ndarray) -> np.ndarray:
@@ -282,6 +290,13 @@ def _coalesce_within(r: np.ndarray, barriers: np.ndarray | None, by_pa: bool = T
     return out
 
 
+def _holder(starts: np.ndarray, reach: np.uint64, va: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each va: whether one of the disjoint reaches [starts, starts + reach) holds it, and which."""
+    window = np.searchsorted(starts, va, side="right") - 1
+    inside = (window >= 0) & (va < starts[np.maximum(window, 0)] + reach)
+    return inside, window
+
+
 def _edges(start: np.ndarray, size: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate((start, start + size)))
 
@@ -329,6 +344,8 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
     row_table = root
     row_eff = np.array([EFF_RW | EFF_US], dtype=np.uint8)
     row_weight = np.ones(1, dtype=np.int64)  # rows of the expanded tree each row stands for
+    row_halves = np.array([HALF_USER | HALF_KERNEL], dtype=np.uint8)
+    table_halves: list[np.ndarray] = []
     decoded = 0
     per_depth: list[np.ndarray] = []
     alias_parts: list[np.ndarray] = []
@@ -355,11 +372,15 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
                                      f"(first at {int(bad[0]) << 12:#x}); what they would map is unknown"))
             keep = inside[inverse]
             row_va, row_eff, row_weight, inverse = row_va[keep], row_eff[keep], row_weight[keep], inverse[keep]
+            row_halves = row_halves[keep]
             remap = np.cumsum(inside) - 1
             inverse = remap[inverse]
             distinct, refs = distinct[inside], refs[inside]
         tables.append(distinct)
         table_refs.append(refs)
+        halves = np.zeros(len(distinct), dtype=np.uint8)
+        np.bitwise_or.at(halves, inverse, row_halves)
+        table_halves.append(halves)
         data = mem.read_frames(distinct)
         shift = geometry.shift(depth)
         step = index << u64(shift)
@@ -368,6 +389,7 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
         next_table: list[np.ndarray] = []
         next_eff: list[np.ndarray] = []
         next_weight: list[np.ndarray] = []
+        next_halves: list[np.ndarray] = []
         leaf_mask = _addr_mask(shift, maxphyaddr)
         table_mask = _addr_mask(e.PAGE_SHIFT, maxphyaddr)
         reserved_high = u64(((1 << e.PHYS_ADDR_BITS_MAX) - 1) & ~((1 << maxphyaddr) - 1))
@@ -384,6 +406,7 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
                 records.append(_run_records(row_va[whole], row_eff[whole], first, shift, depth, leaf_mask))
                 row_va, row_eff, row_weight, inverse = \
                     row_va[~whole], row_eff[~whole], row_weight[~whole], inverse[~whole]
+                row_halves = row_halves[~whole]
         if _summarise and depth > 0 and len(inverse) > 1:
             # Rows that share a table and the rights above it expand alike
             # (ESPfix points thousands of entries at a handful of tables):
@@ -405,10 +428,13 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
                 shared = source[members > 1]
                 barriers = np.union1d(barriers, _edges(row_va[shared], np.full(len(shared), reach)))
                 weight = np.bincount(of_row, weights=row_weight, minlength=len(source)).astype(np.int64)
+                halves = np.zeros(len(source), dtype=np.uint8)
+                np.bitwise_or.at(halves, of_row, row_halves)
                 # Back to address order: the next level's first row of a group must be its lowest.
                 order = np.argsort(source)
                 source = source[order]
                 row_va, row_eff, inverse, row_weight = row_va[source], row_eff[source], inverse[source], weight[order]
+                row_halves = halves[order]
         decoded += len(inverse) * 512
         if decoded > max_entries:
             raise WalkTooLarge(
@@ -462,6 +488,11 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
                 next_table.append((ent[descend] & table_mask) >> u64(e.PAGE_SHIFT))
                 next_eff.append(eff[descend])
                 next_weight.append(np.broadcast_to(row_weight[sl, None], descend.shape)[descend])
+                if depth == 0:
+                    half = np.where(index < u64(256), np.uint8(HALF_USER), np.uint8(HALF_KERNEL))
+                    next_halves.append(np.broadcast_to(half, descend.shape)[descend])
+                else:
+                    next_halves.append(np.broadcast_to(row_halves[sl, None], descend.shape)[descend])
         if reserved_count:
             values = np.unique(np.concatenate(reserved_values))
             anomalies.append(Anomaly("reserved-bits", name, tuple(int(x) for x in values[:16]), reserved_count,
@@ -477,6 +508,7 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
             row_table = np.concatenate(next_table) if next_table else np.zeros(0, u64)
             row_eff = np.concatenate(next_eff) if next_eff else np.zeros(0, np.uint8)
             row_weight = np.concatenate(next_weight) if next_weight else np.zeros(0, np.int64)
+            row_halves = np.concatenate(next_halves) if next_halves else np.zeros(0, np.uint8)
 
     ranges = np.concatenate(per_depth) if per_depth else np.zeros(0, RANGE_DTYPE)
     ranges = ranges[np.argsort(ranges["va"], kind="stable")]
@@ -486,7 +518,7 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
     aliases["va"] = _canonical(aliases["va"], geometry)
     aliases["source"] = _canonical(aliases["source"], geometry)
     anomalies.extend(_tables_at_several_levels(geometry, tables))
-    return Walk(geometry, cr3, ranges, aliases, tables, table_refs, anomalies, max_entries)
+    return Walk(geometry, cr3, ranges, aliases, tables, table_refs, anomalies, max_entries, table_halves)
 
 
 def _run_tables(data: np.ndarray, shift: int, last: bool, reserved_high: np.uint64) -> np.ndarray:
