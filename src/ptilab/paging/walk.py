@@ -206,13 +206,15 @@ class Walk:
         coalesce (by_pa None: never coalesce, and say which distinct record
         each copy is). Only aliases reaching [start, end) are expanded."""
         u64 = np.uint64
+        if end <= start:
+            return np.zeros(0, RANGE_DTYPE), (np.zeros(0, np.intp) if by_pa is None else None)
         records = self.distinct.copy()
         records["va"] = self._raw(records["va"])
         origin = np.arange(len(records)) if by_pa is None else None
         a = self.aliases
-        lo = int(self._raw(np.array([start], u64))[0]) if start < 1 << 64 else 1 << self.geometry.va_bits
-        hi = (1 << self.geometry.va_bits) if end >= 1 << 64 or end - 1 < start else \
-            int(self._raw(np.array([end - 1], u64))[0]) + 1
+        # The walk's own (raw) addresses: sign extension would break the order at the top of the user half.
+        lo = int(self._raw(np.array([start], u64))[0])
+        hi = 1 << self.geometry.va_bits if end >= 1 << 64 else int(self._raw(np.array([end - 1], u64))[0]) + 1
         a_va, a_src = self._raw(a["va"]), self._raw(a["source"])
         # Shallow first: an alias is needed if it reaches the window or the
         # source reach of a needed shallower alias.
@@ -226,14 +228,12 @@ class Walk:
             want_hi = np.concatenate((want_hi, a_src[hit] + a["size"][hit]))
         if by_pa is False:
             records = _coalesce_within(records, _edges(a_src[need], a["size"][need]), by_pa=False)
-        copied = 0
         for level in np.unique(a["level"][need])[::-1]:
             at = need & (a["level"] == level)
             src, dst, size = a_src[at], a_va[at], a["size"][at]
             first = np.searchsorted(records["va"], src)
             n = np.searchsorted(records["va"], src + size) - first
-            copied += int(n.sum())
-            if len(records) + copied > self.max_entries:
+            if len(records) + int(n.sum()) > self.max_entries:
                 raise WalkTooLarge(
                     f"expanding {len(self.aliases)} aliased table reaches gives over {self.max_entries} "
                     f"records; count them with Walk.multiplicity() or expand a window with ranges_within()")
