@@ -241,11 +241,21 @@ class Walk:
             idx = np.repeat(first - (ends - n), n) + np.arange(int(ends[-1]) if len(ends) else 0)
             copies = records[idx]
             copies["va"] = copies["va"] - np.repeat(src, n) + np.repeat(dst, n)
-            records = np.concatenate((records, copies))
-            order = np.argsort(records["va"], kind="stable")
-            records = records[order]
+            # The aliases' reaches are empty in records and copies come in
+            # address order: merge by position instead of sorting it all again.
+            into = np.searchsorted(records["va"], copies["va"]) + np.arange(len(copies))
+            held = np.ones(len(records) + len(copies), dtype=bool)
+            held[into] = False
+            merged = np.empty(len(held), RANGE_DTYPE)
+            merged[into] = copies
+            merged[held] = records
+            records = merged
+            del copies, merged
             if origin is not None:
-                origin = np.concatenate((origin, origin[idx]))[order]
+                moved = np.empty(len(held), np.intp)
+                moved[into] = origin[idx]
+                moved[held] = origin
+                origin = moved
             else:
                 # Keep the source reaches still to copy whole: coalesce up to their edges only.
                 later = need & (a["level"] < level)
