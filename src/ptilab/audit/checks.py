@@ -12,7 +12,7 @@ import numpy as np
 
 from ptilab.audit.findings import Finding, Severity, Span
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, ESPFIX_BASE_ADDR, START_KERNEL_MAP
-from ptilab.linux.regions import region_of
+from ptilab.linux.regions import REGIONS
 from ptilab.paging import EFF_NX, EFF_RW, EFF_US, Anomaly, Geometry
 from ptilab.paging import entry as e
 
@@ -99,8 +99,9 @@ def check_pti_off(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     leaked = int(r["size"][kinds["leak"]].sum())
     same = views.kernel is not None and len(views.kernel) == len(views.user) and bool(
         (views.kernel["va"] == views.user["va"]).all() and (views.kernel["pa"] == views.user["pa"]).all())
-    direct = sum(int(s) for va, s in zip(r["va"].tolist(), r["size"].tolist())
-                 if region_of(va, views.geometry.levels) == "direct map")
+    # region_of() over every range, vectorised: the direct map is one interval.
+    (lo, hi), = [(start, end) for start, end, name in REGIONS[views.geometry.levels] if name == "direct map"]
+    direct = int(r["size"][_within(r, lo, hi)].sum())
     if leaked < PTI_OFF_BYTES and not same and direct < PTI_OFF_BYTES:
         return []
     why = ("the user and kernel views are the same tree" if same else
