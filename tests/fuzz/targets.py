@@ -247,6 +247,27 @@ def _check(w) -> None:
         raise Crash(f"ranges overlap or are unsorted at {int(va[at]):#x}+{int(r['size'][at]):#x} / {int(va[at + 1]):#x}")
 
 
+def _check_against_reference(ram, cr3: int, w) -> None:
+    """Summarising aliases must not change the answer: the plain walk (each
+    alias expanded in place) gives the same ranges, references and anomalies,
+    and the non-expanding views of the walk agree with its expansion."""
+    try:
+        ref = walk(ram, cr3, Geometry(4), max_entries=MAX_ENTRIES, _summarise=False)
+    except PtilabError:
+        return  # the plain walk's budget is smaller than the summarised one's
+    if not np.array_equal(w.ranges, ref.ranges):
+        raise Crash(f"summarised walk expands to {len(w.ranges)} ranges, the plain walk has {len(ref.ranges)}")
+    if [t.tolist() for t in w.table_refs] != [t.tolist() for t in ref.table_refs]:
+        raise Crash("table_refs differ from the plain walk's")
+    if [(a.kind, a.level, a.count) for a in w.anomalies] != [(a.kind, a.level, a.count) for a in ref.anomalies]:
+        raise Crash(f"anomalies differ: {w.anomalies} / {ref.anomalies}")
+    present = (ref.ranges["prot"] & np.uint64(e.P)) != 0
+    if w.mapped_bytes() != int(ref.ranges["size"][present].sum()):
+        raise Crash("mapped_bytes() differs from the expansion's")
+    if int(w.runs()["size"].sum()) != int(ref.ranges["size"].sum()):
+        raise Crash("runs() cover a different amount of address space than the ranges")
+
+
 def fuzz_walk(user_view: bool, keep_espfix: bool, printed: bool, muts) -> None:
     """Walk the real tree with entries mutated, then (if printed) print it as
     ptdump and as `info mem` and read both back."""
@@ -258,6 +279,7 @@ def fuzz_walk(user_view: bool, keep_espfix: bool, printed: bool, muts) -> None:
     except PtilabError:
         return
     _check(w)
+    _check_against_reference(ram, cr3, w)
     if not printed:
         return
     text = format_info_mem(w)
