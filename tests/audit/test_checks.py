@@ -77,3 +77,65 @@ def test_user_bit_on_a_kernel_page_is_critical(kernel):
         kernel.ram.write_entry(entry_pa, value | e.US)
         table = e.frame_address(value)
     assert "KERNEL-USER-BIT" in _ids(audit(_views(kernel)), Severity.CRITICAL)
+
+
+def _same_findings(summarised, expanded) -> bool:
+    """Equal but for the spans, where a summarised range says how many times
+    it appears instead of being listed that many times."""
+    def key(findings, copies):
+        return [(f.id, f.severity, f.title, f.explanation,
+                 {(s.start, s.end, s.rights) for s in f.spans if copies or "mapped" not in s.label}) for f in findings]
+    plain = [(f.id, f.severity, f.title, f.explanation, {(s.start, s.end, s.rights) for s in f.spans})
+             for f in expanded]
+    return all(a[:4] == b[:4] and a[4] <= b[4] for a, b in zip(key(summarised, False), plain)) \
+        and len(summarised) == len(expanded)
+
+
+def _expanded(found) -> Views:
+    """The same views with every alias expanded: what the audit read before it summarised."""
+    v = found.views
+    return Views(v.geometry, found.user.ranges, found.kernel.ranges if found.kernel else None, v.kernel_pgd,
+                 anomalies=v.anomalies, symbols=v.symbols)
+
+
+@pytest.mark.parametrize("profile, design, cpus, levels", [
+    ("kaiser-2017", "explicit", 5, 4), ("linux-4.15", "mirror", 64, 5), ("linux-6.1", "shared-pmd", 64, 4),
+    ("linux-6.1", "linux", 300, 5)])
+def test_the_summarised_audit_finds_what_the_expanded_one_does(profile, design, cpus, levels):
+    from ptilab.audit.sources import views_from_image
+
+    k = boot(profile, design, cpus, levels)
+    found = views_from_image(k.ram, k.user_cr3().pgd, k.geometry)
+    assert _same_findings(audit(found.views), audit(_expanded(found)))
+
+
+def test_aliased_leaks_are_counted_once_per_copy(kernel):
+    """A leaked page behind a PMD table that 8 PUD entries share: eight ranges, not one."""
+    from ptilab.audit.sources import views_from_image
+
+    secret = kernel.direct_map_va(0x5000_0000)
+    pgd = kernel.user_cr3().pgd
+    map_page(kernel.ram, kernel.geometry, pgd, secret, 0x5000_0000, e.PAGE_KERNEL_RO & ~e.G,
+             kernel.table_allocator("test", "leak"), 12)
+    pud = kernel.ram.read_entry(pgd + 8 * ((secret >> 39) & 511)) & e.ADDRESS_MASK
+    slot = (secret >> 30) & 511
+    pmd_entry = kernel.ram.read_entry(pud + 8 * slot)
+    for i in range(1, 8):
+        kernel.ram.write_entry(pud + 8 * ((slot + i) % 512), pmd_entry)
+    found = views_from_image(kernel.ram, pgd, kernel.geometry)
+    assert found.user.alias_count() >= 7
+    (leak,) = [f for f in audit(found.views) if f.id == "PTI-LEAK"]
+    assert leak.explanation.startswith("8 kernel range(s), 32 KiB")
+    assert [s.label for s in leak.spans] == ["not allowed under PTI, mapped 8 times"]
+    assert _same_findings(audit(found.views), audit(_expanded(found)))
+
+
+def test_an_audit_of_8192_cpus_never_expands_the_espfix_aliases():
+    from ptilab.audit.sources import views_from_image
+
+    k = boot("linux-6.1", "linux", 8192, 5)
+    found = views_from_image(k.ram, k.user_cr3().pgd, k.geometry)
+    (summary,) = [f for f in audit(found.views) if f.id == "PTI-USER-VIEW"]
+    # espfix_64.c: 64 stacks per page, so 128 pages for 8192 CPUs, each mapped 65536 times.
+    assert "the espfix stacks (128 page(s) aliased 8388608 times" in summary.explanation
+    assert found.user._ranges is None and found.kernel._ranges is None

@@ -1,7 +1,10 @@
 """PTI's promises, checked on any pair of views: modelled, from an image, or from ptdump text.
 
 Each check reads plain range arrays (ptilab.paging.RANGE_DTYPE), never memory,
-so a view parsed from ptdump text is judged exactly like a walked one.
+so a view parsed from ptdump text is judged exactly like a walked one. A
+walked view comes summarised (Walk.distinct, with how many times each record
+appears: ESPfix maps a few pages millions of times with many CPUs), and every
+count and sum below weighs a record by its copies instead of expanding them.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numpy as np
 from ptilab.audit.findings import Finding, Severity, Span
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, ESPFIX_BASE_ADDR, START_KERNEL_MAP
 from ptilab.linux.regions import REGIONS
-from ptilab.paging import EFF_NX, EFF_RW, EFF_US, Anomaly, Geometry
+from ptilab.paging import EFF_NX, EFF_RW, EFF_US, Anomaly, Geometry, Walk
 from ptilab.paging import entry as e
 
 P4D_SIZE = 1 << 39
@@ -37,6 +40,29 @@ class Views:
     anomalies: list[Anomaly] = field(default_factory=list)
     symbols: dict[str, int] = field(default_factory=dict)
     nr_cpus_hint: int = 8192
+    # Per range: how many times it appears in the address space (Walk.multiplicity()); None: once each.
+    user_copies: np.ndarray | None = None
+    kernel_copies: np.ndarray | None = None
+
+    @classmethod
+    def from_walks(cls, user: "Walk", kernel: "Walk | None" = None, **kw) -> "Views":
+        """The views of two walks, summarised: never expanding their aliases."""
+        return cls(user.geometry, user.distinct, kernel.distinct if kernel else None,
+                   user_copies=user.multiplicity(), kernel_copies=kernel.multiplicity() if kernel else None, **kw)
+
+    def copies(self, view: str) -> np.ndarray:
+        r = self.user if view == "user" else self.kernel
+        given = self.user_copies if view == "user" else self.kernel_copies
+        return np.ones(len(r), np.int64) if given is None else given
+
+
+def _count(copies: np.ndarray, mask: np.ndarray) -> int:
+    """How many ranges mask selects, each counted as often as it appears."""
+    return int(copies[mask].sum())
+
+
+def _bytes(r: np.ndarray, copies: np.ndarray, mask: np.ndarray | slice = slice(None)) -> int:
+    return int((r["size"][mask].astype(object) * copies[mask]).sum()) if len(r) else 0
 
 
 def rights(eff: int, prot: int) -> str:
@@ -49,17 +75,22 @@ def rights(eff: int, prot: int) -> str:
     return " ".join(words)
 
 
-def _spans(r: np.ndarray, view: str, label: str = "", limit: int = 64) -> tuple[Span, ...]:
+def _spans(r: np.ndarray, view: str, label: str = "", limit: int = 64,
+           copies: np.ndarray | None = None) -> tuple[Span, ...]:
+    """The first ranges as spans; a range the tables repeat elsewhere (a shared
+    table's alias) says how many times it appears instead of listing each."""
     out = []
-    for va, size, eff, prot in zip(r["va"][:limit].tolist(), r["size"][:limit].tolist(),
-                                   r["eff"][:limit].tolist(), r["prot"][:limit].tolist()):
-        out.append(Span(va, (va + size) & 0xFFFF_FFFF_FFFF_FFFF, view, rights(eff, prot), label))
+    many = [1] * min(limit, len(r)) if copies is None else copies[:limit].tolist()
+    for va, size, eff, prot, n in zip(r["va"][:limit].tolist(), r["size"][:limit].tolist(),
+                                      r["eff"][:limit].tolist(), r["prot"][:limit].tolist(), many):
+        note = label if n == 1 else ", ".join(filter(None, (label, f"mapped {n} times")))
+        out.append(Span(va, (va + size) & 0xFFFF_FFFF_FFFF_FFFF, view, rights(eff, prot), note))
     return tuple(out)
 
 
 def _present_kernel_half(r: np.ndarray, geometry: Geometry) -> np.ndarray:
-    r = r[(r["prot"] & np.uint64(e.P)) != 0]
-    return r[r["va"] >= np.uint64(geometry.kernel_half_start())]
+    """Which ranges are present and in the kernel half."""
+    return ((r["prot"] & np.uint64(e.P)) != 0) & (r["va"] >= np.uint64(geometry.kernel_half_start()))
 
 
 def _within(r: np.ndarray, start: int, end: int) -> np.ndarray:
@@ -70,7 +101,8 @@ def classify(views: Views) -> dict[str, np.ndarray]:
     """Sort the user view's kernel-half mappings into what PTI allows there
     and what it does not: a mask per kind over the present kernel-half ranges."""
     g = views.geometry
-    r = _present_kernel_half(views.user, g)
+    keep = _present_kernel_half(views.user, g)
+    r, copies = views.user[keep], views.copies("user")[keep]
     cea = _within(r, CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + P4D_SIZE)
     espfix = _within(r, ESPFIX_BASE_ADDR, ESPFIX_BASE_ADDR + P4D_SIZE)
     image = _within(r, START_KERNEL_MAP, MODULES_VADDR)
@@ -82,26 +114,27 @@ def classify(views: Views) -> dict[str, np.ndarray]:
         entry = image & _within(r, start & ~(pmd - 1), (end + pmd - 1) & ~(pmd - 1))
     else:
         # Without symbols: pti_clone_entry_text() clones whole PMDs, a few MiB at most.
-        entry = image if int(r["size"][image].sum()) <= 4 << 20 else np.zeros(len(r), bool)
+        entry = image if _bytes(r, copies, image) <= 4 << 20 else np.zeros(len(r), bool)
     # pti_clone_user_shared(): one 4 KiB RW NX page per possible CPU, elsewhere in the kernel half.
     small = (r["size"] == np.uint64(e.PAGE_SIZE)) & ((r["eff"] & EFF_RW) != 0) & ((r["eff"] & EFF_NX) != 0)
     other = ~(cea | espfix | image | vsyscall)
     tss = other & small
-    if int(tss.sum()) > views.nr_cpus_hint:
+    if _count(copies, tss) > views.nr_cpus_hint:
         tss[:] = False
     leak = ~(cea | espfix | entry | vsyscall | tss)
     return {"cpu_entry_area": cea, "espfix": espfix, "entry text": entry, "vsyscall page": vsyscall,
-            "cpu_tss_rw pages": tss, "leak": leak, "_ranges": r}
+            "cpu_tss_rw pages": tss, "leak": leak, "_ranges": r, "_copies": copies}
 
 
 def check_pti_off(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
-    r = kinds["_ranges"]
-    leaked = int(r["size"][kinds["leak"]].sum())
+    r, copies = kinds["_ranges"], kinds["_copies"]
+    leaked = _bytes(r, copies, kinds["leak"])
     same = views.kernel is not None and len(views.kernel) == len(views.user) and bool(
-        (views.kernel["va"] == views.user["va"]).all() and (views.kernel["pa"] == views.user["pa"]).all())
+        (views.kernel["va"] == views.user["va"]).all() and (views.kernel["pa"] == views.user["pa"]).all()
+        and (views.copies("kernel") == views.copies("user")).all())
     # region_of() over every range, vectorised: the direct map is one interval.
     (lo, hi), = [(start, end) for start, end, name in REGIONS[views.geometry.levels] if name == "direct map"]
-    direct = int(r["size"][_within(r, lo, hi)].sum())
+    direct = _bytes(r, copies, _within(r, lo, hi))
     if leaked < PTI_OFF_BYTES and not same and direct < PTI_OFF_BYTES:
         return []
     why = ("the user and kernel views are the same tree" if same else
@@ -112,32 +145,32 @@ def check_pti_off(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
                     f"kernel entry needs; here {why}. A Meltdown-style attack (CVE-2017-5754) can then read "
                     f"any kernel memory, and with it all of RAM through the direct map. Boot with pti=on "
                     f"or check why the kernel disabled it (an AMD CPU, pti=off, mitigations=off).",
-                    _spans(r[kinds["leak"]], "user"))]
+                    _spans(r[kinds["leak"]], "user", copies=copies[kinds["leak"]]))]
 
 
 def check_leaks(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
-    r = kinds["_ranges"]
-    leak = r[kinds["leak"]]
-    if not len(leak) or int(leak["size"].sum()) >= PTI_OFF_BYTES:
+    r, copies = kinds["_ranges"], kinds["_copies"]
+    leak, leak_copies = r[kinds["leak"]], copies[kinds["leak"]]
+    if not len(leak) or _bytes(leak, leak_copies) >= PTI_OFF_BYTES:
         return []
     image = _within(leak, START_KERNEL_MAP, MODULES_VADDR)
     found = []
     if image.any():
         found.append(Finding(
             "PTI-KERNEL-IMAGE", Severity.MEDIUM, "kernel image mapped in the user tables",
-            f"{int(leak['size'][image].sum()) >> 10} KiB of the kernel image beyond the entry text is mapped "
+            f"{_bytes(leak, leak_copies, image) >> 10} KiB of the kernel image beyond the entry text is mapped "
             f"while user code runs. Linux does this on purpose only with pti=auto on CPUs without PCID "
             f"(pti_clone_kernel_text(): text and rodata, for fewer TLB misses); then Meltdown can read the "
             f"kernel's code and constants and defeat KASLR, but no secrets. Elsewhere it is a leak.",
-            _spans(leak[image], "user", "kernel image")))
+            _spans(leak[image], "user", "kernel image", copies=leak_copies[image])))
     rest = leak[~image]
     if len(rest):
         found.append(Finding(
             "PTI-LEAK", Severity.HIGH, "kernel memory mapped in the user tables",
-            f"{len(rest)} kernel range(s), {int(rest['size'].sum()) >> 10} KiB, are present in the tables "
+            f"{_count(leak_copies, ~image)} kernel range(s), {_bytes(leak, leak_copies, ~image) >> 10} KiB, are present in the tables "
             f"used in user mode but are none of what PTI allows there (cpu_entry_area, entry text, espfix "
             f"stacks, per-CPU cpu_tss_rw). A present translation is all Meltdown needs: the US bit does not "
-            f"stop a speculative read.", _spans(rest, "user", "not allowed under PTI")))
+            f"stop a speculative read.", _spans(rest, "user", "not allowed under PTI", copies=leak_copies[~image])))
     return found
 
 
@@ -145,27 +178,27 @@ def check_user_view_summary(views: Views, kinds: dict[str, np.ndarray]) -> list[
     """What the user view legitimately exposes, named piece by piece."""
     from ptilab.audit.labels import cea_piece
 
-    r = kinds["_ranges"]
-    if int(r["size"][kinds["leak"]].sum()) >= PTI_OFF_BYTES:
+    r, copies = kinds["_ranges"], kinds["_copies"]
+    if _bytes(r, copies, kinds["leak"]) >= PTI_OFF_BYTES:
         return []  # PTI-OFF says it all: nothing here is "what entry needs"
     parts = []
     spans: list[Span] = []
     for kind in ("cpu_entry_area", "entry text", "espfix", "cpu_tss_rw pages", "vsyscall page"):
-        sel = r[kinds[kind]]
+        sel, count = r[kinds[kind]], _count(copies, kinds[kind])
         if not len(sel):
             continue
-        pages = int(sel["size"].sum()) // e.PAGE_SIZE
+        pages = _bytes(r, copies, kinds[kind]) // e.PAGE_SIZE
         frames = len(np.unique(sel["pa"]))
         if kind == "cpu_entry_area":
             names = sorted({cea_piece(int(va)) for va in sel["va"].tolist()})
             parts.append(f"the cpu_entry_area ({pages} pages: {', '.join(names)})")
         elif kind == "espfix":
-            parts.append(f"the espfix stacks ({frames} page(s) aliased {len(sel)} times, summarised)")
+            parts.append(f"the espfix stacks ({frames} page(s) aliased {count} times, summarised)")
         elif kind == "cpu_tss_rw pages":
-            parts.append(f"{len(sel)} per-CPU cpu_tss_rw page(s) (SYSCALL64 scratch)")
+            parts.append(f"{count} per-CPU cpu_tss_rw page(s) (SYSCALL64 scratch)")
         else:
             parts.append(f"the {kind} ({pages * 4} KiB)")
-        spans.extend(_spans(sel, "user", kind, limit=16))
+        spans.extend(_spans(sel, "user", kind, limit=16, copies=copies[kinds[kind]]))
     if not parts:
         return []
     return [Finding("PTI-USER-VIEW", Severity.INFO, "what the user tables map of the kernel",
@@ -179,15 +212,14 @@ def check_wx(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     for name, r in (("user", views.user), ("kernel", views.kernel)):
         if r is None:
             continue
-        p = r[(r["prot"] & np.uint64(e.P)) != 0]
-        wx = p[((p["eff"] & EFF_RW) != 0) & ((p["eff"] & EFF_NX) == 0)]
-        kernel_half = wx[wx["va"] >= np.uint64(views.geometry.kernel_half_start())]
+        wx = _present_kernel_half(r, views.geometry) & ((r["eff"] & EFF_RW) != 0) & ((r["eff"] & EFF_NX) == 0)
+        kernel_half = r[wx]
         if len(kernel_half):
             found.append(Finding(
                 f"WX-{name.upper()}", Severity.HIGH, f"writable and executable kernel memory ({name} view)",
-                f"{len(kernel_half)} kernel range(s) are both writable and executable, what CONFIG_DEBUG_WX "
+                f"{_count(views.copies(name), wx)} kernel range(s) are both writable and executable, what CONFIG_DEBUG_WX "
                 f"warns about at boot: an attacker who can write there can run code in ring 0.",
-                _spans(kernel_half, name, "W+X")))
+                _spans(kernel_half, name, "W+X", copies=views.copies(name)[wx])))
     return found
 
 
@@ -196,13 +228,13 @@ def check_user_bit(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     for name, r in (("user", views.user), ("kernel", views.kernel)):
         if r is None:
             continue
-        k = _present_kernel_half(r, views.geometry)
-        bad = k[(k["eff"] & EFF_US) != 0]
+        us = _present_kernel_half(r, views.geometry) & ((r["eff"] & EFF_US) != 0)
+        bad = r[us]
         if len(bad):
             found.append(Finding(
                 "KERNEL-USER-BIT", Severity.CRITICAL, f"kernel pages accessible from user mode ({name} view)",
-                f"{len(bad)} kernel-half range(s) have US set at every level: user code can read them "
-                f"architecturally, no side channel needed.", _spans(bad, name)))
+                f"{_count(views.copies(name), us)} kernel-half range(s) have US set at every level: user code can read them "
+                f"architecturally, no side channel needed.", _spans(bad, name, copies=views.copies(name)[us])))
     return found
 
 
@@ -212,9 +244,9 @@ def check_executable(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding
     if not x.any():
         return []
     return [Finding("USER-VIEW-KERNEL-EXEC", Severity.HIGH, "executable kernel code in the user tables beyond the entry text",
-                    f"{int(x.sum())} kernel range(s) other than the entry text are executable while user code "
+                    f"{_count(kinds['_copies'], x)} kernel range(s) other than the entry text are executable while user code "
                     f"runs: gadgets for speculative and ROP attacks that PTI means to take away.",
-                    _spans(r[x], "user"))]
+                    _spans(r[x], "user", copies=kinds["_copies"][x]))]
 
 
 def check_global(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
@@ -225,9 +257,9 @@ def check_global(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     if not glb.any():
         return []
     return [Finding("USER-VIEW-GLOBAL", Severity.MEDIUM, "global kernel pages in the user tables",
-                    f"{int(glb.sum())} kernel range(s) beyond the cpu_entry_area, entry text and espfix are global: "
+                    f"{_count(kinds['_copies'], glb)} kernel range(s) beyond the cpu_entry_area, entry text and espfix are global: "
                     f"their TLB entries survive the CR3 switch to user mode, so they stay readable to "
-                    f"Meltdown even after the kernel unmaps them.", _spans(r[glb], "user"))]
+                    f"Meltdown even after the kernel unmaps them.", _spans(r[glb], "user", copies=kinds["_copies"][glb]))]
 
 
 def check_kernel_pgd_nx(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
@@ -245,9 +277,10 @@ def check_kernel_pgd_nx(views: Views, kinds: dict[str, np.ndarray]) -> list[Find
 
 
 def check_cea_fixed(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
-    r = kinds["_ranges"][kinds["cpu_entry_area"]]
+    r, copies = kinds["_ranges"][kinds["cpu_entry_area"]], kinds["_copies"][kinds["cpu_entry_area"]]
     gdt0 = CPU_ENTRY_AREA_BASE + 0x1000
-    hit = r[(r["va"] <= np.uint64(gdt0)) & (r["va"] + r["size"] > np.uint64(gdt0))]
+    at = (r["va"] <= np.uint64(gdt0)) & (r["va"] + r["size"] > np.uint64(gdt0))
+    hit = r[at]
     if not len(hit):
         return []
     return [Finding("PTI-CEA-FIXED", Severity.LOW, "cpu_entry_area at its fixed, guessable address",
@@ -255,7 +288,7 @@ def check_cea_fixed(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]
                     f"cpu_entry_area uses: every process knows where the IDT, GDT, TSS and IST stacks are, "
                     f"and a Meltdown read of them reveals kernel pointers (IDT handler addresses, the TSS's "
                     f"stack pointers) and with them the KASLR offsets. Linux 6.2 randomises each CPU's slot "
-                    f"(CONFIG_RANDOMIZE_MEMORY).", _spans(hit, "user", "cpu_entry_area"))]
+                    f"(CONFIG_RANDOMIZE_MEMORY).", _spans(hit, "user", "cpu_entry_area", copies=copies[at]))]
 
 
 def check_anomalies(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:

@@ -40,11 +40,12 @@ def views_from_image(mem: PhysicalMemory, cr3: int, geometry: Geometry,
         kernel, kernel_pgd = None, None
     slide = None
     if symbols:
-        slide = infer_kaslr_slide(user.mapped, symbols)
+        present = user.distinct[(user.distinct["prot"] & np.uint64(e.P)) != 0]
+        slide = infer_kaslr_slide(present, symbols)
         if slide:
             symbols = {name: (addr + slide) & 0xFFFF_FFFF_FFFF_FFFF for name, addr in symbols.items()}
-    views = Views(geometry, user.ranges, kernel.ranges if kernel else None, kernel_pgd,
-                  anomalies=user.anomalies + (kernel.anomalies if kernel else []), symbols=symbols or {})
+    views = Views.from_walks(user, kernel, kernel_pgd=kernel_pgd,
+                             anomalies=user.anomalies + (kernel.anomalies if kernel else []), symbols=symbols or {})
     return ImageViews(views, pair, user, kernel, slide)
 
 
