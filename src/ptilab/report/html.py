@@ -61,7 +61,7 @@ class Kinds:
 
     def __init__(self, space: Space):
         self.space = space
-        masks = classify(Views(space.geometry, space.user.ranges, symbols=space.symbols))
+        masks = classify(Views.from_walks(space.user, symbols=space.symbols))
         r = masks["_ranges"]
         self.classified = masks
         self.spans = {kind: _spans(r[masks[key]]) for kind, key in
@@ -166,9 +166,21 @@ def _rights_index(eff: np.ndarray) -> np.ndarray:
 
 # -- the address-space map ------------------------------------------------------
 
+def _drawn(space: Space, w: Walk) -> np.ndarray:
+    """What a map draws of a walk: its runs, frames ignored (the ESPfix
+    area's millions of aliases stay a handful), but page by page frame in the
+    cpu_entry_area, whose adjacent pieces may share rights and not a name."""
+    lo, hi = space.area_base, space.area_base + space.area_size
+    r = cut(w.runs(), np.array([lo, hi], dtype=np.uint64))
+    area = (r["va"] >= np.uint64(lo)) & (r["va"] <= np.uint64(hi - 1))
+    r = np.concatenate((r[~area], w.ranges_within(lo, hi)))
+    r = r[np.argsort(r["va"], kind="stable")]
+    return r[(r["prot"] & np.uint64(e.P)) != 0]
+
+
 def map_rows(space: Space, kinds: Kinds, bins: int = MAP_BINS) -> list[MapRow]:
     """A row per region either view maps something in."""
-    views = {"user": space.user.mapped, **({"kernel": space.kernel.mapped} if space.kernel else {})}
+    views = {name: _drawn(space, w) for name, w in (("user", space.user), ("kernel", space.kernel)) if w}
     cuts = kinds.cuts()
     views = {name: cut(r, cuts) for name, r in views.items()}
     regions = list(REGIONS[space.geometry.levels])
@@ -229,7 +241,8 @@ def _segments(r: np.ndarray, start: int, end: int, edges: np.ndarray, kinds: Kin
 
 def user_kernel_table(space: Space, kinds: Kinds) -> str:
     """What the user view maps of the kernel half, grouped by kind and rights."""
-    r = cut(kinds.classified["_ranges"], kinds.cuts())
+    r = _drawn(space, space.user)
+    r = cut(r[r["va"] >= np.uint64(space.geometry.kernel_half_start())], kinds.cuts())
     glb = (r["prot"] & np.uint64(e.G)) != 0
     keys = np.stack([kinds.of(r).astype(np.int64), r["eff"].astype(np.int64), glb.astype(np.int64)], axis=1)
     unique, group = np.unique(keys, axis=0, return_inverse=True)
@@ -239,15 +252,15 @@ def user_kernel_table(space: Space, kinds: Kinds) -> str:
     for g, (kind, eff, g_bit) in enumerate(unique.tolist()):
         mine = group == g
         words = rights_words(eff, e.G if g_bit else 0)
-        groups[(KIND_ORDER[kind], words)] = [int(r["va"][mine].min()), int(end[mine].max()), int(mine.sum()),
-                                             int(r["size"][mine].sum())]
+        size = int(r["size"][mine].sum())
+        groups[(KIND_ORDER[kind], words)] = [int(r["va"][mine].min()), int(end[mine].max()), size // e.PAGE_SIZE, size]
     rows = "".join(
         f'<tr class="uk-row"><td><span class="swatch" style="background:{KIND_COLOURS.get(kind, "#bab0ac")}">'
         f"</span>{escape(kind)}</td><td><code>{first:#x}</code></td><td><code>{end:#x}</code></td>"
         f"<td>{n}</td><td>{escape(size_text(size))}</td><td><code>{escape(words)}</code></td></tr>"
         for (kind, words), (first, end, n, size) in sorted(groups.items(), key=lambda kv: kv[1][0]))
     return ('<table class="user-kernel-view"><caption>kernel-half mappings of the user view, by kind '
-            "and rights</caption><thead><tr><th>kind</th><th>first</th><th>end</th><th>ranges</th>"
+            "and rights</caption><thead><tr><th>kind</th><th>first</th><th>end</th><th>pages</th>"
             f"<th>mapped</th><th>rights</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
