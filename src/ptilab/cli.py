@@ -510,8 +510,9 @@ def report(ctx: click.Context, out_file: str, profile: str, cpus: int, levels: s
     network): the designs compared on a modelled kernel, or the audit of an
     image. Both show the user and kernel views as an address-space map and
     the page-table tree behind the cpu_entry_area, espfix, entry text and
-    cpu_tss_rw, with the tables both PGDs share highlighted. OUT is written
-    whole or not at all.
+    cpu_tss_rw, with the tables both PGDs share highlighted; designs also
+    get the cost model's TLB-refill table and plot. OUT is written whole or
+    not at all.
 
     \b
     Examples:
