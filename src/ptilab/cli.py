@@ -1,7 +1,7 @@
 """The `ptilab` command: parse arguments, call the API, print. Nothing else.
 
 Every run computes its whole result before printing any of it, and writes
-files whole or not at all (ptilab.terminal.write_atomically), so an error
+files whole or not at all (ptilab.terminal.atomic_file), so an error
 leaves one line on stderr, nothing on stdout and no half-written file.
 """
 
