@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from ptilab.audit import Severity, Views, audit
@@ -139,3 +140,21 @@ def test_an_audit_of_8192_cpus_never_expands_the_espfix_aliases():
     # espfix_64.c: 64 stacks per page, so 128 pages for 8192 CPUs, each mapped 65536 times.
     assert "the espfix stacks (128 page(s) aliased 8388608 times" in summary.explanation
     assert found.user._ranges is None and found.kernel._ranges is None
+
+
+def test_a_table_shared_between_the_halves_is_judged_where_its_copies_are():
+    """All 512 PGD slots share one tree mapping a kernel-only page: the
+    copies in the kernel half are PTI off, although the walked source of
+    every alias lies in the user half."""
+    from ptilab.audit.sources import views_from_image
+    from ptilab.memory.simulated import SimulatedRAM
+    from ptilab.paging import FOUR_LEVEL
+
+    ram = SimulatedRAM(8 << 12)
+    for table, below in ((1, 2), (2, 3), (3, 4)):
+        ram.write_entries(table << 12, np.full(512, (below << 12) | e.P | e.RW | e.US, dtype=np.uint64))
+    ram.write_entries(4 << 12, np.full(512, (5 << 12) | e.P | e.RW, dtype=np.uint64))
+    found = views_from_image(ram, 0x1000, FOUR_LEVEL)
+    ids = _ids(audit(found.views), Severity.HIGH)
+    assert "PTI-OFF" in ids and "USER-VIEW-KERNEL-EXEC" in ids
+

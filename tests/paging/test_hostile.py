@@ -1,10 +1,11 @@
 """Adversarial tables: every walk stays bounded, names the anomaly, and repeats itself."""
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ptilab.errors import PtilabError
+from ptilab.errors import PtilabError, WalkTooLarge
 from ptilab.memory.simulated import SimulatedRAM
 from ptilab.paging import FIVE_LEVEL, FOUR_LEVEL, walk
 from ptilab.paging import entry as e
@@ -61,3 +62,36 @@ def test_random_entries_never_crash_or_hang_the_walker(writes, geometry):
     assert (va[:-1] + size[:-1] <= va[1:]).all()  # no overlap
     for a in w.anomalies:
         assert a.detail
+
+
+def _shared_512_ways() -> SimulatedRAM:
+    """Every entry of the PGD, PUD and PMD points at the one table below; the
+    PTE table maps one kernel-only page 512 times: 2**36 pages in all."""
+    ram = SimulatedRAM(8 << 12)
+    for table, below in ((1, 2), (2, 3), (3, 4)):
+        ram.write_entries(table << 12, np.full(512, (below << 12) | e.P | e.RW | e.US, dtype=np.uint64))
+    ram.write_entries(4 << 12, np.full(512, (5 << 12) | e.P | e.RW, dtype=np.uint64))
+    return ram
+
+
+def test_tables_shared_512_ways_walk_in_a_few_records_and_refuse_to_expand():
+    w = walk(_shared_512_ways(), PGD, FOUR_LEVEL)
+    assert len(w.distinct) == 512 and w.alias_count() == 3 * 511
+    assert w.mapped_bytes() == 1 << 48
+    runs = w.runs()  # ptdump's view stays small: one run per half
+    assert [hex(v) for v in runs["va"]] == ["0x0", "0xffff800000000000"]
+    with pytest.raises(WalkTooLarge, match="beyond any real kernel"):
+        w.ranges  # 2**36 records: refused before any is made
+
+
+def test_no_range_crosses_the_non_canonical_hole():
+    """1 GiB pages contiguous from PGD slot 255 into slot 256: two ranges, one per half."""
+    b = BumpTables()
+    low, high = b.alloc(), b.alloc()
+    b.ram.write_entry(PGD + 8 * 255, low | e.P | e.RW)
+    b.ram.write_entry(PGD + 8 * 256, high | e.P | e.RW)
+    b.ram.write_entry(low + 8 * 511, (1 << 30) | e.P | e.RW | e.PS)
+    b.ram.write_entry(high, (2 << 30) | e.P | e.RW | e.PS)
+    for summarise in (True, False):
+        m = walk(b.ram, PGD, FOUR_LEVEL, _summarise=summarise).mapped
+        assert [hex(v) for v in m["va"]] == ["0x7fffc0000000", "0xffff800000000000"]

@@ -8,7 +8,7 @@ from ptilab.paging import EFF_NX, EFF_RW, EFF_US, FIVE_LEVEL, FOUR_LEVEL, PageFa
 from ptilab.paging import entry as e
 from ptilab.paging.install import map_page, set_entry
 from ptilab.memory.simulated import SimulatedRAM
-from ptilab.paging import coalesce
+from ptilab.paging import RANGE_DTYPE, coalesce
 from tests.conftest import BumpTables
 
 PGD = 0x1000
@@ -272,3 +272,19 @@ def test_espfix_of_8192_cpus_is_summarised_not_expanded():
     present = inside & ((w.distinct["prot"] & np.uint64(e.P)) != 0)
     assert int((w.distinct["size"][present] * w.multiplicity()[present]).sum()) == 128 * 65536 * 4096
     assert len(np.unique(w.distinct["pa"][present])) == 128
+
+
+def test_split_at_cuts_inside_ranges_only_and_keeps_frames_even_at_the_top():
+    from ptilab.paging import split_at
+
+    r = np.zeros(2, RANGE_DTYPE)
+    r["va"] = [0xFFFF_FFFF_8100_0000, 0xFFFF_FFFF_FF00_0000]
+    r["size"] = [16 << 20, 16 << 20]  # the second ends at 2**64
+    r["pa"], r["prot"] = [0x100_0000, 0x900_0000], e.P
+    cuts = np.array([0xFFFF_FFFF_8100_0000, 0xFFFF_FFFF_81C0_0000, 0xFFFF_FFFF_FF80_0000], dtype=np.uint64)
+    out, origin = split_at(r, cuts)
+    assert [hex(v) for v in out["va"]] == ["0xffffffff81000000", "0xffffffff81c00000",
+                                           "0xffffffffff000000", "0xffffffffff800000"]
+    assert origin.tolist() == [0, 0, 1, 1]
+    assert out["size"].tolist() == [12 << 20, 4 << 20, 8 << 20, 8 << 20]
+    assert out["pa"].tolist() == [0x100_0000, 0x1C0_0000, 0x900_0000, 0x980_0000]

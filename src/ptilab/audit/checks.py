@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ptilab.audit.findings import Finding, Severity, Span
+from ptilab.errors import WalkTooLarge
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, ESPFIX_BASE_ADDR, START_KERNEL_MAP
 from ptilab.linux.regions import REGIONS
-from ptilab.paging import EFF_NX, EFF_RW, EFF_US, Anomaly, Geometry, Walk
+from ptilab.paging import EFF_NX, EFF_RW, EFF_US, Anomaly, Geometry, Walk, split_at
 from ptilab.paging import entry as e
 
 P4D_SIZE = 1 << 39
@@ -46,14 +47,54 @@ class Views:
 
     @classmethod
     def from_walks(cls, user: "Walk", kernel: "Walk | None" = None, **kw) -> "Views":
-        """The views of two walks, summarised: never expanding their aliases."""
-        return cls(user.geometry, user.distinct, kernel.distinct if kernel else None,
-                   user_copies=user.multiplicity(), kernel_copies=kernel.multiplicity() if kernel else None, **kw)
+        """The views of two walks: summarised (each distinct range and its
+        number of copies) when every alias repeats its source inside the same
+        class of address (ESPfix's do: one P4D), else expanded, because a copy
+        elsewhere (a hostile table shared between user and kernel halves) is
+        judged by where it is, not by where its source is. Tables shared too
+        many ways to expand are judged by their runs (ptdump's view: frames
+        ignored, which only the ESPfix summary counts)."""
+        edges = class_edges(user.geometry, kw.get("symbols") or {})
+        walks = [w for w in (user, kernel) if w is not None]
+        if all(_aliases_stay_within(w, edges) for w in walks):
+            return cls(user.geometry, user.distinct, kernel.distinct if kernel else None,
+                       user_copies=user.multiplicity(), kernel_copies=kernel.multiplicity() if kernel else None,
+                       **kw)
+        try:
+            return cls(user.geometry, user.ranges, kernel.ranges if kernel else None, **kw)
+        except WalkTooLarge:
+            return cls(user.geometry, user.runs(), kernel.runs() if kernel else None, **kw)
 
     def copies(self, view: str) -> np.ndarray:
         r = self.user if view == "user" else self.kernel
         given = self.user_copies if view == "user" else self.kernel_copies
         return np.ones(len(r), np.int64) if given is None else given
+
+
+def class_edges(geometry: Geometry, symbols: dict[str, int]) -> np.ndarray:
+    """Addresses where classify() may judge a range differently (sorted):
+    between two of them, where a range lies changes nothing."""
+    pmd = 1 << 21
+    edges = [geometry.kernel_half_start(), CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + P4D_SIZE,
+             ESPFIX_BASE_ADDR, ESPFIX_BASE_ADDR + P4D_SIZE, START_KERNEL_MAP, MODULES_VADDR,
+             VSYSCALL_ADDR, VSYSCALL_ADDR + e.PAGE_SIZE]
+    edges += [a for start, end, name in REGIONS[geometry.levels] if name == "direct map" for a in (start, end)]
+    start = symbols.get("__entry_text_start")
+    if start is not None:
+        end = symbols.get("__entry_text_end", start + 1)
+        edges += [start & ~(pmd - 1), (end + pmd - 1) & ~(pmd - 1)]
+    return np.unique(np.array([a & 0xFFFF_FFFF_FFFF_FFFF for a in edges], dtype=np.uint64))
+
+
+def _aliases_stay_within(w: "Walk", edges: np.ndarray) -> bool:
+    """Whether every alias's reach and its source's lie between the same two edges."""
+    a = w.aliases
+    if not len(a):
+        return True
+    last = a["va"] + (a["size"] - np.uint64(1))
+    at = np.searchsorted(edges, a["va"], side="right")
+    return bool((at == np.searchsorted(edges, last, side="right")).all()
+                and (at == np.searchsorted(edges, a["source"], side="right")).all())
 
 
 def _count(copies: np.ndarray, mask: np.ndarray) -> int:
@@ -101,8 +142,11 @@ def classify(views: Views) -> dict[str, np.ndarray]:
     """Sort the user view's kernel-half mappings into what PTI allows there
     and what it does not: a mask per kind over the present kernel-half ranges."""
     g = views.geometry
-    keep = _present_kernel_half(views.user, g)
-    r, copies = views.user[keep], views.copies("user")[keep]
+    # A range is judged by where it starts: split those that reach into another class of address.
+    r, origin = split_at(views.user, class_edges(g, views.symbols))
+    copies = views.copies("user")[origin]
+    keep = _present_kernel_half(r, g)
+    r, copies = r[keep], copies[keep]
     cea = _within(r, CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + P4D_SIZE)
     espfix = _within(r, ESPFIX_BASE_ADDR, ESPFIX_BASE_ADDR + P4D_SIZE)
     image = _within(r, START_KERNEL_MAP, MODULES_VADDR)

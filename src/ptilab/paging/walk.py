@@ -67,6 +67,8 @@ HALF_KERNEL = 2
 # Rows of 512 entries expanded at once: bounds the walk's working memory.
 BATCH_ROWS = 4096
 DEFAULT_MAX_ENTRIES = 1 << 27
+# Records an expansion may hold: ~34 bytes each, twice while merging, so about 1.1 GB at most.
+DEFAULT_MAX_RECORDS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class Walk:
     tables: list[np.ndarray]  # per depth: distinct table frame numbers visited
     table_refs: list[np.ndarray]  # per depth: how many entries of the expanded tree referenced each of them
     anomalies: list[Anomaly] = field(default_factory=list)
-    max_entries: int = DEFAULT_MAX_ENTRIES  # records ranges may expand to before WalkTooLarge
+    max_entries: int = DEFAULT_MAX_RECORDS  # records ranges may expand to before WalkTooLarge
     table_halves: list[np.ndarray] = field(default_factory=list)  # per depth, per table: HALF_USER | HALF_KERNEL
     _ranges: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -214,6 +216,7 @@ class Walk:
         records["va"] = self._raw(records["va"])
         origin = np.arange(len(records)) if by_pa is None else None
         a = self.aliases
+        half = np.array([1 << (self.geometry.va_bits - 1)], u64)  # never join across the hole
         # The walk's own (raw) addresses: sign extension would break the order at the top of the user half.
         lo = int(self._raw(np.array([start], u64))[0])
         hi = 1 << self.geometry.va_bits if end >= 1 << 64 else int(self._raw(np.array([end - 1], u64))[0]) + 1
@@ -229,7 +232,7 @@ class Walk:
             want_lo = np.concatenate((want_lo, a_src[hit]))
             want_hi = np.concatenate((want_hi, a_src[hit] + a["size"][hit]))
         if by_pa is False:
-            records = _coalesce_within(records, _edges(a_src[need], a["size"][need]), by_pa=False)
+            records = _coalesce_within(records, np.union1d(half, _edges(a_src[need], a["size"][need])), by_pa=False)
         for level in np.unique(a["level"][need])[::-1]:
             at = need & (a["level"] == level)
             src, dst, size = a_src[at], a_va[at], a["size"][at]
@@ -237,8 +240,9 @@ class Walk:
             n = np.searchsorted(records["va"], src + size) - first
             if len(records) + int(n.sum()) > self.max_entries:
                 raise WalkTooLarge(
-                    f"expanding {len(self.aliases)} aliased table reaches gives over {self.max_entries} "
-                    f"records; count them with Walk.multiplicity() or expand a window with ranges_within()")
+                    f"the tables repeat {len(self.aliases)} shared tables' reaches into over {self.max_entries} "
+                    f"ranges, beyond any real kernel (from Python, Walk.multiplicity() counts them and "
+                    f"Walk.runs() lists them as ptdump would)")
             ends = np.cumsum(n)
             idx = np.repeat(first - (ends - n), n) + np.arange(int(ends[-1]) if len(ends) else 0)
             copies = _whole(records)[idx].view(RANGE_DTYPE)
@@ -261,14 +265,38 @@ class Walk:
             else:
                 # Keep the source reaches still to copy whole: coalesce up to their edges only.
                 later = need & (a["level"] < level)
-                records = _coalesce_within(records, _edges(a_src[later], a["size"][later]), by_pa=by_pa)
+                records = _coalesce_within(records, np.union1d(half, _edges(a_src[later], a["size"][later])),
+                                           by_pa=by_pa)
         if by_pa is not None:
-            records = coalesce(records, by_pa=by_pa)
+            records = _coalesce_within(records, half, by_pa=by_pa)
         whole = (lo, hi) == (0, 1 << self.geometry.va_bits)
         keep = slice(None) if whole else (records["va"] + records["size"] > u64(lo)) & (records["va"] < u64(hi))
         records = records[keep]
         records["va"] = self._canonical(records["va"])
         return records, (origin[keep] if origin is not None else None)
+
+
+def split_at(r: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split ranges at the sorted addresses cuts that fall strictly inside
+    them: (the pieces, in order, and for each the index of its range in r).
+    A present piece keeps its frames (pa moves with va)."""
+    u64 = np.uint64
+    cuts = np.asarray(cuts, dtype=u64)
+    if not len(cuts) or not len(r):
+        return r, np.arange(len(r))
+    last = r["va"] + (r["size"] - u64(1))  # the last byte: the top range's end wraps to 0
+    first_cut = np.searchsorted(cuts, r["va"], side="right")
+    n = 1 + np.searchsorted(cuts, last, side="right") - first_cut
+    origin = np.repeat(np.arange(len(r)), n)
+    k = np.arange(len(origin)) - np.repeat(np.cumsum(n) - n, n)  # piece number within its range
+    at = first_cut[origin] + k
+    start = np.where(k == 0, r["va"][origin], cuts[np.clip(at - 1, 0, len(cuts) - 1)])
+    end = np.where(k == n[origin] - 1, r["va"][origin] + r["size"][origin], cuts[np.clip(at, 0, len(cuts) - 1)])
+    out = r[origin]
+    out["va"], out["size"] = start, end - start
+    present = (out["prot"] & u64(e.P)) != 0
+    out["pa"] = np.where(present, out["pa"] + (start - r["va"][origin]), out["pa"])
+    return out, origin
 
 
 def coalesce(r: np.ndarray, by_pa: bool = True) -> np.ndarray:
@@ -367,7 +395,9 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
     decoded = 0
     per_depth: list[np.ndarray] = []
     alias_parts: list[np.ndarray] = []
-    barriers = np.zeros(0, u64)  # edges of source reaches: records never coalesce across them
+    # Records never coalesce across the edges of source reaches, nor across
+    # the non-canonical hole (raw addresses: the two halves touch here).
+    barriers = np.array([1 << (geometry.va_bits - 1)], u64)
     tables: list[np.ndarray] = []
     table_refs: list[np.ndarray] = []
     anomalies: list[Anomaly] = []
@@ -536,7 +566,8 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
     aliases["va"] = _canonical(aliases["va"], geometry)
     aliases["source"] = _canonical(aliases["source"], geometry)
     anomalies.extend(_tables_at_several_levels(geometry, tables))
-    return Walk(geometry, cr3, ranges, aliases, tables, table_refs, anomalies, max_entries, table_halves)
+    return Walk(geometry, cr3, ranges, aliases, tables, table_refs, anomalies,
+                min(max_entries, DEFAULT_MAX_RECORDS), table_halves)
 
 
 def _run_tables(data: np.ndarray, shift: int, last: bool, reserved_high: np.uint64) -> np.ndarray:

@@ -24,7 +24,7 @@ from ptilab.linux.pti_pair import PtiPair
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, LINUX_6_1, Profile
 from ptilab.linux.regions import REGIONS
 from ptilab.memory.physical import PhysicalMemory
-from ptilab.paging import EFF_NX, EFF_RW, Geometry, PageFault, Walk, translate
+from ptilab.paging import EFF_NX, EFF_RW, Geometry, PageFault, Walk, split_at, translate
 from ptilab.paging import entry as e
 from ptilab.report.svg import (KIND_COLOURS, MapRow, Segment, TreeEdge, TreeNode, address_map_svg, legend_html,
                                log_edges, size_text, table_tree_svg)
@@ -138,26 +138,7 @@ def _overlaps(r: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray
 
 def cut(r: np.ndarray, cuts: np.ndarray) -> np.ndarray:
     """Split ranges at the given addresses, so each piece has one kind."""
-    if not len(cuts) or not len(r):
-        return r
-    end = r["va"] + r["size"]
-    lo = np.searchsorted(cuts, r["va"], side="right")
-    hi = np.searchsorted(cuts, end, side="left")
-    split = np.flatnonzero(hi > lo)
-    if not len(split):
-        return r
-    parts = [r[:split[0]]]
-    for n, i in enumerate(split):
-        bounds = [int(r["va"][i]), *cuts[lo[i]:hi[i]].tolist(), int(end[i])]
-        piece = np.repeat(r[i:i + 1], len(bounds) - 1)
-        piece["va"] = bounds[:-1]
-        piece["size"] = np.diff(np.array(bounds, dtype=np.uint64))
-        if r["prot"][i] & e.P:
-            piece["pa"] = r["pa"][i] + (piece["va"] - r["va"][i])
-        parts.append(piece)
-        following = split[n + 1] if n + 1 < len(split) else len(r)
-        parts.append(r[i + 1:following])
-    return np.concatenate(parts)
+    return split_at(r, cuts)[0]
 
 
 def _rights_index(eff: np.ndarray) -> np.ndarray:
