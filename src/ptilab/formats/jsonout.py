@@ -1,4 +1,4 @@
-"""Walks as plain JSON-ready data: every range, with its rights spelled out.
+"""Walks as plain JSON-ready data: each distinct range with its rights spelled out, and the aliases.
 
 A walk is given as the walker summarises it, never expanded:
 
