@@ -43,6 +43,26 @@ def test_audit_exit_code_gates_on_severity():
     assert json.loads(done.stdout)["findings"][0]["id"] == "PTI-OFF"
 
 
+def test_an_audit_read_by_head_still_exits_with_its_verdict():
+    off = real_kernel("pti-off")
+    piped = subprocess.run(f"{sys.executable} -m ptilab.cli audit {off.path / 'core.elf'} | head -c 10; "
+                           "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True,
+                           text=True, timeout=300)
+    assert piped.returncode == 1 and piped.stderr == ""
+
+
+def test_audit_json_gives_the_user_view_as_the_walk_summarises_it():
+    k = real_kernel("pti-4level")
+    view = json.loads(ptilab("audit", str(k.path / "core.elf"), "--json").stdout)["user_view"]
+    def in_espfix(start: str) -> bool:  # ESPFIX_BASE_ADDR's P4D
+        return 0xFFFF_FF00_0000_0000 <= int(start, 16) < 0xFFFF_FF80_0000_0000
+
+    aliases = view["aliases"]
+    assert aliases and all(in_espfix(a["start"]) and in_espfix(a["source"]) for a in aliases)
+    espfix = [r for r in view["ranges"] if in_espfix(r["start"])]
+    assert espfix and len(espfix) < 1000  # not the 65536 copies
+
+
 def test_audit_of_a_file_that_is_not_an_image_is_a_one_line_error(tmp_path):
     bogus = tmp_path / "notes.txt"
     bogus.write_text("not memory")

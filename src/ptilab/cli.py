@@ -20,6 +20,7 @@ from ptilab.terminal import Output, atomic_file
 DEFAULT_PROFILE = "linux-6.1"
 DEFAULT_CPUS = 4
 COMPLETE_VAR = "_PTILAB_COMPLETE"
+EXIT_META = "ptilab.exit_code"  # the exit code a command has decided on before it prints
 
 EXIT_CODES = """\b
 Exit codes:
@@ -130,7 +131,7 @@ class _Cli(click.Group):
             # The reader (head, less) went away: stop quietly, as cat would,
             # and keep Python from complaining when it flushes stdout at exit.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            ctx.exit(0)
+            ctx.exit(ctx.meta.get(EXIT_META, 0))
 
 
 @click.group(cls=_Cli, invoke_without_command=True, epilog=EXIT_CODES,
@@ -433,10 +434,14 @@ def audit_command(ctx, image, cr3, cpu, la57, ptdump_file, system_map, fail_on, 
                               "is_pti": found.pair.is_pti, "reasons": list(found.pair.reasons)},
                  "kaslr_slide": None if found.kaslr_slide is None else f"{found.kaslr_slide:#x}"}
     findings = audit(views)
+    failed = any(f.severity >= threshold for f in findings)
+    # Decided before printing: a reader that stops early (| head) still gets the verdict.
+    ctx.meta[EXIT_META] = 1 if failed else 0
     if as_json:
-        from ptilab.formats.jsonout import ranges_to_list
+        from ptilab.formats.jsonout import ranges_to_list, walk_to_dict
+        user_view = walk_to_dict(found.user) if image else {"ranges": ranges_to_list(views.user, views.geometry)}
         out.json({"subject": subject, **extra, "findings": [f.as_dict() for f in findings],
-                  "user_view": ranges_to_list(views.user, views.geometry)})
+                  "user_view": user_view})
     else:
         table = findings_table(findings, f"PTI audit of {subject}")
         if "pti_pair" in extra:
@@ -445,7 +450,7 @@ def audit_command(ctx, image, cr3, cpu, la57, ptdump_file, system_map, fail_on, 
             out.line(f"PGD pair: kernel {pair['kernel_pgd']}, user {pair['user_pgd']}: {verdict}"
                      + (f"; KASLR slide {extra['kaslr_slide']}" if extra.get("kaslr_slide") else ""))
         out.table(table)
-    if any(f.severity >= threshold for f in findings):
+    if failed:
         ctx.exit(1)
 
 
