@@ -71,18 +71,27 @@ class Views:
         return np.ones(len(r), np.int64) if given is None else given
 
 
+def _direct_map(geometry: Geometry) -> tuple[int, int]:
+    (window,) = [(start, end) for start, end, name in REGIONS[geometry.levels] if name == "direct map"]
+    return window
+
+
+def _entry_text(symbols: dict[str, int]) -> tuple[int, int] | None:
+    """The PMDs pti_clone_entry_text() clones, when the symbols name the entry text."""
+    start = symbols.get("__entry_text_start")
+    if start is None:
+        return None
+    end = symbols.get("__entry_text_end", start + 1)
+    pmd = 1 << 21
+    return start & ~(pmd - 1), (end + pmd - 1) & ~(pmd - 1)
+
+
 def class_edges(geometry: Geometry, symbols: dict[str, int]) -> np.ndarray:
     """Addresses where classify() may judge a range differently (sorted):
     between two of them, where a range lies changes nothing."""
-    pmd = 1 << 21
     edges = [geometry.kernel_half_start(), CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + P4D_SIZE,
              ESPFIX_BASE_ADDR, ESPFIX_BASE_ADDR + P4D_SIZE, START_KERNEL_MAP, MODULES_VADDR,
-             VSYSCALL_ADDR, VSYSCALL_ADDR + e.PAGE_SIZE]
-    edges += [a for start, end, name in REGIONS[geometry.levels] if name == "direct map" for a in (start, end)]
-    start = symbols.get("__entry_text_start")
-    if start is not None:
-        end = symbols.get("__entry_text_end", start + 1)
-        edges += [start & ~(pmd - 1), (end + pmd - 1) & ~(pmd - 1)]
+             VSYSCALL_ADDR, VSYSCALL_ADDR + e.PAGE_SIZE, *_direct_map(geometry), *(_entry_text(symbols) or ())]
     return np.unique(np.array([a & 0xFFFF_FFFF_FFFF_FFFF for a in edges], dtype=np.uint64))
 
 
@@ -151,11 +160,9 @@ def classify(views: Views) -> dict[str, np.ndarray]:
     espfix = _within(r, ESPFIX_BASE_ADDR, ESPFIX_BASE_ADDR + P4D_SIZE)
     image = _within(r, START_KERNEL_MAP, MODULES_VADDR)
     vsyscall = _within(r, VSYSCALL_ADDR, VSYSCALL_ADDR + e.PAGE_SIZE)
-    start = views.symbols.get("__entry_text_start")
-    if start is not None:
-        end = views.symbols.get("__entry_text_end", start + 1)
-        pmd = 1 << 21
-        entry = image & _within(r, start & ~(pmd - 1), (end + pmd - 1) & ~(pmd - 1))
+    entry_text = _entry_text(views.symbols)
+    if entry_text is not None:
+        entry = image & _within(r, *entry_text)
     else:
         # Without symbols: pti_clone_entry_text() clones whole PMDs, a few MiB at most.
         entry = image if _bytes(r, copies, image) <= 4 << 20 else np.zeros(len(r), bool)
@@ -177,8 +184,7 @@ def check_pti_off(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
         (views.kernel["va"] == views.user["va"]).all() and (views.kernel["pa"] == views.user["pa"]).all()
         and (views.copies("kernel") == views.copies("user")).all())
     # region_of() over every range, vectorised: the direct map is one interval.
-    (lo, hi), = [(start, end) for start, end, name in REGIONS[views.geometry.levels] if name == "direct map"]
-    direct = _bytes(r, copies, _within(r, lo, hi))
+    direct = _bytes(r, copies, _within(r, *_direct_map(views.geometry)))
     if leaked < PTI_OFF_BYTES and not same and direct < PTI_OFF_BYTES:
         return []
     why = ("the user and kernel views are the same tree" if same else

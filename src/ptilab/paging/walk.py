@@ -216,7 +216,7 @@ class Walk:
         records["va"] = self._raw(records["va"])
         origin = np.arange(len(records)) if by_pa is None else None
         a = self.aliases
-        half = np.array([1 << (self.geometry.va_bits - 1)], u64)  # never join across the hole
+        half = _hole(self.geometry)
         # The walk's own (raw) addresses: sign extension would break the order at the top of the user half.
         lo = int(self._raw(np.array([start], u64))[0])
         hi = 1 << self.geometry.va_bits if end >= 1 << 64 else int(self._raw(np.array([end - 1], u64))[0]) + 1
@@ -297,6 +297,12 @@ def split_at(r: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     present = (out["prot"] & u64(e.P)) != 0
     out["pa"] = np.where(present, out["pa"] + (start - r["va"][origin]), out["pa"])
     return out, origin
+
+
+def _hole(geometry: Geometry) -> np.ndarray:
+    """Where the two halves touch in raw addresses (the non-canonical hole):
+    a barrier no record may be coalesced across."""
+    return np.array([1 << (geometry.va_bits - 1)], np.uint64)
 
 
 def coalesce(r: np.ndarray, by_pa: bool = True) -> np.ndarray:
@@ -395,9 +401,7 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
     decoded = 0
     per_depth: list[np.ndarray] = []
     alias_parts: list[np.ndarray] = []
-    # Records never coalesce across the edges of source reaches, nor across
-    # the non-canonical hole (raw addresses: the two halves touch here).
-    barriers = np.array([1 << (geometry.va_bits - 1)], u64)
+    barriers = _hole(geometry)  # and, as the walk goes, the edges of source reaches
     tables: list[np.ndarray] = []
     table_refs: list[np.ndarray] = []
     anomalies: list[Anomaly] = []
