@@ -90,6 +90,20 @@ def _design_option(help: str):
                         shell_complete=_complete_from(_design_names), help=help)
 
 
+def _design_list(text: str, with_off: bool = False) -> list[str]:
+    """--design DESIGN[,DESIGN...] or 'all', each name checked; with_off: PTI off (the baseline) counts too."""
+    from ptilab.mmu.cost import PTI_OFF
+    from ptilab.pti import get_design
+
+    if text == "all":
+        return [*_design_names(), *([PTI_OFF] if with_off else [])]
+    chosen = text.split(",")
+    for design in chosen:
+        if not (with_off and design == PTI_OFF):
+            get_design(design)
+    return chosen
+
+
 def _levels(text: str) -> int:
     if text not in ("4", "5"):
         raise UsageError(f"--paging must be 4 or 5, not {text!r}")
@@ -293,22 +307,18 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
       ptilab cost --cpus 1,4,16,64,256 --plot refill.svg
       ptilab cost --workload my-entry.toml --json
     """
-    from ptilab.mmu.cost import PTI_OFF, sweep
+    from ptilab.mmu.cost import sweep
     from ptilab.mmu.workload import load
-    from ptilab.pti import DESIGNS, get_design
     from ptilab.report.tables import refill_table
 
     try:
         cpus = [int(n) for n in cpus_list.split(",")]
     except ValueError:
         raise UsageError(f"--cpus must be numbers separated by commas, not {cpus_list!r}") from None
-    chosen = [*DESIGNS, PTI_OFF] if designs == "all" else designs.split(",")
     # Refuse a bad name or plot file now, not after minutes of sweeping.
+    chosen = _design_list(designs, with_off=True)
     for n in cpus:
         _check_kernel(profile, n, _levels(levels))
-    for design in chosen:
-        if design != PTI_OFF:
-            get_design(design)
     for workload in workloads:
         load(workload)
     if plot_file and os.path.splitext(plot_file)[1].lower() not in PLOT_SUFFIXES:
@@ -551,11 +561,8 @@ def _write_report(ctx: click.Context, path: str, out: Output, profile: str, cpus
         what = {"report": "audit", "subject": subject}
     else:
         _refuse(ctx, ("cr3", "system_map"), "only with --image")
-        from ptilab.pti import DESIGNS, get_design
         from ptilab.report.html import comparison_report
-        chosen = list(DESIGNS) if designs == "all" else designs.split(",")
-        for design in chosen:
-            get_design(design)
+        chosen = _design_list(designs)
         page = comparison_report(profile, cpus, _levels(levels), chosen)
         what = {"report": "designs", "kernel": profile, "cpus": cpus, "paging": int(levels), "designs": chosen}
     with open(path, "wb") as f:
