@@ -56,21 +56,21 @@ def test_a_hand_built_tree_prints_exactly_what_linux_prints():
 0x0000000000401000-0x0000000000600000        2044K                               pte
 0x0000000000600000-0x0000000040000000        1018M                               pmd
 0x0000000040000000-0x0000008000000000         511G                               pud
-0x0000008000000000-0xffff880000000000   17179745792G                               p4d
+0x0000008000000000-0xffff880000000000   17179745792G                               pgd
 ---[ Kernel Space ]---
-0xffff880000000000-0xffff888000000000         512G                               p4d
+0xffff880000000000-0xffff888000000000         512G                               pgd
 ---[ LDT remap ]---
-0xffff888000000000-0xffff890000000000         512G                               p4d
+0xffff888000000000-0xffff890000000000         512G                               pgd
 ---[ Low Kernel Mapping ]---
-0xffff890000000000-0xffffc90000000000          64T                               p4d
+0xffff890000000000-0xffffc90000000000          64T                               pgd
 ---[ vmalloc() Area ]---
-0xffffc90000000000-0xffffea0000000000          33T                               p4d
+0xffffc90000000000-0xffffea0000000000          33T                               pgd
 ---[ Vmemmap ]---
-0xffffea0000000000-0xfffffe0000000000          20T                               p4d
+0xffffea0000000000-0xfffffe0000000000          20T                               pgd
 ---[ CPU entry Area ]---
-0xfffffe0000000000-0xffffff0000000000           1T                               p4d
+0xfffffe0000000000-0xffffff0000000000           1T                               pgd
 ---[ ESPfix Area ]---
-0xffffff0000000000-0xffffff8000000000         512G                               p4d
+0xffffff0000000000-0xffffff8000000000         512G                               pgd
 0xffffff8000000000-0xffffffef00000000         444G                               pud
 ---[ EFI Runtime Services ]---
 0xffffffef00000000-0xffffffff80000000          66G                               pud
@@ -83,16 +83,25 @@ def test_a_hand_built_tree_prints_exactly_what_linux_prints():
 """
 
 
-def test_the_top_level_is_p4d_with_four_levels_and_pgd_with_five():
-    for geometry, top in ((FOUR_LEVEL, "p4d"), (FIVE_LEVEL, "pgd")):
+def test_the_top_level_is_pgd_in_both_modes_and_p4d_appears_only_with_five():
+    # mm/pagewalk.c real_depth(): with the p4d folded (4-level), a missing p4d is a pgd hole.
+    for geometry in (FOUR_LEVEL, FIVE_LEVEL):
         b, m = _tree(geometry)
         m(0x400000, 0x200000, e.P | e.US | e.A)
         lines = format_walk(walk(b.ram, PGD, geometry), TWO).splitlines()
-        assert lines[-3].startswith("0x000") and lines[-3].endswith(f" {top}")
-        assert lines[-1].startswith("0xff") and lines[-1].endswith(f" {top}")
-        assert (" pgd" in "".join(lines)) == (geometry is FIVE_LEVEL)
+        assert lines[-3].startswith("0x000") and lines[-3].endswith(" pgd")
+        assert lines[-1].startswith("0xff") and lines[-1].endswith(" pgd")
+        assert (" p4d" in "".join(lines)) == (geometry is FIVE_LEVEL)
     assert lines[-3].startswith("0x0001000000000000-0xff10000000000000")
     assert lines[-4] == "0x0000008000000000-0x0001000000000000      261632G                               p4d"
+
+
+def test_a_four_level_text_with_a_p4d_top_level_reads_as_depth_0():
+    b, m = _tree()
+    m(0x400000, 0x200000, e.P | e.US | e.A)
+    text = format_walk(walk(b.ram, PGD, FOUR_LEVEL), TWO)
+    old = parse_ptdump(text.replace(" pgd\n", " p4d\n"))
+    assert (old.ranges == parse_ptdump(text).ranges).all() and old.ranges["level"][-1] == 0
 
 
 def test_guard_hole_is_never_walked_so_the_user_run_reaches_the_first_kernel_entry():
@@ -161,7 +170,7 @@ def test_an_absent_nonzero_top_entry_prints_like_an_empty_one():
     b, _ = _tree()
     b.ram.write_entry(PGD + 8, 0x8000_0000_0000_0000)
     assert format_walk(walk(b.ram, PGD, FOUR_LEVEL), TWO).splitlines()[1] == \
-        "0x0000000000000000-0xffff880000000000    16777096T                               p4d"
+        "0x0000000000000000-0xffff880000000000    16777096T                               pgd"
 
 
 def test_kaslr_bases_move_their_markers():

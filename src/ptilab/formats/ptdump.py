@@ -17,11 +17,13 @@ the generic walker of mm/ptdump.c and mm/pagewalk.c, byte for byte:
 
 Levels are Linux's pgd=0 .. pte=4 whatever the paging mode. A 6.1 kernel
 built with CONFIG_X86_5LEVEL (Debian's) runs a 4-level machine with the p4d
-folded at run time: pgd_none() and pgd_bad() are constant 0 then, so the
-pagewalk never reports a pgd hole; p4d_offset() hands back the PML4 entry
-itself, and an empty PML4 slot is reported by walk_p4d_range() as a hole at
-depth 1. So with 4-level paging the top level prints as `p4d`, and `pgd`
-never appears; below it, PDPT/PD/PT print as pud/pmd/pte in both modes.
+folded at run time: pgd_none() is constant 0 then, so walk_pgd_range() never
+reports a pgd hole; p4d_offset() hands back the PML4 entry itself, and an
+empty PML4 slot is reported by walk_p4d_range() as a hole at real_depth(1),
+which is 0 because PTRS_PER_P4D is 1 (mm/pagewalk.c: "if p4d is folded then
+a missing entry found at level 1 (p4d) is actually at level 0 (pgd)"). So
+the top level prints as `pgd` in both modes, `p4d` only with 5 levels; below
+it, PDPT/PD/PT print as pud/pmd/pte in both modes.
 """
 
 from __future__ import annotations
@@ -130,8 +132,11 @@ def format_prot(prot: int, level: int) -> str:
 
 
 def linux_level(depth: np.ndarray | int, geometry: Geometry) -> np.ndarray | int:
-    """Linux's level number (pgd=0 .. pte=4) of a walk depth."""
-    return depth + (5 - geometry.levels)
+    """Linux's level number (pgd=0 .. pte=4) of a walk depth: with 4 levels
+    the folded p4d's holes are reported at real_depth() 0, the pgd."""
+    if geometry.levels == 5:
+        return depth
+    return np.where(depth == 0, 0, depth + 1) if isinstance(depth, np.ndarray) else (depth and depth + 1)
 
 
 @dataclass
@@ -160,7 +165,8 @@ def _noted_entries(ranges: np.ndarray, geometry: Geometry) -> _Entries:
     # low bits are the raw end either way, and 0 is the top of the space.
     end = (ranges["va"] + ranges["size"]) & mask
     end = np.where(end <= start, full, end)
-    level = linux_level(ranges["level"].astype(np.int64), geometry)
+    depth = ranges["level"].astype(np.int64)
+    level = linux_level(depth, geometry)
     prot = ranges["prot"].copy()
     eff = ranges["eff"].copy()
     present = (prot & np.uint64(e.P)) != 0
@@ -173,7 +179,7 @@ def _noted_entries(ranges: np.ndarray, geometry: Geometry) -> _Entries:
     # a pmd_leaf() only with PSE: the walker calls no note_page() for them, and
     # the run before goes on over them.
     silent = ~present & (prot != 0) & ((level == 2) | ((level == 3) & ((prot & np.uint64(e.PS)) == 0)))
-    entry = np.left_shift(np.uint64(1), (12 + 9 * (4 - level)).astype(np.uint64))
+    entry = np.left_shift(np.uint64(1), (12 + 9 * (geometry.levels - 1 - depth)).astype(np.uint64))
     noted = _Entries(start, end, entry, prot, eff, level.astype(np.int8)).take(np.flatnonzero(~silent))
     # ptdump_walk_pgd_level_core() walks [0, half) and [GUARD_HOLE_END, ~0UL):
     # the guard hole's 16 top-level slots are never visited.
@@ -381,7 +387,7 @@ def parse_ptdump(text: str, source: str = "ptdump", geometry: Geometry | None = 
     ranges = np.array(rows, dtype=RANGE_DTYPE)
     geometry = geometry or _infer_geometry(ranges["va"])
     depth = ranges["level"].astype(np.int64) - (5 - geometry.levels)
-    # A 4-level kernel prints its top level as p4d (see the module docstring);
-    # older ones called it pgd: both are depth 0.
+    # A 4-level kernel prints its top level as pgd (see the module docstring);
+    # a 4-level text whose top level says p4d (older ptilab wrote it) is read the same.
     ranges["level"] = np.maximum(depth, 0)
     return Ptdump(ranges, markers, sum(c for _, c in skips), geometry, skips)
