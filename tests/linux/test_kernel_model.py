@@ -94,3 +94,14 @@ def test_cpu_hotplug_offline_then_online_replays_ap_work():
     assert k.writes[("mirror", k.alloc.phase.AP_BRINGUP)] > before
     with pytest.raises(UsageError):
         k.cpu_up(2)
+
+
+@pytest.mark.parametrize("profile", ["kaiser-2017", "linux-4.15", "linux-6.1"])
+def test_cpu_area_template_gives_each_cpus_pieces_as_cea_set_pte_would(profile):
+    from ptilab.linux.profiles import get_profile
+
+    k = boot(profile, "linux" if profile != "kaiser-2017" else "explicit", cpus=70)
+    for cpu in (0, 1, 63, 69):
+        piecewise = k.area_ptes(cpu, lambda piece: k.cea_ptes(piece, cpu))
+        assert (k.cpu_area_ptes(cpu) == piecewise).all()
+    assert get_profile(profile).per_cpu  # a profile without per-CPU pieces would test nothing

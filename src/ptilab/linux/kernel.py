@@ -94,6 +94,7 @@ class Kernel:
         self.espfix_page_random = 35
         self.espfix_slot_random = 0
         self.mm_kernel_pgd = self.mm_user_pgd = 0
+        self._area_template: tuple[np.ndarray, np.ndarray] | None = None
         design.attach(self)
 
     # -- addresses ---------------------------------------------------------
@@ -141,6 +142,24 @@ class Kernel:
                 first = piece.offset // e.PAGE_SIZE
                 out[first:first + piece.pages] = ptes
         return out
+
+    def cpu_area_ptes(self, cpu: int) -> np.ndarray:
+        """CPU cpu's whole area as setup_cpu_entry_area() writes it. Every
+        CPU's PTEs are CPU 0's plus cpu percpu units where a page aliases a
+        per-CPU variable, so the pieces are walked once, not once per CPU."""
+        if self._area_template is None:
+            unit = self.profile.percpu_unit_pages * e.PAGE_SIZE
+
+            def unit_step(piece: Piece) -> np.ndarray | None:
+                per_cpu = piece.backing and piece.backing.split("+")[0] not in SYMBOLS
+                if not per_cpu or not RIGHTS[piece.rights] & e.P:
+                    return None
+                return np.full(piece.pages, unit, dtype=np.uint64)
+
+            self._area_template = (self.area_ptes(0, lambda piece: self.cea_ptes(piece, 0)),
+                                   self.area_ptes(0, unit_step))
+        cpu0, step = self._area_template
+        return cpu0 + step * np.uint64(cpu)
 
     def kernel_cr3(self) -> CR3:
         return CR3(self.mm_kernel_pgd or self.kernel_pgd)
@@ -276,7 +295,7 @@ class Kernel:
 
     def _setup_cpu_entry_area(self, cpu: int) -> None:
         start = self.profile.cpu_base(self.nr_cpus, cpu)
-        self.set_pte_vaddr(start, self.area_ptes(cpu, lambda piece: self.cea_ptes(piece, cpu)))
+        self.set_pte_vaddr(start, self.cpu_area_ptes(cpu))
         self.design.on_area_ready(cpu, start, start + self.profile.stride)
 
     def espfix_base_addr(self, cpu: int) -> int:
