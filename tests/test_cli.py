@@ -102,10 +102,13 @@ PTE_FLAGS = e.P | e.RW | e.US | e.A
 
 def _tiny_tables() -> bytes:
     """Four frames: nothing at 0, a PGD at 0x1000 mapping user page 0 through
-    a PUD, PMD and PTE table packed in the next frames (one table each)."""
+    a PUD, PMD and PTE table packed in the next frames (one table each); its
+    last slot reaches the same page as kernel code, as entry text would be
+    (a CPU could enter the kernel: tables a CPU could run on)."""
     mem = bytearray(6 * 4096)
     for level, frame in enumerate((1, 2, 3, 4)):
         struct.pack_into("<Q", mem, frame * 4096, ((frame + 1) * 4096) | PTE_FLAGS)
+    struct.pack_into("<Q", mem, 4096 + 511 * 8, 2 * 4096 | e.P | e.RW | e.A)
     return bytes(mem)
 
 
@@ -418,3 +421,111 @@ def test_completion_offers_designs_and_workloads():
 def test_completion_prints_the_shell_script(capsys, shell, says):
     code, out, _ = run(capsys, "completion", shell)
     assert code == 0 and says in out and "_PTILAB_COMPLETE" in out
+
+
+# -- output paths: only a regular file or a new one, symlinks followed --------
+
+def _special(kind: str, path: Path) -> None:
+    import stat
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "char device":
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a /dev/null of our own
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "symlink to a fifo":
+        os.mkfifo(path.with_name("fifo"))
+        path.symlink_to("fifo")
+
+
+SPECIAL = ["fifo", "char device", "directory", "symlink to a fifo"]
+WRITERS = [["report", "{}", "--kernel", "kaiser-2017", "--cpus", "2"],
+           ["cost", "--cpus", "1", "--design", "linux", "--workload", "syscall", "--plot", "{}"]]
+
+
+@pytest.mark.parametrize("kind", SPECIAL)
+@pytest.mark.parametrize("command", WRITERS, ids=["report", "cost --plot"])
+def test_a_special_file_as_output_is_refused_and_left_alone(capsys, tmp_path, monkeypatch, kind, command):
+    if kind == "char device" and os.geteuid() != 0:
+        pytest.skip("mknod needs root")
+    monkeypatch.chdir(tmp_path)
+    name = "out.svg"
+    _special(kind, tmp_path / name)
+    before = os.lstat(tmp_path / name)
+    code, out, err = run(capsys, *[a.format(name) for a in command])
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"{name}" in err and " is a " in err
+    after = os.lstat(tmp_path / name)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+@pytest.mark.parametrize("name, words", [("", "the output file name is empty"), ("-", "give a file name")])
+@pytest.mark.parametrize("command", WRITERS, ids=["report", "cost --plot"])
+def test_an_empty_or_dash_output_name_is_refused(capsys, tmp_path, monkeypatch, name, words, command):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *[a.format(name) for a in command])
+    assert code == 2 and out == "" and words in err and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_symlinked_output_replaces_its_target_and_stays_a_link(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "real.html").write_text("old")
+    (tmp_path / "link.html").symlink_to("real.html")
+    (tmp_path / "dangling.html").symlink_to("new.html")
+    for name in ("link.html", "dangling.html"):
+        code, _, err = run(capsys, "-q", "report", name, "--kernel", "kaiser-2017", "--cpus", "2")
+        assert code == 0, err
+        assert (tmp_path / name).is_symlink()
+    assert (tmp_path / "real.html").read_text().startswith("<!DOCTYPE html>")
+    assert (tmp_path / "new.html").read_text().startswith("<!DOCTYPE html>")
+    assert sorted(os.listdir(tmp_path)) == ["dangling.html", "link.html", "new.html", "real.html"]
+
+
+def test_sigterm_during_a_report_leaves_no_temporary(tmp_path):
+    """A real process and a real signal: the temporary goes, as after Ctrl-C."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "ptilab.cli", "-q", "report", "out.html", "--cpus", "1024"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    give_up = time.monotonic() + 60
+    while not [p for p in os.listdir(tmp_path) if p.startswith(".out.html.")] and time.monotonic() < give_up:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the report ended before its temporary was seen"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err == "ptilab: terminated\n" and out == ""
+    assert os.listdir(tmp_path) == []
+
+
+# -- tables that map nothing a CPU could run on: never clean ------------------
+
+# b000: a zeroed frame of the real core; e0000: inside the BIOS ROM.
+NOT_TABLES = ["b000", "e0000"]
+
+
+@pytest.mark.parametrize("cr3", NOT_TABLES)
+def test_auditing_tables_no_cpu_could_run_on_is_a_finding(cr3):
+    k = real_kernel("pti-4level")
+    done = ptilab("audit", str(k.path / "core.elf"), "--cr3", cr3, "--json", "--fail-on", "high")
+    assert done.returncode == 1, done.stderr
+    ids = [f["id"] for f in json.loads(done.stdout)["findings"]]
+    assert ids[0] == "TABLES-NO-ENTRY"
+
+
+@pytest.mark.parametrize("cr3", NOT_TABLES)
+def test_dumping_tables_no_cpu_could_run_on_says_so_and_exits_1(cr3):
+    k = real_kernel("pti-4level")
+    done = ptilab("dump", str(k.path / "core.elf"), "--cr3", cr3)
+    assert done.returncode == 1
+    assert done.stdout  # printed all the same
+    assert done.stderr.startswith(f"ptilab: warning: CR3 {int(cr3, 16):#x}: these tables map no executable kernel page")
+
+
+def test_dumping_a_live_cpus_tables_warns_of_nothing():
+    k = real_kernel("pti-4level")
+    for cpu in ("0", "1"):
+        done = ptilab("dump", str(k.path / "core.elf"), "--cpu", cpu, "--format", "qemu")
+        assert done.returncode == 0 and done.stderr == ""

@@ -8,6 +8,7 @@ leaves one line on stderr, nothing on stdout and no half-written file.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from contextlib import ExitStack
 
@@ -15,7 +16,7 @@ import click
 from click.shell_completion import CompletionItem
 
 from ptilab.errors import InputError, PtilabError, UsageError
-from ptilab.terminal import Output, atomic_file
+from ptilab.terminal import Output, atomic_file, output_target
 
 DEFAULT_PROFILE = "linux-6.1"
 DEFAULT_CPUS = 4
@@ -26,8 +27,15 @@ EXIT_CODES = """\b
 Exit codes:
   0    success
   1    ptilab audit found something at or above --fail-on
+       ptilab dump: the tables are malformed or no CPU could run on them
   2    bad usage or bad input: one line on stderr, "ptilab: error: ..."
   130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM)
+
+\b
+Files written (report OUT, cost --plot): whole or not at all, and only a
+regular file or a new one; a symlink is followed and its target replaced.
+A device, FIFO, directory, '' or '-' is refused before any work.
 
 \b
 Output: tables and colour on a terminal, plain aligned text when piped;
@@ -321,7 +329,9 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
         _check_kernel(profile, n, _levels(levels))
     for workload in workloads:
         load(workload)
-    if plot_file and os.path.splitext(plot_file)[1].lower() not in PLOT_SUFFIXES:
+    if plot_file is not None:
+        output_target(plot_file)
+    if plot_file is not None and os.path.splitext(plot_file)[1].lower() not in PLOT_SUFFIXES:
         raise UsageError(f"plot file must end in .png or .svg, not {os.path.basename(plot_file)!r}")
     with ExitStack() as stack:
         plot_tmp = stack.enter_context(atomic_file(plot_file)) if plot_file else None
@@ -473,7 +483,9 @@ def audit_command(ctx, image, cr3, cpu, la57, ptdump_file, system_map, fail_on, 
 @click.pass_context
 def dump(ctx, image, cr3, cpu, la57, fmt, as_json) -> None:
     """Print the page tables a CR3 points at, as Linux's ptdump or QEMU's
-    'info mem' would show them.
+    'info mem' would show them. Tables that are malformed, or that no CPU
+    could run on (no executable kernel page: a wrong --cr3), are printed
+    all the same, said on stderr ("ptilab: warning: ...") and exit 1.
 
     \b
     Examples:
@@ -491,6 +503,27 @@ def dump(ctx, image, cr3, cpu, la57, fmt, as_json) -> None:
     out = _out()
     with out.busy("walking the page tables"):
         w = walk(mem, value, geometry)
+    warnings = _dump_warnings(w)
+    ctx.meta[EXIT_META] = 1 if warnings else 0
+    _print_dump(out, w, fmt, geometry)
+    for warning in warnings:
+        click.echo(f"ptilab: warning: {warning}", err=True)
+    if warnings:
+        ctx.exit(1)
+
+
+def _dump_warnings(w) -> list[str]:
+    """What audit would flag as TABLE-* and TABLES-NO-ENTRY, in a line each."""
+    from ptilab.audit.checks import entry_mapped
+
+    found = [f"malformed page tables: {a.detail}" for a in w.anomalies]
+    if not entry_mapped(w.distinct, w.geometry):
+        found.append(f"CR3 {w.cr3.pgd:#x}: these tables map no executable kernel page, so no CPU could run on them "
+                     f"(a wrong --cr3, or not page tables)")
+    return found
+
+
+def _print_dump(out: Output, w, fmt: str, geometry) -> None:
     if fmt == "json":
         from ptilab.formats.jsonout import walk_to_dict
         out.json(walk_to_dict(w))
@@ -648,23 +681,39 @@ def completion(shell: str) -> None:
     _out().text(complete.source())
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that files being written are
+    cleaned up on the way out, as for Ctrl-C (the default action would kill
+    the process and leave the temporary behind)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line on stderr and a documented exit code on error.
 
     Exit codes: 0 success; 1 the audit found something at or above the chosen
-    severity; 2 bad usage or bad input; 130 interrupted.
+    severity; 2 bad usage or bad input; 130 interrupted; 143 terminated.
     """
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = cli.main(args=argv, prog_name="ptilab", complete_var=COMPLETE_VAR, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("ptilab: interrupted", err=True)
         sys.exit(130)
+    except Terminated:
+        click.echo("ptilab: terminated", err=True)
+        sys.exit(128 + signal.SIGTERM)
     except click.ClickException as err:
         click.echo(f"ptilab: error: {err.format_message()}", err=True)
         sys.exit(2)
     except PtilabError as err:
         click.echo(f"ptilab: error: {err}", err=True)
         sys.exit(err.exit_code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,13 +125,41 @@ class ProgressBars:
             del self.tasks[what]
 
 
+FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+
+
+def output_target(path: str) -> Path:
+    """The regular file that writing path replaces: path itself, or the file a
+    symlink leads to (the link stays a link). Refused with one line, before any
+    work: '' and '-' (ptilab writes files, not stdout), and anything that is not
+    a regular file or absent (a device, a FIFO, a directory): replacing those by
+    a rename would destroy them, and writing into them is not writing a file."""
+    if path == "":
+        raise InputError("the output file name is empty")
+    if path == "-":
+        raise InputError("'-': ptilab writes a file, not stdout; give a file name (./- for a file named '-')")
+    target = Path(os.path.realpath(path))
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return target
+    except OSError as err:
+        raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
+        kind = FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise InputError(f"{path}: is {kind}; ptilab writes only a regular file or a new one")
+    return target
+
+
 @contextmanager
 def atomic_file(path: str) -> Iterator[str]:
     """A temporary file next to path for the block to fill, renamed over path
     when the block ends and removed if it fails: a reader sees the old file or
-    the whole new one, never half of one. The temporary is made at once, so an
-    unwritable place is refused before any work is done."""
-    target = Path(path)
+    the whole new one, never half of one. path must be a regular file or absent
+    (output_target); a symlink's target is what gets replaced. The temporary is
+    made at once, so an unwritable place is refused before any work is done."""
+    target = output_target(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
     except OSError as err:

@@ -158,3 +158,23 @@ def test_a_table_shared_between_the_halves_is_judged_where_its_copies_are():
     ids = _ids(audit(found.views), Severity.HIGH)
     assert "PTI-OFF" in ids and "USER-VIEW-KERNEL-EXEC" in ids
 
+
+
+@pytest.mark.parametrize("design", ["linux", "shared-pmd", "mirror", "explicit"])
+@pytest.mark.parametrize("profile", ["kaiser-2017", "linux-4.15", "linux-6.1"])
+def test_every_modelled_user_view_maps_a_way_into_the_kernel(profile, design):
+    assert "TABLES-NO-ENTRY" not in _ids(audit(_views(boot(profile, design, cpus=2))))
+
+
+def test_tables_that_map_no_kernel_code_are_not_clean(kernel):
+    """An empty tree (a zeroed frame taken for a PGD) is no CPU's: never a clean audit."""
+    from ptilab.paging import EFF_NX, RANGE_DTYPE
+
+    empty = np.zeros(0, RANGE_DTYPE)
+    findings = audit(Views(kernel.geometry, empty))
+    assert findings[0].id == "TABLES-NO-ENTRY" and findings[0].severity is Severity.HIGH
+    # The user view without its executable ranges (the entry text): the
+    # cpu_entry_area is there, but nothing to run on entry.
+    u = walk(kernel.ram, kernel.user_cr3(), kernel.geometry).ranges
+    data_only = u[(u["eff"] & np.uint64(EFF_NX)) != 0]
+    assert "TABLES-NO-ENTRY" in _ids(audit(Views(kernel.geometry, data_only)))

@@ -346,7 +346,30 @@ def check_anomalies(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]
             for a in views.anomalies]
 
 
-CHECKS = (check_pti_off, check_leaks, check_user_view_summary, check_wx, check_user_bit, check_executable,
+def entry_mapped(user: np.ndarray, geometry: Geometry) -> bool:
+    """Whether a CPU running on these tables could enter the kernel: SYSCALL,
+    interrupts and exceptions jump to kernel code (entry_SYSCALL_64, the IDT's
+    handlers) before any CR3 switch, so some kernel-half page must be present
+    and executable. Every design and every real kernel maps its entry text."""
+    present = _present_kernel_half(user, geometry)
+    return bool((present & ((user["eff"] & EFF_NX) == 0)).any())
+
+
+def check_no_entry(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    if entry_mapped(views.user, views.geometry):
+        return []
+    present = (views.user["prot"] & np.uint64(e.P)) != 0
+    copies = views.copies("user")
+    kernel = _present_kernel_half(views.user, views.geometry)
+    return [Finding("TABLES-NO-ENTRY", Severity.HIGH, "no CPU could run on these tables",
+                    f"they map no executable kernel page ({_bytes(views.user, copies, present & ~kernel) >> 10} KiB "
+                    f"of user space, {_bytes(views.user, copies, kernel) >> 10} KiB of the kernel half), so a "
+                    f"syscall, interrupt or exception taken on them would fault with no handler to reach: they are "
+                    f"not the page tables of a running CPU. A wrong CR3, freed tables, or not page tables at all: "
+                    f"nothing else this audit says about them means anything.")]
+
+
+CHECKS = (check_no_entry, check_pti_off, check_leaks, check_user_view_summary, check_wx, check_user_bit, check_executable,
           check_global, check_kernel_pgd_nx, check_cea_fixed, check_anomalies)
 
 
