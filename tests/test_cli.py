@@ -155,6 +155,9 @@ REFUSALS = [
     (["compare", "--kernel", "kaiser-2017", "--cpus", "200"], "room for 102 CPUs"),
     (["compare", "--kernel", "kaiser-2017", "--paging", "5"], "no 5-level layout"),
     (["compare", "--paging", "3"], "--paging must be 4 or 5"),
+    (["compare", "--seed", "3"], "--seed: linux-6.1 puts every CPU's cpu_entry_area at a fixed slot"),
+    (["simulate", "--kernel", "linux-4.15", "--nokaslr"], "--kaslr: linux-4.15 puts every CPU's"),
+    (["compare", "--kernel", "linux-6.12", "--seed", "x"], "not a valid integer"),
     (["layout-change", "--cpus", "0"], "between 1 and 8192"),
     (["layout-change", "--kernel", "kaiser-2017", "--paging", "5"], "no 5-level layout"),
     (["simulate", "--paging", "five"], "--paging must be 4 or 5"),
@@ -247,7 +250,7 @@ def test_the_console_script_refuses_bad_input_the_same_way():
     done = ptilab("compare", "--kernel", "linux-9.9")
     assert done.returncode == 2
     assert done.stderr == ("ptilab: error: unknown kernel profile 'linux-9.9'; "
-                           "choose one of: kaiser-2017, linux-4.15, linux-6.1\n")
+                           "choose one of: kaiser-2017, linux-4.15, linux-6.1, linux-6.12\n")
     assert done.stdout == ""
 
 
@@ -405,7 +408,7 @@ def _complete(*words: str) -> list[str]:
 
 
 def test_completion_offers_kernel_profiles():
-    assert _complete("compare", "--kernel", "li") == ["linux-4.15", "linux-6.1"]
+    assert _complete("compare", "--kernel", "li") == ["linux-4.15", "linux-6.1", "linux-6.12"]
 
 
 def test_completion_offers_designs_and_workloads():

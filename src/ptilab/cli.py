@@ -84,11 +84,32 @@ def _complete_workload(ctx: click.Context, param: click.Parameter, incomplete: s
 
 kernel_option = click.option("--kernel", "profile", default=DEFAULT_PROFILE, show_default=True, metavar="PROFILE",
                              shell_complete=_complete_from(_profile_names),
-                             help="Kernel layout profile: kaiser-2017, linux-4.15 or linux-6.1.")
+                             help="Kernel layout profile: kaiser-2017, linux-4.15, linux-6.1 or linux-6.12.")
 cpus_option = click.option("--cpus", default=DEFAULT_CPUS, show_default=True, type=int,
                            help="NR_CPUS (possible CPUs), 1 to 8192.")
 paging_option = click.option("--paging", "levels", default="4", show_default=True, metavar="4|5",
                              help="Paging levels: 4 (PML4) or 5 (LA57).")
+
+
+def cea_options(command):
+    """--seed and --kaslr/--nokaslr: init_cea_offsets()'s random cpu_entry_area slots (linux-6.12)."""
+    command = click.option("--seed", default=0, show_default=True, type=int,
+                           help="Seed of the random per-CPU cpu_entry_area slots (profiles with random slots: "
+                                "linux-6.12); one seed, one reproducible layout.")(command)
+    return click.option("--kaslr/--nokaslr", default=True, show_default=True,
+                        help="KASLR on: each CPU's cpu_entry_area at a random slot of 512 GiB (linux-6.12); "
+                             "off: slot = CPU. The model randomises nothing else.")(command)
+
+
+def _check_cea_options(ctx: click.Context, profile: str) -> None:
+    """Refuse --seed/--kaslr for a profile whose cpu_entry_area slots are fixed."""
+    from ptilab.linux.profiles import get_profile
+
+    if not get_profile(profile).random_cea_slots:
+        _refuse(ctx, ("seed", "kaslr"), f"{profile} puts every CPU's cpu_entry_area at a fixed slot "
+                                        f"(random slots came with Linux 6.2: use --kernel linux-6.12)")
+
+
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print the result as one JSON document on stdout, and nothing else there.")
 
@@ -195,8 +216,11 @@ def cli(ctx: click.Context, quiet: bool, color: bool | None) -> None:
 @kernel_option
 @cpus_option
 @paging_option
+@cea_options
 @json_option
-def compare(profile: str, cpus: int, levels: str, as_json: bool) -> None:
+@click.pass_context
+def compare(ctx: click.Context, profile: str, cpus: int, levels: str, kaslr: bool, seed: int,
+            as_json: bool) -> None:
     """Compare every design: memory, writes, AP work, allocator legality,
     table sharing and the user view of the cpu_entry_area against the kernel's.
 
@@ -204,12 +228,14 @@ def compare(profile: str, cpus: int, levels: str, as_json: bool) -> None:
     Examples:
       ptilab compare
       ptilab compare --kernel linux-4.15 --cpus 64 --paging 5 --json
+      ptilab compare --kernel linux-6.12 --cpus 256 --seed 7   # random per-CPU slots
       ptilab compare --cpus 4096 | less     # plain text when piped
     """
     from ptilab.compare.metrics import compare as run_compare
     from ptilab.report.tables import compare_table
 
-    reports = run_compare(profile, cpus, _levels(levels))
+    _check_cea_options(ctx, profile)
+    reports = run_compare(profile, cpus, _levels(levels), kaslr=kaslr, seed=seed)
     if as_json:
         _out().json([r.as_dict() for r in reports])
     else:
@@ -248,10 +274,13 @@ def layout_change(profile: str, cpus: int, levels: str, as_json: bool) -> None:
 @kernel_option
 @cpus_option
 @paging_option
+@cea_options
 @click.option("--view", type=click.Choice(["user", "kernel", "both"]), default="both", show_default=True,
               help="Which half of the PGD pair to print.")
 @json_option
-def simulate(design: str, profile: str, cpus: int, levels: str, view: str, as_json: bool) -> None:
+@click.pass_context
+def simulate(ctx: click.Context, design: str, profile: str, cpus: int, levels: str, kaslr: bool, seed: int,
+             view: str, as_json: bool) -> None:
     """Boot a modelled kernel with one design and print its page tables in
     Linux ptdump format (as /sys/kernel/debug/page_tables/current_user and
     current_kernel would show them).
@@ -265,7 +294,8 @@ def simulate(design: str, profile: str, cpus: int, levels: str, view: str, as_js
     from ptilab.linux.kernel import boot
     from ptilab.paging import walk
 
-    kernel = boot(profile, design, cpus, _levels(levels))
+    _check_cea_options(ctx, profile)
+    kernel = boot(profile, design, cpus, _levels(levels), kaslr, seed)
     views = {"user": kernel.user_cr3(), "kernel": kernel.kernel_cr3()}
     chosen = ["user", "kernel"] if view == "both" else [view]
     walks = {name: walk(kernel.ram, views[name], kernel.geometry) for name in chosen}

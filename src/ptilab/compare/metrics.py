@@ -9,7 +9,7 @@ import numpy as np
 
 from ptilab import progress
 from ptilab.compare.views import Divergence, diff, rights
-from ptilab.linux.kernel import Kernel, boot
+from ptilab.linux.kernel import CEA_TABLE_PURPOSE, Kernel, boot
 from ptilab.linux.regions import REGIONS, region_of
 from ptilab.memory.allocators import Phase
 from ptilab.paging import Walk, walk
@@ -34,6 +34,8 @@ class DesignReport:
     user_regions: dict[str, int]  # kernel-half pages visible to user space, by region
     user_rights: dict[str, list[str]]  # the effective rights those pages carry, by region
     cea_divergences: list[Divergence] = field(default_factory=list)
+    kernel_cea_tables: int = 0  # the kernel's own tables mapping the cpu_entry_area (PUD/PMD/PTE)
+    cea_seed: int | None = None  # the seed of init_cea_offsets()'s random slots; None: slot = CPU
 
     @property
     def ap_work(self) -> bool:
@@ -89,8 +91,6 @@ def measure(kernel: Kernel) -> DesignReport:
     kernel_tables = kern.kernel_half_table_frames()
     user_tables = user.kernel_half_table_frames()
     shared = int(np.isin(user_tables, kernel_tables).sum())
-    area_start = kernel.area_base
-    area_end = area_start + kernel.profile.area_size(kernel.nr_cpus)
     regions, region_rights = region_pages(user, kernel.geometry.levels)
     return DesignReport(
         design=name,
@@ -108,13 +108,17 @@ def measure(kernel: Kernel) -> DesignReport:
         user_kernel_pages=sum(regions.values()),
         user_regions=regions,
         user_rights=region_rights,
-        cea_divergences=diff(user, kern, area_start, area_end),
+        cea_divergences=diff(user, kern, kernel.area_base, kernel.area_end),
+        kernel_cea_tables=sum(a.pages for a in kernel.alloc.log
+                              if a.owner == "kernel" and a.purpose == CEA_TABLE_PURPOSE),
+        cea_seed=kernel.seed if kernel.profile.random_cea_slots and kernel.kaslr else None,
     )
 
 
 def compare(profile: str = "linux-6.1", cpus: int = 4, levels: int = 4,
-            designs: list[str] | None = None) -> list[DesignReport]:
+            designs: list[str] | None = None, kaslr: bool = True, seed: int = 0) -> list[DesignReport]:
+    """Boot one kernel per design (the same random slots for all: one seed) and measure each."""
     from ptilab.pti import DESIGNS
 
     chosen = designs or list(DESIGNS)
-    return [measure(boot(profile, d, cpus, levels)) for d in progress.over(chosen, "comparing designs")]
+    return [measure(boot(profile, d, cpus, levels, kaslr, seed)) for d in progress.over(chosen, "comparing designs")]

@@ -9,6 +9,7 @@ the user half of the PGD pair next to the kernel's.
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -23,7 +24,7 @@ from ptilab.paging import entry as e
 from ptilab.paging.cr3 import CR3
 from ptilab.paging.geometry import Geometry
 from ptilab.paging.install import entry_address, map_page, table_runs
-from ptilab.linux.profiles import ESPFIX_BASE_ADDR, RIGHTS, START_KERNEL_MAP, Piece, Profile
+from ptilab.linux.profiles import CPU_ENTRY_AREA_MAP_SIZE, ESPFIX_BASE_ADDR, RIGHTS, START_KERNEL_MAP, Piece, Profile
 
 if TYPE_CHECKING:
     from ptilab.pti.design import Design
@@ -52,6 +53,7 @@ USER_MAPPINGS = (
     (0x7FFF_FFFD_E000, 3, e.P | e.US | e.RW | e.A | e.D | e.NX),  # stack RW
 )
 
+CEA_TABLE_PURPOSE = "cpu_entry_area table"  # the kernel's allocations for set_pte_vaddr() in the area
 ESPFIX_STACKS_PER_PAGE = 64  # arch/x86/kernel/espfix_64.c: 64-byte stacks
 ESPFIX_PTE_STRIDE = 16  # one espfix page every 64 KiB: 32 clones per PTE table
 ESPFIX_PUD_CLONES = 4  # 65536 / (32 PTE clones * 512 PMD clones)
@@ -67,7 +69,8 @@ class Event:
 class Kernel:
     """One booted (or booting) kernel: RAM, allocators, the init PGD pair and a process."""
 
-    def __init__(self, profile: Profile, design: "Design", nr_cpus: int = 4, levels: int = 4):
+    def __init__(self, profile: Profile, design: "Design", nr_cpus: int = 4, levels: int = 4,
+                 kaslr: bool = True, seed: int = 0):
         if not 1 <= nr_cpus <= NR_CPUS_MAX:
             raise UsageError(f"NR_CPUS must be between 1 and {NR_CPUS_MAX}, not {nr_cpus}")
         self.geometry = Geometry(levels)
@@ -83,6 +86,11 @@ class Kernel:
         self.alloc = PhysicalAllocators(ram, PHYS_START + IMAGE_SIZE)
         self.page_offset = PAGE_OFFSET[levels]
         self.area_base = profile.area_base(nr_cpus)
+        self.kaslr, self.seed = kaslr, seed
+        self.cea_offset = init_cea_offsets(profile, nr_cpus, kaslr, seed)
+        # Where the area's pages may lie: all of its P4D once slots are random.
+        self.area_end = self.area_base + (CPU_ENTRY_AREA_MAP_SIZE if profile.random_cea_slots
+                                          else profile.area_size(nr_cpus))
         self.kernel_pgd = self.symbol_pa("init_top_pgt")
         self.user_pgd = self.kernel_pgd + e.PAGE_SIZE
         self.writes: Counter[tuple[str, Phase]] = Counter()
@@ -118,9 +126,23 @@ class Kernel:
     def direct_map_va(self, pa: int) -> int:
         return self.page_offset + pa
 
+    def cpu_base(self, cpu: int) -> int:
+        """get_cpu_entry_area(cpu): where this CPU's area starts."""
+        return self.profile.cpu_base(self.nr_cpus, cpu, int(self.cea_offset[cpu]))
+
     def piece_va(self, piece: Piece, cpu: int | None) -> int:
-        base = self.area_base if cpu is None else self.profile.cpu_base(self.nr_cpus, cpu)
+        base = self.area_base if cpu is None else self.cpu_base(cpu)
         return base + piece.offset
+
+    def area_pmds(self) -> list[int]:
+        """The 2 MiB-aligned addresses of every PMD entry that maps a page of
+        the area (its header and each possible CPU's slot), in order."""
+        p = self.profile
+        stride = np.uint64(p.stride)
+        starts = np.uint64(self.area_base + p.first_cpu_offset) + self.cea_offset.astype(np.uint64) * stride
+        firsts = np.append(starts, np.uint64(self.area_base)) >> np.uint64(21)
+        lasts = (starts + stride - np.uint64(1)) >> np.uint64(21)
+        return [int(pmd) << 21 for pmd in np.union1d(firsts, lasts)]
 
     def cea_ptes(self, piece: Piece, cpu: int | None) -> np.ndarray:
         """The PTEs cea_set_pte() writes for the pages of a piece."""
@@ -195,7 +217,7 @@ class Kernel:
     def set_pte_vaddr(self, va: int, ptes: np.ndarray) -> None:
         """arch/x86/mm/init_64.c set_pte_vaddr() for consecutive pages: missing
         tables come from memblock early and GFP_ATOMIC pages later (spp_getpage())."""
-        alloc = self.table_allocator("kernel", "cpu_entry_area table")
+        alloc = self.table_allocator("kernel", CEA_TABLE_PURPOSE)
         for slot, first, n in table_runs(self.ram, self.geometry, self.kernel_pgd, va, len(ptes),
                                          self.geometry.levels - 1, alloc):
             self.write_run("kernel", slot, ptes[first:first + n])
@@ -294,7 +316,7 @@ class Kernel:
             self.design.on_area_ready(None, start, start + self.profile.first_cpu_offset)
 
     def _setup_cpu_entry_area(self, cpu: int) -> None:
-        start = self.profile.cpu_base(self.nr_cpus, cpu)
+        start = self.cpu_base(cpu)
         self.set_pte_vaddr(start, self.cpu_area_ptes(cpu))
         self.design.on_area_ready(cpu, start, start + self.profile.stride)
 
@@ -364,6 +386,27 @@ class Kernel:
                 self.write("kernel", self.mm_kernel_pgd + 8 * i, int(user[i]) | e.NX)
 
 
+def init_cea_offsets(profile: Profile, nr_cpus: int, kaslr: bool, seed: int) -> np.ndarray:
+    """arch/x86/mm/cpu_entry_area.c init_cea_offsets() (6.2+): without KASLR
+    CPU i gets slot i; with it, every possible CPU draws slots below max_cea
+    until it finds one no earlier CPU holds. The kernel draws from
+    get_random_u32_below(); the model from a generator seeded with seed, so
+    one seed is one reproducible boot."""
+    if not (profile.random_cea_slots and kaslr):
+        return np.arange(nr_cpus, dtype=np.int64)
+    draw = random.Random(seed).randrange
+    max_cea = profile.max_cea()
+    taken: set[int] = set()
+    slots = np.empty(nr_cpus, dtype=np.int64)
+    for cpu in range(nr_cpus):
+        cea = draw(max_cea)
+        while cea in taken:
+            cea = draw(max_cea)
+        taken.add(cea)
+        slots[cpu] = cea
+    return slots
+
+
 def _percpu_layout(profile: Profile) -> dict[str, int]:
     """Offsets of the per-CPU variables the area aliases, packed in a unit."""
     sizes: dict[str, int] = {}
@@ -383,8 +426,11 @@ def _percpu_layout(profile: Profile) -> dict[str, int]:
 
 
 def boot(profile: str | Profile = "linux-6.1", design: "str | Design" = "linux", cpus: int = 4,
-         levels: int = 4) -> Kernel:
+         levels: int = 4, kaslr: bool = True, seed: int = 0) -> Kernel:
     """Boot a modelled kernel with a PTI design; the public entry point.
+
+    kaslr and seed matter only to a profile with random cpu_entry_area slots
+    (linux-6.12): the model randomises those slots, nothing else.
 
     >>> k = boot("linux-6.1", "shared-pmd", cpus=2)
     >>> k.user_cr3()
@@ -396,4 +442,4 @@ def boot(profile: str | Profile = "linux-6.1", design: "str | Design" = "linux",
         profile = get_profile(profile)
     if isinstance(design, str):
         design = get_design(design)
-    return Kernel(profile, design, cpus, levels).boot()
+    return Kernel(profile, design, cpus, levels, kaslr, seed).boot()

@@ -1,8 +1,10 @@
 """Kernel layout profiles: what struct cpu_entry_area holds, where, with which rights.
 
 Offsets are from each CPU's area. Sources: the seed (Dave Hansen's list,
-Nov 2017), Linux 4.15 arch/x86/include/asm/cpu_entry_area.h, and Linux 6.1's
-as observed on a real Debian 6.1 kernel under QEMU (see DESIGN.md).
+Nov 2017), Linux 4.15 arch/x86/include/asm/cpu_entry_area.h, Linux 6.1's
+as observed on a real Debian 6.1 kernel under QEMU (see DESIGN.md), and
+Linux 6.12's arch/x86/mm/cpu_entry_area.c (init_cea_offsets()), checked
+against a real Debian 6.12 boot (tests/realkernel).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ RIGHTS = {
 }
 
 CPU_ENTRY_AREA_BASE = 0xFFFF_FE00_0000_0000
+CPU_ENTRY_AREA_MAP_SIZE = 1 << 39  # P4D_SIZE on 64-bit (asm/pgtable_areas.h, 6.2+), in both paging modes
 ESPFIX_BASE_ADDR = 0xFFFF_FF00_0000_0000
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
 MODULES_END_2017 = 0xFFFF_FFFF_FF00_0000
@@ -53,6 +56,9 @@ class Profile:
     global_cea: bool  # CEA PTEs carry _PAGE_GLOBAL (4.17+)
     clone_cpu_tss_rw: bool  # pti_clone_user_shared() maps each CPU's cpu_tss_rw (SYSCALL64 scratch)
     percpu_unit_pages: int = 64
+    # 6.2+: with KASLR, init_cea_offsets() gives each possible CPU a random,
+    # distinct slot of the area's 512 GiB (the RO IDT page stays at the base).
+    random_cea_slots: bool = False
 
     def area_base(self, nr_cpus: int) -> int:
         if not self.in_fixmap:
@@ -65,8 +71,14 @@ class Profile:
     def area_size(self, nr_cpus: int) -> int:
         return self.first_cpu_offset + nr_cpus * self.stride
 
-    def cpu_base(self, nr_cpus: int, cpu: int) -> int:
-        return self.area_base(nr_cpus) + self.first_cpu_offset + cpu * self.stride
+    def max_cea(self) -> int:
+        """init_cea_offsets()'s max_cea: how many slots the area has room for."""
+        return (CPU_ENTRY_AREA_MAP_SIZE - e.PAGE_SIZE) // self.stride
+
+    def cpu_base(self, nr_cpus: int, cpu: int, slot: int | None = None) -> int:
+        """Where CPU cpu's area starts: get_cpu_entry_area(), with slot the
+        CPU's cea_offset() (cpu itself unless the slots are randomised)."""
+        return self.area_base(nr_cpus) + self.first_cpu_offset + (cpu if slot is None else slot) * self.stride
 
     def check(self, nr_cpus: int, levels: int) -> None:
         if levels not in self.levels:
@@ -159,7 +171,19 @@ LINUX_6_1 = Profile(
     clone_cpu_tss_rw=True,
 )
 
-PROFILES = {p.name: p for p in (KAISER_2017, LINUX_4_15, LINUX_6_1)}
+# 6.12: struct cpu_entry_area as in 6.1 (a real Debian 6.12 boot: the same
+# pieces, offsets, rights and stride), but since 6.2 each CPU's area sits at
+# get_cpu_entry_area() = CPU_ENTRY_AREA_PER_CPU + cea_offset(cpu) * stride.
+LINUX_6_12 = replace(
+    LINUX_6_1,
+    name="linux-6.12",
+    description="Linux 6.12 (Debian trixie): 6.1's struct cpu_entry_area (stride 0x3b000), but with KASLR "
+                "init_cea_offsets() puts each possible CPU at a random, distinct one of the area's "
+                f"{(CPU_ENTRY_AREA_MAP_SIZE - P) // 0x3B000} slots; the RO IDT page stays at the base",
+    random_cea_slots=True,
+)
+
+PROFILES = {p.name: p for p in (KAISER_2017, LINUX_4_15, LINUX_6_1, LINUX_6_12)}
 
 
 def get_profile(name: str) -> Profile:

@@ -112,8 +112,9 @@ class Kinds:
         if s.area_base <= va < s.area_base + s.area_size:
             offset = va - s.area_base
             if offset >= s.profile.first_cpu_offset:
-                cpu = (offset - s.profile.first_cpu_offset) // s.profile.stride
-                return f"CEA CPU {cpu} {kind}"
+                slot = (offset - s.profile.first_cpu_offset) // s.profile.stride
+                # With random slots (6.2+), the slot number is not the CPU's.
+                return f"CEA {'slot' if s.profile.random_cea_slots else 'CPU'} {slot} {kind}"
             return f"CEA {kind}"
         return kind
 
@@ -432,7 +433,7 @@ def comparison_report(profile: str = "linux-6.1", cpus: int = 4, levels: int = 4
     for kernel, report in zip(booted, reports):
         space = Space(report.design, kernel.geometry, kernel.ram, walk(kernel.ram, kernel.user_cr3(), kernel.geometry),
                       walk(kernel.ram, kernel.kernel_cr3(), kernel.geometry), symbols, kernel.area_base,
-                      kernel.profile.area_size(kernel.nr_cpus), kernel.profile)
+                      kernel.area_end - kernel.area_base, kernel.profile)
         summary = DESIGNS[report.design].summary
         body.append(f'<section class="design" id="design-{escape(report.design)}">'
                     f"<h2>Design <code>{escape(report.design)}</code></h2><p class=\"note\">{escape(summary)}</p>"

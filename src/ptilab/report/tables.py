@@ -15,11 +15,13 @@ def _kib(n: int) -> str:
 
 def compare_table(reports: list[DesignReport]) -> Table:
     first = reports[0]
-    t = Table(title=f"PTI designs on {first.profile}, {first.cpus} CPUs, {first.levels}-level paging",
+    slots = "" if first.cea_seed is None else f", random cpu_entry_area slots (seed {first.cea_seed})"
+    t = Table(title=f"PTI designs on {first.profile}, {first.cpus} CPUs, {first.levels}-level paging{slots}",
               caption="user tables: page-table pages the design allocated; writes: entries it wrote; "
-                      "shared/own: kernel-half tables of the user view shared with the kernel or its own")
+                      "shared/own: kernel-half tables of the user view shared with the kernel or its own; "
+                      "kernel cea tables: the kernel's own tables for the cpu_entry_area")
     for col in ("design", "user tables", "writes", "AP work", "allocations by phase", "allocator bugs",
-                "tables shared/own", "kernel pages seen by user", "cpu_entry_area vs kernel"):
+                "tables shared/own", "kernel pages seen by user", "cpu_entry_area vs kernel", "kernel cea tables"):
         t.add_column(col, overflow="fold")
     for r in reports:
         ap = f"{r.ap_allocations} allocs, {r.ap_writes} writes" if r.ap_work else "none"
@@ -29,7 +31,8 @@ def compare_table(reports: list[DesignReport]) -> Table:
             f"; +{len(r.cea_divergences) - 3} more" if len(r.cea_divergences) > 3 else "")
         t.add_row(r.design, f"{r.user_table_pages} ({_kib(r.user_table_bytes)})", str(r.pte_writes), ap, phases,
                   str(len(r.violations)) if r.violations else "none",
-                  f"{r.tables_shared_with_kernel}/{r.tables_user_only}", str(r.user_kernel_pages), div)
+                  f"{r.tables_shared_with_kernel}/{r.tables_user_only}", str(r.user_kernel_pages), div,
+                  str(r.kernel_cea_tables))
     return t
 
 
