@@ -396,8 +396,10 @@ def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool
     mem = open_image(image)
     if cr3 is None:
         cpus = getattr(mem, "cpus", ())
+        if not cpus and cpu is None and getattr(mem, "vmcoreinfo_text", ""):
+            return mem, *_vmcoreinfo_pgd(mem, la57)
         if not cpus:
-            raise InputError(f"{image} carries no CPU registers: give --cr3")
+            raise InputError(f"{image} carries no CPU registers and no VMCOREINFO: give --cr3")
         if cpu is None:
             cpu = next((c.index for c in cpus if c.cpl == 3), 0)
         if not 0 <= cpu < len(cpus):
@@ -410,9 +412,19 @@ def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool
     return mem, value, Geometry(levels)
 
 
+def _vmcoreinfo_pgd(mem, la57: bool | None):
+    """init_mm's kernel PGD and paging mode from the dump's VMCOREINFO note
+    (kdump's vmcore carries it, and no CR3): the audit finds the user twin."""
+    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
+    from ptilab.paging import Geometry
+
+    info = parse_vmcoreinfo(mem.vmcoreinfo_text)
+    return info.kernel_pgd, Geometry(5 if la57 else info.levels)
+
+
 image_options = [
     click.option("--cr3", default=None, metavar="HEX", help="CR3 to walk (PCID bits and bit 63 are ignored). "
-                 "Default: from the core's QEMU notes, a CPU in user mode first."),
+                 "Default: from the core's QEMU notes, a CPU in user mode first; else init_top_pgt from its VMCOREINFO."),
     click.option("--cpu", type=int, default=None, help="With a QEMU core: take this CPU's CR3 and CR4."),
     click.option("--la57", is_flag=True, default=None, help="5-level paging (default: CR4.LA57 from the core, else 4)."),
 ]

@@ -16,6 +16,14 @@ monitor (QMP, with HMP commands sent through human-monitor-command):
   meta.json                     versions, command line, CR3/CR4/EFER/CPL/RIP per CPU,
                                 which CPU is in user mode
 
+Every core carries the guest's VMCOREINFO note (QEMU's vmcoreinfo device, fed
+by the qemu_fw_cfg module the initramfs loads). One configuration (pti-kaslr)
+also saves the same memory as users hold it (about 3 s more):
+
+  kdump-zlib.dump               dump-guest-memory -z (and kdump-lzo/-snappy/-zstd where QEMU has them)
+  kdump.elf                     core.elf as kdump's vmcore: NT_PRSTATUS + VMCOREINFO notes, no CR3
+  makedumpfile-{zlib,lzo}.dump  makedumpfile -c / -l -d 31 of kdump.elf (Debian's build lacks snappy, zstd)
+
 The guest sends its files as a gzip'd tar on a second serial port (a host
 file, which QEMU writes synchronously) and announces the byte count on the
 console before its ready marker; the host checks the count and unpacks.
@@ -45,12 +53,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PACKAGES = ["qemu-system-x86", "linux-image-amd64", "busybox-static", "cpio"]
+PACKAGES = ["qemu-system-x86", "linux-image-amd64", "busybox-static", "cpio", "makedumpfile"]
 CONFIGS = {
     "pti-4level": {"append": "pti=on nokaslr", "la57": False, "pti": True},
     "pti-5level": {"append": "pti=on nokaslr", "la57": True, "pti": True},
     "pti-off": {"append": "pti=off nokaslr", "la57": False, "pti": False},
-    "pti-kaslr": {"append": "pti=on", "la57": False, "pti": True},
+    "pti-kaslr": {"append": "pti=on", "la57": False, "pti": True, "dumps": True},
 }
 CPUS = 2
 MEMORY = "256M"
@@ -79,6 +87,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+insmod /lib/qemu_fw_cfg.ko 2>/dev/null  # hands the kernel's VMCOREINFO to QEMU's vmcoreinfo device
 exec </dev/console >/dev/console 2>&1
 echo "@@PTILAB-BOOTED $(uname -r) uptime $(cut -d' ' -f1 /proc/uptime)"
 echo 0 > /proc/sys/kernel/kptr_restrict
@@ -174,7 +183,7 @@ def kernel_image() -> Path:
     return Path(images[-1])
 
 
-def build_initramfs(work: Path) -> Path:
+def build_initramfs(work: Path, vmlinuz: Path) -> Path:
     root = work / "root"
     for d in ("bin", "dev", "proc", "sys", "tmp"):
         (root / d).mkdir(parents=True, exist_ok=True)
@@ -182,6 +191,7 @@ def build_initramfs(work: Path) -> Path:
     if not busybox.exists():
         raise Failure("/bin/busybox missing although busybox-static is installed")
     shutil.copy(busybox, root / "bin" / "busybox")
+    add_fw_cfg_module(root / "lib", vmlinuz)
     (root / "init").write_text(INIT)
     (root / "init").chmod(0o755)
     try:
@@ -326,6 +336,115 @@ def check_sections(config: str, spec: dict, sections: dict[str, str]) -> None:
         raise Failure(f"guest cpuinfo flags {'lack' if spec['la57'] else 'have'} la57 on {config}")
 
 
+# -- the same memory in the formats users hold ---------------------------------------
+
+def add_fw_cfg_module(lib: Path, vmlinuz: Path) -> None:
+    """qemu_fw_cfg.ko of vmlinuz's release, for the initramfs: loaded, it hands
+    the kernel's VMCOREINFO to QEMU's vmcoreinfo device, and QEMU then writes
+    it into every dump (a module on Debian, built in elsewhere)."""
+    release = vmlinuz.name.removeprefix("vmlinuz-")
+    module = Path(f"/lib/modules/{release}/kernel/drivers/firmware/qemu_fw_cfg.ko")
+    if module.exists():
+        lib.mkdir(parents=True, exist_ok=True)
+        shutil.copy(module, lib / module.name)
+
+
+def dump_formats(qmp: Qmp, stage: Path, config: str) -> None:
+    """The stopped guest again in QEMU's kdump-compressed formats (those this QEMU has)."""
+    t0 = time.time()
+    formats = [f for f in qmp.execute("query-dump-guest-memory-capability")["formats"] if f.startswith("kdump-")]
+    for fmt in formats:
+        qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{stage / (fmt + '.dump')}", format=fmt)
+        (stage / (fmt + ".dump")).chmod(0o644)
+    say(f"{config}: QEMU {' '.join(formats)} dumps in {time.time() - t0:.1f} s")
+
+
+def kdump_elf(core: Path, kallsyms: str, out: Path) -> None:
+    """core.elf reshaped as kdump's ELF vmcore (/proc/vmcore as kexec-tools'
+    elfcorehdr describes it): notes NT_PRSTATUS and VMCOREINFO only (no QEMU
+    CPU notes, so no CR3), PT_LOADs with the direct-map virtual address
+    page_offset_base + physical, data page-aligned. makedumpfile reads it;
+    QEMU's own paging-mode ELF it cannot (with PTI's 65536 espfix aliases it
+    needs PN_XNUM program headers, which makedumpfile 1.7.2 does not read)."""
+    with core.open("rb") as f:
+        head = f.read(64)
+        e_phoff, = struct.unpack_from("<Q", head, 32)
+        e_phnum, = struct.unpack_from("<H", head, 56)
+        f.seek(e_phoff)
+        phdrs = [struct.unpack_from("<IIQQQQQQ", f.read(56)) for _ in range(e_phnum)]
+        notes = b""
+        for p_type, _, offset, _, _, filesz, _, _ in phdrs:
+            if p_type == 4:
+                f.seek(offset)
+                notes += f.read(filesz)
+    kept, info, at = b"", "", 0
+    while at + 12 <= len(notes):
+        namesz, descsz, ntype = struct.unpack_from("<III", notes, at)
+        size = 12 + -(-namesz // 4) * 4 + -(-descsz // 4) * 4
+        name = notes[at + 12:at + 12 + namesz].rstrip(b"\0")
+        if (name, ntype) == (b"CORE", 1) or name == b"VMCOREINFO":
+            kept += notes[at:at + size]
+        if name == b"VMCOREINFO":
+            info = notes[at + 12 + -(-namesz // 4) * 4:][:descsz].decode(errors="replace")
+        at += size
+    m = re.search(r"NUMBER\(phys_base\)=(-?\d+)", info)
+    sym = re.search(r"^([0-9a-f]+) \S+ page_offset_base$", kallsyms, re.M)
+    if not m or not sym:
+        raise Failure("core.elf has no VMCOREINFO phys_base (qemu_fw_cfg not loaded?) or kallsyms no page_offset_base")
+    pa = (int(sym.group(1), 16) - 0xFFFFFFFF80000000 + int(m.group(1))) % (1 << 64)
+    loads = [p for p in phdrs if p[0] == 1]
+    with core.open("rb") as f:
+        seg = next((p for p in loads if p[4] <= pa < p[4] + p[5]), None)
+        if seg is None:
+            raise Failure(f"page_offset_base at pa {pa:#x} lies in no PT_LOAD of core.elf")
+        f.seek(seg[2] + pa - seg[4])
+        page_offset, = struct.unpack("<Q", f.read(8))
+    data_at = -(-(64 + 56 * (len(loads) + 1) + len(kept)) // 4096) * 4096
+    table = [struct.pack("<IIQQQQQQ", 4, 0, 64 + 56 * (len(loads) + 1), 0, 0, len(kept), len(kept), 0)]
+    placed = []
+    for _, flags, offset, _, paddr, filesz, memsz, align in loads:
+        table.append(struct.pack("<IIQQQQQQ", 1, flags or 7, data_at, (page_offset + paddr) % (1 << 64),
+                                 paddr, filesz, memsz, 4096))
+        placed.append((offset, data_at, filesz))
+        data_at += -(-filesz // 4096) * 4096
+    with core.open("rb") as src, out.open("wb") as dst:
+        # e_phoff 64, no section headers (QEMU writes an empty table first).
+        dst.write(head[:32] + struct.pack("<QQIHHHHHH", 64, 0, 0, 64, 56, len(loads) + 1, 0, 0, 0)
+                  + b"".join(table) + kept)
+        dst.truncate(data_at)
+        for offset, at, filesz in placed:
+            while filesz:
+                done = os.copy_file_range(src.fileno(), dst.fileno(), filesz, offset, at)
+                if not done:
+                    raise Failure("core.elf ended while copying it into kdump.elf")
+                offset, at, filesz = offset + done, at + done, filesz - done
+
+
+MAKEDUMPFILE = {"makedumpfile-zlib.dump": "-c", "makedumpfile-lzo.dump": "-l",
+                "makedumpfile-snappy.dump": "-p", "makedumpfile-zstd.dump": "-z"}
+
+
+def makedumpfile_formats(stage: Path, config: str, kallsyms: str) -> None:
+    """makedumpfile's diskdump files from kdump.elf, dump level 31 (zero,
+    cache, user and free pages excluded, as kdump's default does), one per
+    compression this makedumpfile was built with."""
+    t0 = time.time()
+    source = stage / "kdump.elf"
+    kdump_elf(stage / "core.elf", kallsyms, source)
+    version = subprocess.run(["makedumpfile", "-v"], capture_output=True, text=True)
+    built = version.stdout + version.stderr
+    for name, flag in MAKEDUMPFILE.items():  # Debian 1.7.2: zlib and lzo
+        library = name.split("-")[1].split(".")[0]
+        if f"{library}\tdisabled" in built:
+            continue
+        done = subprocess.run(["makedumpfile", flag, "-d", "31", str(source), str(stage / name)],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise Failure(f"makedumpfile {flag} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        (stage / name).chmod(0o644)
+    say(f"{config}: makedumpfile dumps in {time.time() - t0:.1f} s")
+
+
 # -- one configuration --------------------------------------------------------------
 
 def build(config: str, out_root: Path, vmlinuz: Path, initrd: Path, force: bool) -> None:
@@ -349,7 +468,7 @@ def build(config: str, out_root: Path, vmlinuz: Path, initrd: Path, force: bool)
         append = f"console=ttyS0 panic=-1 quiet loglevel=4 {spec['append']}"
         cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", cpu_model,
                "-m", MEMORY, "-smp", str(CPUS), "-kernel", str(vmlinuz), "-initrd", str(initrd),
-               "-append", append, "-display", "none", "-vga", "none", "-nic", "none", "-no-reboot",
+               "-append", append, "-device", "vmcoreinfo", "-display", "none", "-vga", "none", "-nic", "none", "-no-reboot",
                "-serial", f"file:{console}", "-serial", f"file:{data}",
                "-qmp", f"unix:{qmp_path},server=on,wait=off"]
         say(f"{config}: booting {vmlinuz} (-cpu {cpu_model}; {spec['append']})")
@@ -418,6 +537,8 @@ def build(config: str, out_root: Path, vmlinuz: Path, initrd: Path, force: bool)
             size = check_core(core)
             core.chmod(0o644)
             say(f"{config}: core.elf complete, {size} bytes")
+            if spec.get("dumps"):
+                dump_formats(qmp, stage, config)
             version = qmp.execute("query-version")
             qemu_version = "{major}.{minor}.{micro}".format(**version["qemu"])
             if version.get("package"):
@@ -440,6 +561,8 @@ def build(config: str, out_root: Path, vmlinuz: Path, initrd: Path, force: bool)
                 qemu.wait()
             if console.exists():
                 (stage / "console.txt").write_text(console.read_text(errors="replace"))
+    if spec.get("dumps"):
+        makedumpfile_formats(stage, config, sections["kallsyms"])
     for key, fname in SECTION_FILES.items():
         if key in sections:
             (stage / fname).write_text(sections[key])
@@ -484,7 +607,7 @@ def main() -> int:
         if not os.access(vmlinuz, os.R_OK):
             raise Failure(f"{vmlinuz} is not readable (Debian makes it 0600: run as root)")
         with tempfile.TemporaryDirectory(prefix="ptilab-initrd-") as tmp:
-            initrd = build_initramfs(Path(tmp))
+            initrd = build_initramfs(Path(tmp), vmlinuz)
             say(f"initramfs {initrd.stat().st_size} bytes (busybox + /init)")
             for config in args.config or list(CONFIGS):
                 step = config

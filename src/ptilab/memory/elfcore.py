@@ -26,7 +26,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from elftools.common.exceptions import ELFError
@@ -51,6 +51,7 @@ QEMU_OFF_RFLAGS = QEMU_OFF_RIP + 8
 QEMU_OFF_CS = QEMU_OFF_RFLAGS + 8
 QEMU_OFF_CR = QEMU_OFF_CS + 10 * 24
 
+NT_PRSTATUS = 1  # struct elf_prstatus: one per CPU, in kdump's vmcore and QEMU's cores
 CR4_LA57 = 1 << 12
 CR4_PCIDE = 1 << 17
 
@@ -92,6 +93,40 @@ class CpuState:
         return CR3(self.cr3, bool(self.cr4 & CR4_PCIDE))
 
 
+@dataclass
+class CoreNotes:
+    """What ELF notes say about a dump (an ELF core's PT_NOTE segments, or the
+    notes a kdump-compressed file copies into its sub-header)."""
+
+    cpus: list[CpuState] = field(default_factory=list)
+    vmcoreinfo: dict[str, str] = field(default_factory=dict)
+    vmcoreinfo_text: str = ""
+    prstatus_cpus: int = 0
+
+    def add(self, blob: bytes, path: str) -> None:
+        """Read one run of notes: Elf64_Nhdr, name and descriptor, each 4-byte aligned."""
+        at = 0
+        while at + 12 <= len(blob):
+            namesz, descsz, ntype = struct.unpack_from("<III", blob, at)
+            name_at = at + 12
+            desc_at = name_at + _align4(namesz)
+            at = desc_at + _align4(descsz)
+            if at > len(blob):
+                raise InputError(f"{path}: a note runs past the end of its note segment")
+            name = blob[name_at:name_at + namesz].rstrip(b"\0")
+            desc = blob[desc_at:desc_at + descsz]
+            if name == QEMU_NOTE_NAME and ntype == QEMU_NOTE_TYPE:
+                self.cpus.append(_qemu_cpu_state(len(self.cpus), desc, path))
+            elif name == b"CORE" and ntype == NT_PRSTATUS:
+                self.prstatus_cpus += 1
+            elif name == b"VMCOREINFO":
+                self.vmcoreinfo_text = desc.rstrip(b"\0").decode("ascii", "replace")
+                for line in self.vmcoreinfo_text.splitlines():
+                    key, sep, value = line.partition("=")
+                    if sep:
+                        self.vmcoreinfo[key] = value
+
+
 @dataclass(frozen=True)
 class _Load:
     pa: int
@@ -120,6 +155,8 @@ class ElfCore(PhysicalMemory):
         cpus: one :class:`CpuState` per CPU when QEMU wrote its notes, else ().
         vmcoreinfo: the ``VMCOREINFO`` note as a dict (kdump writes it, and
             QEMU does when the guest has a vmcoreinfo device), else {}.
+        vmcoreinfo_text: the same note's text, for memory.vmcoreinfo.parse_vmcoreinfo().
+        prstatus_cpus: how many ``NT_PRSTATUS`` notes (one per CPU) the core holds.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -131,10 +168,13 @@ class ElfCore(PhysicalMemory):
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         except OSError as ex:
             raise InputError(f"{self.path}: cannot read: {ex.strerror or ex}") from None
-        self.cpus: tuple[CpuState, ...] = ()
-        self.vmcoreinfo: dict[str, str] = {}
+        notes = CoreNotes()
         for offset, length in note_ranges:
-            self._parse_notes(self._bytes(offset, length))
+            notes.add(self._bytes(offset, length), self.path)
+        self.cpus: tuple[CpuState, ...] = tuple(notes.cpus)
+        self.vmcoreinfo: dict[str, str] = notes.vmcoreinfo
+        self.vmcoreinfo_text = notes.vmcoreinfo_text
+        self.prstatus_cpus = notes.prstatus_cpus
         self._set_segments(_disjoint(loads))
 
     # -- reading the file ---------------------------------------------------
@@ -170,27 +210,6 @@ class ElfCore(PhysicalMemory):
 
     def _bytes(self, offset: int, length: int) -> bytes:
         return bytes(self._mmap[offset:offset + length]) if self._mmap is not None and length else b""
-
-    def _parse_notes(self, blob: bytes) -> None:
-        cpus = list(self.cpus)
-        at = 0
-        while at + 12 <= len(blob):
-            namesz, descsz, ntype = struct.unpack_from("<III", blob, at)
-            name_at = at + 12
-            desc_at = name_at + _align4(namesz)
-            at = desc_at + _align4(descsz)
-            if at > len(blob):
-                raise InputError(f"{self.path}: a note runs past the end of its PT_NOTE segment")
-            name = blob[name_at:name_at + namesz].rstrip(b"\0")
-            desc = blob[desc_at:desc_at + descsz]
-            if name == QEMU_NOTE_NAME and ntype == QEMU_NOTE_TYPE:
-                cpus.append(_qemu_cpu_state(len(cpus), desc, self.path))
-            elif name == b"VMCOREINFO":
-                for line in desc.decode("ascii", "replace").splitlines():
-                    key, sep, value = line.partition("=")
-                    if sep:
-                        self.vmcoreinfo[key] = value
-        self.cpus = tuple(cpus)
 
     def _set_segments(self, loads: list[_Load]) -> None:
         # Per segment, frame-granular: the frames wholly inside it, how many
