@@ -444,8 +444,23 @@ def _symbols(system_map: str | None) -> dict[str, int] | None:
     return read_symbols(system_map)
 
 
+cluster_options = [
+    click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                 help="Run on this Dask cluster (the images must be on a path every worker can read). "
+                      "Default: several images or a large one on a local cluster of worker processes."),
+    click.option("--workers", type=click.IntRange(min=0), default=None,
+                 help="Worker processes of the local cluster (default: one per core); 0 runs in this process."),
+]
+
+
+def _with_cluster_options(fn):
+    for option in reversed(cluster_options):
+        fn = option(fn)
+    return fn
+
+
 @cli.command("audit")
-@click.argument("image", required=False, type=click.Path(dir_okay=False))
+@click.argument("images", metavar="IMAGE...", nargs=-1, type=click.Path(dir_okay=False))
 @_with_image_options
 @click.option("--ptdump", "ptdump_file", type=click.Path(dir_okay=False), default=None,
               help="Audit Linux ptdump text (current_user, or kernel/current_kernel) instead of an image.")
@@ -454,13 +469,17 @@ def _symbols(system_map: str | None) -> dict[str, int] | None:
 @click.option("--fail-on", default="medium", show_default=True, metavar="SEVERITY",
               help="Exit 1 if a finding is at least this severe: info, low, medium, high, critical.")
 @json_option
+@_with_cluster_options
 @click.pass_context
-def audit_command(ctx, image, cr3, cpu, la57, ptdump_file, system_map, fail_on, as_json) -> None:
+def audit_command(ctx, images, cr3, cpu, la57, ptdump_file, system_map, fail_on, as_json, scheduler,
+                  workers) -> None:
     """Check a real kernel's page tables against PTI's promises: what the
     user tables expose of the kernel and with which rights.
 
     IMAGE is an ELF core (QEMU dump-guest-memory, kdump vmcore) or a raw
-    physical image. Exit code 0: nothing at or above --fail-on; 1: found; 2: bad input.
+    physical image. Several images: one row each (a JSON list), audited on a
+    local cluster of worker processes or on --scheduler's.
+    Exit code 0: nothing at or above --fail-on; 1: found; 2: bad input.
 
     \b
     Examples:
@@ -468,12 +487,21 @@ def audit_command(ctx, image, cr3, cpu, la57, ptdump_file, system_map, fail_on, 
       ptilab audit mem.raw --cr3 61d9000 --system-map kallsyms.txt
       ptilab audit --ptdump current_user.txt --json
       ptilab audit guest.core --fail-on low && echo clean
+      ptilab audit fleet/*.core --json            # one row per image
     """
     from ptilab.audit import audit
     from ptilab.audit.findings import Severity
     from ptilab.report.tables import findings_table
 
     threshold = Severity.parse(fail_on)
+    if len(images) > 1:
+        if ptdump_file:
+            raise UsageError("give IMAGEs or --ptdump, not both")
+        _refuse(ctx, ("cr3",), "one CR3 cannot fit several images; each image's CPU notes give its own")
+        _audit_images(ctx, images, cpu, la57, _symbols(system_map), threshold, as_json, scheduler, workers)
+        return
+    _refuse(ctx, ("scheduler", "workers"), "only with several IMAGEs")
+    image = images[0] if images else None
     if ptdump_file and image:
         raise UsageError("give an IMAGE or --ptdump, not both")
     if not ptdump_file and not image:
@@ -514,6 +542,96 @@ def audit_command(ctx, image, cr3, cpu, la57, ptdump_file, system_map, fail_on, 
         out.table(table)
     if failed:
         ctx.exit(1)
+
+
+def _audit_images(ctx, images, cpu, la57, symbols, threshold, as_json, scheduler, workers) -> None:
+    from ptilab.audit.findings import Severity
+    from ptilab.report.tables import audit_images_table
+    from ptilab.scan.batch import audit_images
+
+    rows = audit_images(images, cpu, la57, symbols, scheduler, workers)
+    failed = any(isinstance(r, dict) and any(Severity.parse(f["severity"]) >= threshold for f in r["findings"])
+                 for r in rows)
+    errors = [r for r in rows if not isinstance(r, dict)]
+    ctx.meta[EXIT_META] = 2 if errors else 1 if failed else 0
+    out = _out()
+    if as_json:
+        out.json([r if isinstance(r, dict) else r.as_dict() for r in rows])
+    else:
+        out.table(audit_images_table(rows))
+    _exit_batch(ctx, errors, failed)
+
+
+def _exit_batch(ctx, errors: list, failed: bool) -> None:
+    """Several images: each unreadable one is a line on stderr and exit 2; else 1 if any failed."""
+    for err in errors:
+        click.echo(f"ptilab: error: {err.message}", err=True)
+    if errors:
+        ctx.exit(2)
+    if failed:
+        ctx.exit(1)
+
+
+@cli.command("scan")
+@click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--la57", is_flag=True, default=None,
+              help="5-level paging (default: CR4.LA57 from the core's notes or VMCOREINFO, else 4).")
+@click.option("--fail-on", default="medium", show_default=True, metavar="SEVERITY",
+              help="Exit 1 if an address space has a finding at least this severe.")
+@json_option
+@_with_cluster_options
+@click.pass_context
+def scan_command(ctx, images, la57, fail_on, as_json, scheduler, workers) -> None:
+    """Find every address space in an image without symbols, and audit each:
+    the PGDs whose kernel half is the kernel's (Linux copies init_mm's into
+    every mm), as PTI pairs (kernel PGD, user PGD at +4 KiB) or single PGDs.
+
+    The reference kernel half comes from a CPU's CR3 in the core, else
+    VMCOREINFO's init_top_pgt, else the one most frames share. A process
+    whose user PGD maps kernel memory shows here even when it was on no CPU.
+    Several images, or one large image (its chunks spread over the workers),
+    run on a local cluster of worker processes or on --scheduler's.
+
+    \b
+    Examples:
+      ptilab scan guest.core
+      ptilab scan guest.core --json | jq '.address_spaces[].user_pgd'
+      ptilab scan fleet/*.core --fail-on high
+      ptilab scan big.raw --scheduler tcp://10.0.0.5:8786
+    """
+    from ptilab.audit.findings import Severity
+    from ptilab.report.tables import scan_table
+    from ptilab.scan.batch import scan_images
+
+    threshold = Severity.parse(fail_on)
+    scans = scan_images(images, la57, scheduler, workers)
+    done = [s for s in scans if hasattr(s, "spaces")]
+    errors = [s for s in scans if not hasattr(s, "spaces")]
+    failed = any(s.failed(threshold) for s in done)
+    ctx.meta[EXIT_META] = 2 if errors else 1 if failed else 0
+    out = _out()
+    if as_json:
+        out.json([s.as_dict() for s in scans] if len(images) > 1 else scans[0].as_dict())
+    else:
+        out.table(scan_table(scans, len(images) > 1))
+        for s in done:
+            out.line(_scan_summary(s))
+    _exit_batch(ctx, errors, failed)
+
+
+def _scan_summary(s) -> str:
+    kinds = {}
+    for space in s.spaces:
+        kinds[space.kind] = kinds.get(space.kind, 0) + 1
+    worst = max((sp.worst for sp in s.spaces if sp.worst is not None), default=None)
+    rate = s.bytes_scanned / (1 << 30) / s.seconds if s.seconds else 0
+    return (f"{s.path}: {len(s.spaces)} page-table roots ("
+            + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + ")"
+            + f"; worst {worst.name.lower() if worst is not None else 'none'}"
+            + (f"; {len(s.rejected)} candidate(s) rejected: tables that do not walk cleanly" if s.rejected else "")
+            + f"; reference: {s.reference.source}, {s.reference.geometry.levels}-level, "
+            + f"PTI {'on' if s.reference.pti else 'off'}; "
+            + f"{s.bytes_scanned / (1 << 30):.1f} GiB in {s.seconds:.2f} s ({rate:.1f} GiB/s)")
 
 
 @cli.command("dump")

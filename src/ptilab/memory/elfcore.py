@@ -256,6 +256,11 @@ class ElfCore(PhysicalMemory):
     def end(self) -> int:
         return max((end for _, end in self.segments), default=0)
 
+    def file_runs(self) -> list[tuple[int, int, int]]:
+        """(first frame number, frames, file offset) of the frames the file holds
+        as they are; frames past a segment's file size (zeros) are not listed."""
+        return [(int(lo), int(n), off) for lo, n, off in zip(self._lo, self._in_file, self._first_off) if n]
+
     def _segment_of(self, pfns: np.ndarray) -> np.ndarray:
         """Index of the segment holding each frame, or -1."""
         seg = np.searchsorted(self._lo, pfns, side="right").astype(np.int64) - 1

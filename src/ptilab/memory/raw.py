@@ -47,6 +47,10 @@ class RawImage(PhysicalMemory):
     def end(self) -> int:
         return self.base + self.frames * PAGE_SIZE
 
+    def file_runs(self) -> list[tuple[int, int, int]]:
+        """(first frame number, frames, file offset) of the frames the file holds as they are."""
+        return [(self.base >> PAGE_SHIFT, self.frames, 0)]
+
     def frames_present(self, pfns: np.ndarray) -> np.ndarray:
         pfns = np.asarray(pfns, dtype=np.uint64)
         return (pfns >= self._first) & (pfns - self._first < np.uint64(self.frames))

@@ -80,3 +80,54 @@ def refill_table(costs: list["WorkloadCost"]) -> Table:
                   str(c.cold.walk_loads), str(c.cold.lines), str(c.cold.lines_both_views), str(c.warm.tlb_misses),
                   str(c.warm.walk_loads), faults)
     return t
+
+
+def _size(n: int) -> str:
+    """Bytes as ptdump prints a size: shifted by 10 while divisible by 1024 (132K, 2M)."""
+    unit = 0
+    while n and n % 1024 == 0 and unit < 4:
+        n //= 1024
+        unit += 1
+    return f"{n}{' KMGT'[unit].strip()}"
+
+
+def user_view_text(user_view: dict[str, int]) -> str:
+    """What a user view maps of the kernel, e.g. 'cpu_entry_area 132K, entry text 2M'."""
+    return ", ".join(f"{kind} {_size(n)}" for kind, n in user_view.items()) or "nothing"
+
+
+def scan_table(scans: list, several: bool) -> Table:
+    """One row per address space found (per image when several; an unreadable image is one row)."""
+    t = Table(title="Address spaces found by their kernel half" + (" in " + scans[0].path if not several else ""))
+    cols = (["image"] if several else []) + ["kernel PGD", "user PGD", "kind", "user view maps of the kernel",
+                                             "verdict"]
+    for col in cols:
+        t.add_column(col, overflow="fold")
+    for scan in scans:
+        if not hasattr(scan, "spaces"):
+            t.add_row(*([scan.path] if several else []), "-", "-", "-", "-", f"error: {scan.message}")
+            continue
+        for s in scan.spaces:
+            t.add_row(*([scan.path] if several else []), f"{s.kernel_pgd:#x}",
+                      "-" if s.user_pgd is None else f"{s.user_pgd:#x}", s.kind,
+                      "-" if s.kind == "kernel-only" else user_view_text(s.user_view), s.verdict)
+    return t
+
+
+def audit_images_table(rows: list) -> Table:
+    """One row per image audited: its PGD pair and the most severe findings."""
+    t = Table(title=f"PTI audit of {len(rows)} images")
+    for col in ("image", "CR3", "PGD pair", "worst", "findings"):
+        t.add_column(col, overflow="fold")
+    for row in rows:
+        if not isinstance(row, dict):
+            t.add_row(row.path, "-", "-", "error", row.message)
+            continue
+        pair = row["pti_pair"]
+        findings = row["findings"]
+        worst = findings[0]["severity"] if findings else "none"
+        cr3 = row["subject"].split("CR3 ")[1].split(",")[0]
+        t.add_row(row["image"], cr3, f"{pair['kernel_pgd']}/{pair['user_pgd']}"
+                  + ("" if pair["is_pti"] else " (not PTI)"), worst,
+                  ", ".join(f["id"] for f in findings) or "-")
+    return t
