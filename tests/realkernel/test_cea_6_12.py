@@ -1,0 +1,96 @@
+"""The linux-6.12 profile judged against Debian's 6.12 booted under QEMU, KASLR off and on.
+
+The real boot's user tables give each CPU's cpu_entry_area slot (6.2+:
+init_cea_offsets()); the model, booted with those very slots, must map the
+same pages at the same offsets with the same rights and global bits, under
+the same number of tables at each level.
+"""
+
+import numpy as np
+import pytest
+
+from ptilab.compare.views import pages, rights
+from ptilab.linux import kernel as kernel_module
+from ptilab.linux.kernel import boot
+from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_MAP_SIZE, LINUX_6_12
+from ptilab.paging import walk
+from ptilab.paging.cr3 import CR3
+from tests.realkernel.conftest import RealKernel, real_kernel
+
+AREA = (CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + CPU_ENTRY_AREA_MAP_SIZE)
+
+
+@pytest.fixture(params=["6.12-pti", "6.12-pti-kaslr"])
+def kernel_6_12(request) -> RealKernel:
+    return real_kernel(request.param)
+
+
+def as_offsets(view: np.ndarray) -> list[tuple[int, str, bool]]:
+    return [(int(va) - CPU_ENTRY_AREA_BASE, rights(int(eff)), bool(g))
+            for va, eff, g in zip(view["va"], view["eff"], view["glb"])]
+
+
+def real_slots(view: np.ndarray) -> list[int]:
+    """The slots (cea_offset() values) of the CPU areas a view maps, read off its addresses."""
+    offsets = view["va"] - np.uint64(CPU_ENTRY_AREA_BASE + LINUX_6_12.first_cpu_offset)
+    above_idt = view["va"] >= np.uint64(CPU_ENTRY_AREA_BASE + LINUX_6_12.first_cpu_offset)
+    return sorted(set((offsets[above_idt] // np.uint64(LINUX_6_12.stride)).tolist()))
+
+
+def area_table_pages(mem, cr3: int, geometry) -> list[int]:
+    """Table pages per level under the cpu_entry_area's top-level slot (4-level: its PGD entry)."""
+    slot = geometry.pgd_index(CPU_ENTRY_AREA_BASE)
+    return [len(t) for t in walk(mem, cr3, geometry, top_slots=(slot, slot + 1)).tables]
+
+
+def boot_with_slots(monkeypatch, real: RealKernel, slots: list[int], design: str = "linux"):
+    """The model booted with the real boot's slots in place of init_cea_offsets()'s draw."""
+    monkeypatch.setattr(kernel_module, "init_cea_offsets", lambda *_: np.array(slots, dtype=np.int64))
+    return boot("linux-6.12", design, cpus=len(real.meta["cpus"]), levels=real.geometry.levels)
+
+
+def test_fixture_is_debian_6_12_with_pti(kernel_6_12):
+    meta = kernel_6_12.meta
+    assert meta["kernel_release"].startswith("6.12") and meta["pti"]
+    assert "Kernel/User page tables isolation: enabled" in (kernel_6_12.path / "dmesg.txt").read_text()
+
+
+def test_each_cpu_has_its_slot_and_the_idt_stays_at_the_base(kernel_6_12):
+    real = pages(walk(kernel_6_12.mem, kernel_6_12.cpu()["cr3"], kernel_6_12.geometry), *AREA)
+    slots = real_slots(real)
+    assert int(real["va"][0]) == CPU_ENTRY_AREA_BASE and rights(int(real["eff"][0])) == "ro NX"
+    assert len(slots) == len(kernel_6_12.meta["cpus"])
+    assert max(slots) < LINUX_6_12.max_cea()
+    if kernel_6_12.meta["kaslr"]:
+        assert slots != list(range(len(slots)))  # scattered (by chance only 1 in 2.27 million squared not)
+    else:
+        assert slots == list(range(len(slots)))  # nokaslr: slot = CPU, as 6.1 lays it out
+
+
+@pytest.mark.parametrize("design", ["linux", "shared-pmd", "mirror"])
+def test_model_with_the_real_slots_maps_the_area_page_for_page(kernel_6_12, design, monkeypatch):
+    cr3 = kernel_6_12.cpu()["cr3"]
+    real = pages(walk(kernel_6_12.mem, cr3, kernel_6_12.geometry), *AREA)
+    k = boot_with_slots(monkeypatch, kernel_6_12, real_slots(real), design)
+    model = pages(walk(k.ram, k.user_cr3(), k.geometry), *AREA)
+    assert as_offsets(model) == as_offsets(real)
+    # The TSS pages alias cpu_tss_rw; the model's frames differ, the aliasing must not.
+    assert len(np.unique(real["pa"])) == len(np.unique(model["pa"]))
+
+
+def test_model_builds_the_kernels_tables_for_the_real_slots(kernel_6_12, monkeypatch):
+    """One PUD table, a PMD table per GiB and a PTE table per 2 MiB the slots
+    touch (an area across a 2 MiB boundary takes two), in both halves of the pair."""
+    cr3 = kernel_6_12.cpu()["cr3"]
+    real = pages(walk(kernel_6_12.mem, cr3, kernel_6_12.geometry), *AREA)
+    k = boot_with_slots(monkeypatch, kernel_6_12, real_slots(real))
+    for model_cr3, real_cr3 in ((k.user_cr3(), CR3(cr3).user()), (k.kernel_cr3(), CR3(cr3).kernel())):
+        assert area_table_pages(k.ram, model_cr3, k.geometry) == \
+            area_table_pages(kernel_6_12.mem, real_cr3, kernel_6_12.geometry)
+
+
+def test_nokaslr_model_is_the_real_boot_without_help():
+    real_boot = real_kernel("6.12-pti")
+    real = pages(walk(real_boot.mem, real_boot.cpu()["cr3"], real_boot.geometry), *AREA)
+    k = boot("linux-6.12", "linux", cpus=len(real_boot.meta["cpus"]), kaslr=False)
+    assert as_offsets(pages(walk(k.ram, k.user_cr3(), k.geometry), *AREA)) == as_offsets(real)
