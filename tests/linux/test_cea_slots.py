@@ -122,3 +122,27 @@ def test_random_slots_cost_the_kernel_its_own_tables():
     scattered = measure(boot("linux-6.12", "linux", cpus=256, seed=1))
     assert fixed.kernel_cea_tables == 1 + 1 + 30  # PUD, PMD, the PTE tables of 256 * 0x3b000 + 4 KiB
     assert scattered.kernel_cea_tables > 256 + 200  # a PTE table per CPU (some two), a PMD table per GiB touched
+
+
+def _readme_rows() -> dict[int, list[tuple[int, int]]]:
+    """The README's table of tables per NR_CPUS: (random, slot = CPU) per column."""
+    from pathlib import Path
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = re.fullmatch(r"\| (\d+) \|((?: \d+ \(\d+\) \|){5})", line)
+        if cells:
+            rows[int(cells[1])] = [(int(a), int(b)) for a, b in re.findall(r"(\d+) \((\d+)\)", cells[2])]
+    return rows
+
+
+@pytest.mark.parametrize("cpus", [1, 8, 64])
+def test_readme_table_of_tables_is_what_compare_measures(cpus):
+    from ptilab.compare.metrics import compare
+
+    random, fixed = (compare("linux-6.12", cpus, kaslr=k, seed=0) for k in (True, False))
+    measured = [(random[0].kernel_cea_tables, fixed[0].kernel_cea_tables)]
+    measured += [(r.user_table_pages, f.user_table_pages) for r, f in zip(random, fixed)]
+    assert _readme_rows()[cpus] == measured
