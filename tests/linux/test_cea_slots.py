@@ -146,3 +146,13 @@ def test_readme_table_of_tables_is_what_compare_measures(cpus):
     measured = [(random[0].kernel_cea_tables, fixed[0].kernel_cea_tables)]
     measured += [(r.user_table_pages, f.user_table_pages) for r, f in zip(random, fixed)]
     assert _readme_rows()[cpus] == measured
+
+
+@pytest.mark.parametrize("workload", ["syscall", "context-switch"])
+def test_6_12_entry_code_touches_what_6_1s_does(workload):
+    """entry_SYSCALL_64 still spills to cpu_tss_rw.sp2 and reads the per-CPU top of stack:
+    the 6.1 steps of the workloads run on 6.12 too, wherever the CPU's area lies."""
+    from ptilab.mmu.cost import cost
+
+    old, new = cost("linux-6.1", "linux", 2, workload=workload)[0], cost("linux-6.12", "linux", 2, workload=workload)[0]
+    assert new.cold.accesses == old.cold.accesses and new.cold.faults == old.cold.faults == ()
