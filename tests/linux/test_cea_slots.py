@@ -156,3 +156,26 @@ def test_6_12_entry_code_touches_what_6_1s_does(workload):
 
     old, new = cost("linux-6.1", "linux", 2, workload=workload)[0], cost("linux-6.12", "linux", 2, workload=workload)[0]
     assert new.cold.accesses == old.cold.accesses and new.cold.faults == old.cold.faults == ()
+
+
+@pytest.mark.parametrize("design, ap_work", [("shared-pmd", False), ("mirror", True)])
+def test_shared_pmd_still_needs_no_ap_work_if_random_areas_came_with_the_aps(design, ap_work):
+    """A 6.12 that mapped each area in cpu_init() (as 2017 did): shared-pmd then
+    has to preallocate the kernel's tables of every slot before the first AP: a
+    PTE table per 2 MiB and a PMD table per GiB that hold a slot, beyond the
+    ones CPU 0's area (mapped in early boot) already has."""
+    from dataclasses import replace
+
+    from ptilab.linux.kernel import Kernel
+    from ptilab.pti import get_design
+
+    lazy = replace(LINUX_6_12, cea_at_boot=False, header=())
+    k = Kernel(lazy, get_design(design), 64, 4, seed=5).boot()
+    report = measure(k)
+    assert report.cea_divergences == [] and report.ap_work == ap_work
+    if design == "shared-pmd":
+        cpu0 = (k.cpu_base(0), k.cpu_base(0) + STRIDE - 1)
+        pmds, gibs = set(k.area_pmds()), {va >> 30 for va in k.area_pmds()}
+        new = len(pmds - {va >> 21 << 21 for va in cpu0}) + len(gibs - {va >> 30 for va in cpu0})
+        preallocated = [a for a in k.alloc.log if a.owner == design and a.purpose.startswith("kernel table")]
+        assert len(preallocated) == new > 64

@@ -94,3 +94,16 @@ def test_nokaslr_model_is_the_real_boot_without_help():
     real = pages(walk(real_boot.mem, real_boot.cpu()["cr3"], real_boot.geometry), *AREA)
     k = boot("linux-6.12", "linux", cpus=len(real_boot.meta["cpus"]), kaslr=False)
     assert as_offsets(pages(walk(k.ram, k.user_cr3(), k.geometry), *AREA)) == as_offsets(real)
+
+
+def test_random_slots_leave_the_idt_and_so_the_kaslr_slide_to_meltdown():
+    """6.2's randomisation moves the CPU areas, not the RO IDT page at the base:
+    its first gate still gives the kernel's slide, read through the user tables."""
+    from ptilab.audit.sources import views_from_image
+    from ptilab.mmu.meltdown import exposure
+
+    unslid = real_kernel("6.12-pti").symbols
+    k = real_kernel("6.12-pti-kaslr")
+    found = views_from_image(k.mem, k.cpu()["cr3"], k.geometry)
+    result = exposure(k.mem, found.user, unslid)
+    assert result.text_base == k.symbols["_text"] != unslid["_text"]

@@ -38,7 +38,7 @@ class SharedPmdDesign(Design):
         """setup_cpu_entry_area_ptes(): every PTE table of the area exists
         before any AP, so later PTEs land in tables the user side already sees."""
         k = self.k
-        alloc = self._counting(k.table_allocator(self.name, "kernel pte table preallocated for cpu_entry_area"))
+        alloc = self._counting(k.table_allocator(self.name, "kernel table preallocated for cpu_entry_area"))
         for va in pmds:
             entry_address(k.ram, k.geometry, k.kernel_pgd, va, k.geometry.levels - 1, alloc)
 
