@@ -381,8 +381,8 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
 def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool | None):
     """The image, the CR3 to judge and the paging mode: from the options, or
     from QEMU's per-CPU notes in the core (a CPU in user mode first)."""
+    from ptilab.linux.paging_mode import paging_mode
     from ptilab.memory.images import open_image
-    from ptilab.paging import Geometry
 
     if cr3 is not None and cpu is not None:
         raise UsageError("--cpu takes a CPU's CR3 from the core; give --cpu or --cr3, not both")
@@ -404,12 +404,8 @@ def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool
             cpu = next((c.index for c in cpus if c.cpl == 3), 0)
         if not 0 <= cpu < len(cpus):
             raise UsageError(f"--cpu {cpu}: the core holds CPUs 0 to {len(cpus) - 1}")
-        state = cpus[cpu]
-        value = state.cr3
-        levels = 5 if la57 else state.geometry.levels
-    else:
-        levels = 5 if la57 else 4
-    return mem, value, Geometry(levels)
+        value = cpus[cpu].cr3
+    return mem, value, paging_mode(mem, value, la57)
 
 
 def _vmcoreinfo_pgd(mem, la57: bool | None):
@@ -426,7 +422,9 @@ image_options = [
     click.option("--cr3", default=None, metavar="HEX", help="CR3 to walk (PCID bits and bit 63 are ignored). "
                  "Default: from the core's QEMU notes, a CPU in user mode first; else init_top_pgt from its VMCOREINFO."),
     click.option("--cpu", type=int, default=None, help="With a QEMU core: take this CPU's CR3 and CR4."),
-    click.option("--la57", is_flag=True, default=None, help="5-level paging (default: CR4.LA57 from the core, else 4)."),
+    click.option("--la57/--no-la57", default=None,
+                 help="5- or 4-level paging. Default: CR4.LA57 from the core's notes, else VMCOREINFO, else the "
+                      "depth at which the tables map the cpu_entry_area; one the dump contradicts is refused."),
 ]
 IMAGE_OPTIONS = ("cr3", "cpu", "la57")
 
