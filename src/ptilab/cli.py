@@ -438,8 +438,8 @@ def _with_image_options(fn):
 def _symbols(system_map: str | None) -> dict[str, int] | None:
     if not system_map:
         return None
-    from ptilab.formats.kallsyms import read_symbols
-    return read_symbols(system_map)
+    from ptilab.formats.kallsyms import USED, read_symbols
+    return read_symbols(system_map, USED)
 
 
 cluster_options = [

@@ -87,3 +87,51 @@ def test_the_plot_is_written_as_png_and_svg(tmp_path):
     costs = sweep("linux-6.1", cpus=(1, 4), designs=["mirror", "linux"], workload="syscall")
     for name in ("refill.png", "refill.svg"):
         assert plot_refill(costs, tmp_path / name).stat().st_size > 1000
+
+
+# One line naming the key and what it may hold, before anything runs.
+BAD_WORKLOADS = [
+    ('[[step]]\ndo = "read"\nat = "idt"\ncount = "many"\n', "step 1: 'count' must be an integer from 1 to 4096, not 'many'"),
+    ('[[step]]\ndo = "read"\nat = "idt"\ncount = -3\n', "'count' must be an integer from 1 to 4096, not -3"),
+    ('[[step]]\ndo = "read"\nat = "idt"\ncount = 1000000000\n', "'count' must be an integer from 1 to 4096"),
+    ('[[step]]\ndo = "read"\nat = "idt"\ncount = true\n', "'count' must be an integer from 1 to 4096, not True"),
+    ('processes = 1000000000\n', "'processes' must be an integer from 1 to 64, not 1000000000"),
+    ('processes = 0\n', "'processes' must be an integer from 1 to 64, not 0"),
+    ('processes = 2\n[[step]]\ndo = "switch_mm"\nto = 2\n', "step 1: 'to' must be an integer from 0 to 1, not 2"),
+    ('[[step]]\ndo = "read"\nat = "idt+0x10000000000000000"\n', "'at': the offset must be below 0x100000000"),
+    ('[[step]]\ndo = "read"\nat = "idt+٣"\n', "'at' must be NAME"),
+    ('[[step]]\ndo = "read"\nat = "idt"\nstride = 1.5\n', "'stride' must be an integer from -4096 to 4096, not 1.5"),
+    ('[[step]]\ndo = "read"\nat = "idt"\nprofiles = ["linux-9"]\n', "'profiles' must name kernel profiles"),
+    ('[[step]]\ndo = "read"\nat = "idt"\nwhen = 3\n', "step 1: unknown key 'when'"),
+    ('name = 7\n', "'name' must be a string of at most 80 characters, not 7"),
+    ('step = 3\n', "'step' must be 1 to 2000 tables ([[step]]), not 3"),
+    ("".join('[[step]]\ndo = "read"\nat = "idt"\ncount = 4096\n' for _ in range(5)),
+     "the steps make 20480 accesses; at most 20000"),
+]
+
+
+@pytest.mark.parametrize("text, words", BAD_WORKLOADS, ids=[w for _, w in BAD_WORKLOADS])
+def test_a_workload_outside_the_schema_is_one_line_naming_the_key(tmp_path, text, words):
+    path = tmp_path / "w.toml"
+    path.write_text(text)
+    with pytest.raises(InputError) as refused:
+        load(str(path))
+    assert words in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_binary_or_huge_workload_file_is_refused_unread(tmp_path):
+    binary = tmp_path / "core.toml"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(100))
+    with pytest.raises(InputError, match="binary data, not a workload"):
+        load(str(binary))
+    huge = tmp_path / "huge.toml"
+    with open(huge, "wb") as f:
+        f.truncate(64 << 30)  # sparse: 64 GiB of nothing
+    with pytest.raises(InputError, match="larger than 1024 KiB"):
+        load(str(huge))
+
+
+def test_an_address_past_2_64_is_refused_when_resolved():
+    kernel = boot("linux-6.1", "linux", cpus=2)
+    with pytest.raises(UsageError, match="outside the 64-bit address space"):
+        resolve("lstar+0xffffffff", symbols(kernel, 1) | {"lstar": (0xFFFF_FFFF_FFFF_F000, 8)})

@@ -70,17 +70,10 @@ def views_from_ptdump(path: str, symbols: dict[str, int] | None = None) -> Views
     """Views from Linux ptdump text. The file shows each leaf's own flags,
     not the upper levels', and omits what the ESPfix area skipped: the
     audit sees exactly what the file says, no more."""
-    from pathlib import Path
-
-    from ptilab.errors import InputError
-    from ptilab.formats.ptdump import parse_ptdump
+    from ptilab.formats.ptdump import read_ptdump
     from ptilab.paging import Geometry
 
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError as err:
-        raise InputError(f"{path}: cannot read: {err.strerror}") from None
-    parsed = parse_ptdump(text, str(path))
+    parsed = read_ptdump(path)
     # 4-level kernel addresses all start 0xffff8...; 5-level ones reach down to 0xff00...
     kernel = parsed.ranges["va"][parsed.ranges["va"] >= np.uint64(1 << 63)]
     levels = 5 if len(kernel) and int(kernel.min()) < 0xFFFF_0000_0000_0000 else 4

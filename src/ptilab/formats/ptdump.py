@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from pathlib import Path
+from typing import Iterable, Mapping
 
 import numpy as np
 
 from ptilab.errors import InputError, UsageError
+from ptilab.formats.textfile import lines_of, read_lines
 from ptilab.paging import EFF_NX, EFF_RW, EFF_US, RANGE_DTYPE, Geometry, Walk
 from ptilab.paging import entry as e
 
@@ -347,15 +349,30 @@ def _infer_geometry(va: np.ndarray) -> Geometry:
     return Geometry(5 if (high_user | low_kernel).any() else 4)
 
 
+MAX_LINES = 1 << 21  # 2M ranges (70 MB): a 5-level ptdump of 8192 CPUs prints under 100 000
+
+
 def parse_ptdump(text: str, source: str = "ptdump", geometry: Geometry | None = None) -> Ptdump:
     """Read any of the kernel, current_kernel and current_user files.
 
     A malformed line raises InputError naming source:line."""
+    return _parse(lines_of(text), source, geometry)
+
+
+def read_ptdump(path: str | Path, geometry: Geometry | None = None) -> Ptdump:
+    """parse_ptdump() of a file, read a line at a time (memory bounded by the
+    ranges kept, at most MAX_LINES of them, whatever the file's size)."""
+    return _parse(read_lines(path, "ptdump text"), str(path), geometry)
+
+
+def _parse(lines: Iterable[tuple[int, str]], source: str, geometry: Geometry | None) -> Ptdump:
     rows: list[tuple[int, int, int, int, int, int]] = []
+    chunks: list[np.ndarray] = []  # rows packed 64 Ki at a time: 34 bytes each instead of a tuple's ~250
+    kept = 0
     markers: list[tuple[int, str]] = []
     skips: list[tuple[int, int]] = []
     columns: dict[tuple[str, int], int | None] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in lines:
         if not line.strip():
             continue
         m = _LINE.fullmatch(line)
@@ -367,24 +384,30 @@ def parse_ptdump(text: str, source: str = "ptdump", geometry: Geometry | None = 
             if prot is None:
                 raise InputError(f"{source}:{number}: flag columns {m[5]!r} are not printk_prot()'s for {m[6]}")
             size = (end - start) & U64
-            if len(m[3]) < 9 or format_size(size) != f"{m[3]}{m[4]} ":
+            if format_size(size) != f"{m[3].strip():>9}{m[4]} ":
                 raise InputError(f"{source}:{number}: size {m[3].strip()}{m[4]} does not match the range "
                                  f"{start:#x}-{end:#x}")
             eff = (EFF_US if prot & e.US else 0) | (EFF_RW if prot & e.RW else 0) | (EFF_NX if prot & e.NX else 0)
             rows.append((start, size, 0, level, prot, eff))
+            kept += 1
+            if len(rows) == 1 << 16:
+                chunks.append(np.array(rows, dtype=RANGE_DTYPE))
+                rows.clear()
+            if kept > MAX_LINES:
+                raise InputError(f"{source}:{number}: more than {MAX_LINES} ranges: larger than any kernel's ptdump")
             continue
         m = _HEADER.fullmatch(line)
         if m:
-            markers.append((len(rows), m[1]))
+            markers.append((kept, m[1]))
             continue
         m = _SKIP.fullmatch(line)
         if m and (m[2] == "y") == (m[1] == "1"):
-            skips.append((len(rows) - 1, int(m[1])))
+            skips.append((kept - 1, int(m[1])))
             continue
         raise InputError(f"{source}:{number}: not a ptdump line: {line[:70]!r}")
-    if not rows:
+    if not kept:
         raise InputError(f"{source}: no ptdump lines")
-    ranges = np.array(rows, dtype=RANGE_DTYPE)
+    ranges = np.concatenate([*chunks, np.array(rows, dtype=RANGE_DTYPE)])
     geometry = geometry or _infer_geometry(ranges["va"])
     depth = ranges["level"].astype(np.int64) - (5 - geometry.levels)
     # A 4-level kernel prints its top level as pgd (see the module docstring);

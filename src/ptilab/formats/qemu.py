@@ -26,10 +26,13 @@ require these writers to print exactly what QEMU printed for the same CR3.
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
 from ptilab.errors import InputError
+from ptilab.formats.textfile import lines_of, read_lines
 from ptilab.paging import EFF_RW, EFF_US, Walk
 from ptilab.paging import entry as e
 
@@ -121,16 +124,33 @@ _MEM_LINE = re.compile(r"([0-9a-f]{16})-([0-9a-f]{16}) ([0-9a-f]{16}) ([u-]r[w-]
 _TLB_LINE = re.compile(r"([0-9a-f]{16}): ([0-9a-f]{16}) ([X-][G-][P-][D-][A-][C-][T-][U-][W-])")
 
 
+# A QEMU guest of 256 MiB prints 70 000 `info mem` lines and 90 000 of `info tlb`.
+MAX_ROWS = 1 << 20  # info tlb: 32 bytes a row
+MAX_MEM_ROWS = 1 << 19  # info mem: a Python tuple a row, ~230 bytes
+
+
 def parse_info_mem(text: str, source: str = "info mem") -> list[tuple[int, int, int, str]]:
     """`info mem` lines -> (start, end, size, 'urw'-style rights), as printed (canonical)."""
+    return _info_mem(lines_of(text), source)
+
+
+def read_info_mem(path: str | Path) -> list[tuple[int, int, int, str]]:
+    """parse_info_mem() of a file, read a line at a time."""
+    return _info_mem(read_lines(path, "QEMU 'info mem' text"), str(path))
+
+
+def _info_mem(lines: Iterable[tuple[int, str]], source: str) -> list[tuple[int, int, int, str]]:
     out = []
-    for number, line in enumerate(text.splitlines(), 1):
+    rights: dict[str, str] = {}  # the four spellings, shared by every row
+    for number, line in lines:
         m = _MEM_LINE.fullmatch(line)
         if not m:
             if not line.strip():
                 continue
             raise InputError(f"{source}:{number}: not 'start-end size [u-]r[w-]': {line[:70]!r}")
-        out.append((int(m[1], 16), int(m[2], 16), int(m[3], 16), m[4]))
+        if len(out) == MAX_MEM_ROWS:
+            raise InputError(f"{source}:{number}: more than {MAX_MEM_ROWS} lines: larger than any guest's 'info mem'")
+        out.append((int(m[1], 16), int(m[2], 16), int(m[3], 16), rights.setdefault(m[4], m[4])))
     return out
 
 
@@ -145,15 +165,28 @@ def format_parsed_info_mem(rows: list[tuple[int, int, int, str]]) -> str:
 
 def parse_info_tlb(text: str, source: str = "info tlb") -> np.ndarray:
     """`info tlb` lines -> TLB_DTYPE records (va as printed, frame, the nine flag letters)."""
-    lines = text.splitlines()
-    out = np.empty(len(lines), dtype=TLB_DTYPE)
-    n = 0
-    for number, line in enumerate(lines, 1):
+    return _info_tlb(lines_of(text), source)
+
+
+def read_info_tlb(path: str | Path) -> np.ndarray:
+    """parse_info_tlb() of a file, read a line at a time."""
+    return _info_tlb(read_lines(path, "QEMU 'info tlb' text"), str(path))
+
+
+def _info_tlb(lines: Iterable[tuple[int, str]], source: str) -> np.ndarray:
+    chunks, rows = [], []  # rows packed 64 Ki at a time
+    kept = 0
+    for number, line in lines:
         m = _TLB_LINE.fullmatch(line)
         if not m:
             if not line.strip():
                 continue
             raise InputError(f"{source}:{number}: not 'va: frame XGPDACTUW': {line[:70]!r}")
-        out[n] = (int(m[1], 16), int(m[2], 16), m[3])
-        n += 1
-    return out[:n]
+        kept += 1
+        if kept > MAX_ROWS:
+            raise InputError(f"{source}:{number}: more than {MAX_ROWS} lines: larger than any guest's 'info tlb'")
+        rows.append((int(m[1], 16), int(m[2], 16), m[3]))
+        if len(rows) == 1 << 16:
+            chunks.append(np.array(rows, dtype=TLB_DTYPE))
+            rows.clear()
+    return np.concatenate([*chunks, np.array(rows, dtype=TLB_DTYPE)])

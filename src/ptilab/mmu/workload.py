@@ -56,7 +56,7 @@ PERCPU_VARIABLES = {"current_task": 0x0, "cpu_current_top_of_stack": 0x8, "__pre
                     "cpu_tlbstate": 0x40}  # cpu_tlbstate: loaded_mm, ctxs[], user_pcid_flush_mask
 
 _EXPR = re.compile(r"^(?P<name>[A-Za-z_][\w.]*?)(?:\.(?P<field>top|sp[012]|ist\d))?"
-                   r"(?P<off>[+-](?:0x[0-9a-fA-F]+|\d+))?$")
+                   r"(?P<off>[+-](?:0x[0-9a-fA-F]+|[0-9]+))?$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,68 @@ def available() -> list[str]:
     return sorted(p.stem for p in WORKLOAD_DIR.glob("*.toml"))
 
 
+# The schema a workload file is checked against before anything runs: per
+# key, its TOML type and what it may hold (a range of integers, the choices,
+# or a string's longest length). The bounds keep one workload to seconds and
+# megabytes: each process is a PGD pair with its own user tables, each access
+# one modelled TLB lookup (about 20 000 a second per design).
+MAX_PROCESSES = 64
+MAX_STEPS = 2000
+MAX_ACCESSES = 20_000  # count summed over the steps that access memory
+MAX_OFFSET = 1 << 32  # `name+offset`: a kernel object is never 4 GiB away from its name
+MAX_TEXT = 1000
+WORKLOAD_SCHEMA: dict[str, tuple[type, object]] = {
+    "name": (str, 80), "summary": (str, MAX_TEXT), "source": (str, MAX_TEXT),
+    "processes": (int, range(1, MAX_PROCESSES + 1)), "step": (list, range(1, MAX_STEPS + 1)),
+}
+STEP_SCHEMA: dict[str, tuple[type, object]] = {
+    "do": (str, OPS), "at": (str, 200), "count": (int, range(1, 4097)), "stride": (int, range(-4096, 4097)),
+    "to": (int, range(MAX_PROCESSES)), "of": (int, range(MAX_PROCESSES)), "profiles": (list, 16),
+    "why": (str, MAX_TEXT),
+}
+_ACCESSES = ("fetch", "read", "write")
+
+
+def _check_value(where: str, key: str, value, kind: type, allowed) -> None:
+    """One line naming the key and what it may be, if value is not that."""
+    if isinstance(allowed, range):
+        what = f"an integer from {allowed.start} to {allowed.stop - 1}" if kind is int \
+            else f"{allowed.start} to {allowed.stop - 1} tables ([[{key}]])"
+        ok = isinstance(value, kind) and not isinstance(value, bool) and \
+            (value in allowed if kind is int else len(value) in allowed)
+    elif isinstance(allowed, tuple):
+        what, ok = f"one of {', '.join(allowed)}", value in allowed
+    elif kind is list:
+        what = f"a list of at most {allowed} strings"
+        ok = isinstance(value, list) and len(value) <= allowed and all(isinstance(v, str) for v in value)
+    else:
+        what, ok = f"a string of at most {allowed} characters", isinstance(value, str) and len(value) <= allowed
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise InputError(f"{where}'{key}' must be {what}, not {shown}")
+
+
+def _check_table(where: str, table: dict, schema: dict[str, tuple[type, object]]) -> None:
+    for key, value in table.items():
+        if key not in schema:
+            raise InputError(f"{where}unknown key {key!r}; known: {', '.join(schema)}")
+        _check_value(where, key, value, *schema[key])
+
+
+def _check_at(where: str, at: str) -> None:
+    m = _EXPR.match(at.replace(" ", ""))
+    if not m:
+        raise InputError(f"{where}'at' must be NAME[.top|.sp0-2|.ist0-6][+-OFFSET], not {at[:40]!r}")
+    if m["off"] and abs(int(m["off"], 0)) >= MAX_OFFSET:
+        raise InputError(f"{where}'at': the offset must be below {MAX_OFFSET:#x} in size, not {m['off'][:40]}")
+
+
 def load(name_or_path: str | Path) -> Workload:
-    """A shipped workload by name, or any TOML file by path."""
+    """A shipped workload by name, or any TOML file by path, checked against
+    WORKLOAD_SCHEMA and STEP_SCHEMA: InputError names the first key outside them."""
+    from ptilab.formats.textfile import read_small_text
+    from ptilab.linux.profiles import PROFILES
+
     path = Path(name_or_path)
     if path.suffix != ".toml":
         path = WORKLOAD_DIR / f"{name_or_path}.toml"
@@ -95,24 +155,34 @@ def load(name_or_path: str | Path) -> Workload:
             raise UsageError(f"unknown workload {name_or_path!r}; choose one of: {', '.join(available())} "
                              "or give a .toml file")
     try:
-        data = tomllib.loads(path.read_text())
-    except OSError as err:
-        raise InputError(f"{path}: cannot read: {err.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        data = tomllib.loads(read_small_text(path, "a workload (TOML)"))
+    except tomllib.TOMLDecodeError as err:
         raise InputError(f"{path}: not TOML: {err}") from None
+    _check_table(f"{path}: ", data, WORKLOAD_SCHEMA)
+    processes = data.get("processes", 1)
     steps = []
-    for i, raw in enumerate(data.get("step", [])):
-        unknown = set(raw) - set(Step.__dataclass_fields__)
-        if unknown or raw.get("do") not in OPS:
-            raise InputError(f"{path}: step {i + 1}: 'do' must be one of {', '.join(OPS)}"
-                             + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
+    for i, raw in enumerate(data.get("step", []), 1):
+        where = f"{path}: step {i}: "
+        if not isinstance(raw, dict):
+            raise InputError(f"{where}must be a [[step]] table")
+        if "do" not in raw:
+            raise InputError(f"{where}'do' must be one of {', '.join(OPS)}")
+        _check_table(where, raw, STEP_SCHEMA)
         if raw["do"] in ("fetch", "read", "write", "invlpg") and not raw.get("at"):
-            raise InputError(f"{path}: step {i + 1}: {raw['do']} needs 'at'")
+            raise InputError(f"{where}{raw['do']} needs 'at'")
+        if raw.get("at"):
+            _check_at(where, raw["at"])
+        for key in ("to", "of"):
+            if key in raw:
+                _check_value(where, key, raw[key], int, range(processes))
+        unknown = sorted(set(raw.get("profiles", ())) - set(PROFILES))
+        if unknown:
+            raise InputError(f"{where}'profiles' must name kernel profiles ({', '.join(PROFILES)}), not {unknown[0]!r}")
         steps.append(Step(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}))
-    processes = int(data.get("processes", 1))
-    if any((s.do == "switch_mm" and not 0 <= s.to < processes) or (s.of is not None and not 0 <= s.of < processes)
-           for s in steps):
-        raise InputError(f"{path}: a step names a process beyond processes = {processes}")
+    accesses = sum(s.count for s in steps if s.do in _ACCESSES)
+    if accesses > MAX_ACCESSES:
+        raise InputError(f"{path}: the steps make {accesses} accesses; at most {MAX_ACCESSES} (count summed over "
+                         f"fetch, read and write steps)")
     return Workload(data.get("name", path.stem), data.get("summary", ""), data.get("source", ""), processes,
                     tuple(steps), str(path))
 
@@ -233,7 +303,10 @@ def resolve(expr: str, names: dict[str, tuple[int, int]]) -> int:
         start += size - 8
     elif field:
         start += TSS_FIELDS[field]
-    return start + (int(m["off"], 0) if m["off"] else 0)
+    va = start + (int(m["off"], 0) if m["off"] else 0)
+    if not 0 <= va < 1 << 64:
+        raise UsageError(f"workload address {expr!r} is {va:#x}: outside the 64-bit address space")
+    return va
 
 
 class PTIState:
@@ -320,6 +393,10 @@ def play(workload: Workload, mmu: MMU, state: PTIState, names: list[dict[str, tu
             mmu.invlpg(resolve(step.at, where))
         else:
             base = resolve(step.at, where)
+            last = base + (step.count - 1) * step.stride
+            if not 0 <= last < 1 << 64:
+                raise UsageError(f"workload step {index + 1}: {step.count} accesses from {step.at!r} "
+                                 f"leave the 64-bit address space")
             for k in range(step.count):
                 va = base + k * step.stride
                 before_miss, before_loads = mmu.stats.tlb_misses, mmu.stats.walk_loads
