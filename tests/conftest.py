@@ -3,6 +3,12 @@ import pytest
 from ptilab.memory.simulated import SimulatedRAM
 
 
+def pytest_configure(config):
+    """Let a fixture build show its progress through pytest's capture (tests/realkernel/conftest.py)."""
+    import tests.realkernel.conftest as realkernel
+    realkernel.PYTEST_CONFIG = config
+
+
 class BumpTables:
     """A RAM with a trivial table allocator: enough for paging-only tests."""
 

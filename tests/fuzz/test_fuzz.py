@@ -21,8 +21,14 @@ from tests.fuzz import targets
 # in the code, never a lucky draw; bench/fuzz_long.py draws fresh inputs.
 CI = settings(max_examples=150, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-needs_fixture = pytest.mark.skipif(not targets.real_fixture_present(),
-                                   reason="real-kernel fixture pti-4level not built (tests/realkernel/build.py)")
+
+
+@pytest.fixture(scope="module")
+def needs_fixture():
+    """The real tables the mutations start from: built on demand, so the first
+    run collects and runs what the next does (skipped where it cannot be built)."""
+    from tests.realkernel.conftest import real_kernel
+    real_kernel("pti-4level")
 
 
 @CI
@@ -31,14 +37,14 @@ def test_a_mutated_core_opens_or_is_refused(data):
     targets.fuzz_core(data)
 
 
-@needs_fixture
+@pytest.mark.usefixtures("needs_fixture")
 @CI
 @given(targets.table_mutations())
 def test_real_tables_with_mutated_entries_walk_or_are_refused(mutation):
     targets.fuzz_walk(*mutation)
 
 
-@needs_fixture
+@pytest.mark.usefixtures("needs_fixture")
 @CI
 @given(targets.mutated_texts())
 def test_mutated_monitor_and_ptdump_text_parses_or_is_refused(kind_and_text):

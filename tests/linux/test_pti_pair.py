@@ -10,6 +10,7 @@ from ptilab.memory.images import open_image
 from ptilab.memory.simulated import SimulatedRAM
 from ptilab.paging import entry as e
 from ptilab.paging.geometry import FIVE_LEVEL, FOUR_LEVEL
+from tests.realkernel.conftest import REAL_CONFIGS, real_kernel
 
 REAL = Path(__file__).resolve().parents[1] / "realkernel" / "out"
 KERNEL, USER = 0x20000, 0x21000
@@ -102,12 +103,9 @@ def test_in_five_level_paging_the_fixed_regions_share_one_pgd_slot():
 
 # -- real kernels, when tests/realkernel/build.py has made them --------------
 
-REAL_CORES = sorted(REAL.glob("*/core.elf")) if REAL.is_dir() else []
-
-
-@pytest.mark.skipif(not REAL_CORES, reason="no real-kernel core: run tests/realkernel/build.py")
-@pytest.mark.parametrize("core_path", REAL_CORES, ids=lambda p: p.parent.name)
-def test_the_user_cpus_cr3_is_a_pti_pair_exactly_when_pti_is_on(core_path):
+@pytest.mark.parametrize("config", REAL_CONFIGS)
+def test_the_user_cpus_cr3_is_a_pti_pair_exactly_when_pti_is_on(config):
+    core_path = real_kernel(config).path / "core.elf"
     meta = json.loads((core_path.parent / "meta.json").read_text())
     core = open_image(core_path)
     cpu = core.cpus[meta["user_cpu"]]

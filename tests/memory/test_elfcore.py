@@ -13,6 +13,7 @@ from ptilab.paging import entry as e
 from ptilab.paging.geometry import FOUR_LEVEL
 from ptilab.paging.install import map_page
 from tests.conftest import BumpTables
+from tests.realkernel.conftest import REAL_CONFIGS, real_kernel
 
 REAL = Path(__file__).resolve().parents[1] / "realkernel" / "out"
 MiB, GiB = 1 << 20, 1 << 30
@@ -235,12 +236,9 @@ def test_a_core_of_another_kind_is_an_input_error(tmp_path, offset, value, says)
 
 # -- a real QEMU dump, when tests/realkernel/build.py has made one ------------
 
-REAL_CORES = sorted(REAL.glob("*/core.elf")) if REAL.is_dir() else []
-
-
-@pytest.mark.skipif(not REAL_CORES, reason="no real-kernel core: run tests/realkernel/build.py")
-@pytest.mark.parametrize("core_path", REAL_CORES, ids=lambda p: p.parent.name)
-def test_real_core_notes_carry_the_cr3_and_cr4_qemu_reported(core_path):
+@pytest.mark.parametrize("config", REAL_CONFIGS)
+def test_real_core_notes_carry_the_cr3_and_cr4_qemu_reported(config):
+    core_path = real_kernel(config).path / "core.elf"
     meta = json.loads((core_path.parent / "meta.json").read_text())
     core = ElfCore(core_path)
     assert [(c.cr3, c.cr4) for c in core.cpus] == [(c["cr3"], c["cr4"]) for c in meta["cpus"]]

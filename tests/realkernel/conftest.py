@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,13 @@ from ptilab.formats.kallsyms import read_symbols
 from ptilab.memory.images import open_image
 from ptilab.paging import Geometry
 
+from tests.realkernel.build import CONFIGS
+
 OUT = Path(__file__).resolve().parent / "out"
+# What the tests run over: the configurations build.py knows, whether or not
+# they are built yet, so the first run collects the same tests as the next
+# (a directory under out/ that build.py did not make is not a fixture).
+REAL_CONFIGS = sorted(CONFIGS)
 
 
 @dataclass
@@ -41,8 +48,12 @@ class RealKernel:
 def _load(config: str) -> RealKernel:
     path = OUT / config
     if not (path / "meta.json").exists():
-        built = subprocess.run([sys.executable, str(Path(__file__).with_name("build.py")), "--config", config],
-                               capture_output=True, text=True)
+        with _uncaptured():
+            # build.py's progress lines (stdout) go to the terminal: a boot takes a while.
+            print(f"\nrealkernel: building fixture {config} (python tests/realkernel/build.py --config {config})",
+                  flush=True)
+            built = subprocess.run([sys.executable, str(Path(__file__).with_name("build.py")), "--config", config],
+                                   stderr=subprocess.PIPE, text=True)
         if built.returncode:
             reason = f"real-kernel fixture {config} could not be built: {built.stderr.strip()[-300:]}"
             if os.environ.get("CI"):
@@ -50,6 +61,20 @@ def _load(config: str) -> RealKernel:
             pytest.skip(reason)
     meta = json.loads((path / "meta.json").read_text())
     return RealKernel(config, path, meta, open_image(path / "core.elf"), read_symbols(path / "kallsyms.txt"))
+
+
+PYTEST_CONFIG = None  # set by tests/conftest.py's pytest_configure
+
+
+@contextmanager
+def _uncaptured():
+    """pytest's output capture suspended, so what the block prints reaches the terminal."""
+    capman = PYTEST_CONFIG.pluginmanager.getplugin("capturemanager") if PYTEST_CONFIG else None
+    if capman is None:
+        yield
+        return
+    with capman.global_and_fixture_disabled():
+        yield
 
 
 _cache: dict[str, RealKernel] = {}
