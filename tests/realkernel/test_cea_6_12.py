@@ -107,3 +107,27 @@ def test_random_slots_leave_the_idt_and_so_the_kaslr_slide_to_meltdown():
     found = views_from_image(k.mem, k.cpu()["cr3"], k.geometry)
     result = exposure(k.mem, found.user, unslid)
     assert result.text_base == k.symbols["_text"] != unslid["_text"]
+
+
+def ptdump_section(text: str, marker: str = "---[ CPU entry Area ]---") -> list[str]:
+    """The lines of one ptdump section, its marker line included."""
+    lines = text.splitlines()
+    start = lines.index(marker)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("---[")), len(lines))
+    return lines[start:end]
+
+
+@pytest.mark.parametrize("design", ["linux", "shared-pmd", "mirror"])
+def test_models_ptdump_of_the_area_is_the_kernels_own_byte_for_byte(kernel_6_12, design, monkeypatch):
+    """The kernel's ptdump_walk_pgd_level_debugfs() of the stopped task's user PGD
+    (the oracle module's text) against ptilab's ptdump of the model's, given the
+    real slots: every page, every hole at every level, line for line."""
+    from ptilab.formats.ptdump import format_walk, linux_markers
+
+    assert kernel_6_12.meta["oracle"], kernel_6_12.meta.get("oracle_error")
+    real = pages(walk(kernel_6_12.mem, kernel_6_12.cpu()["cr3"], kernel_6_12.geometry), *AREA)
+    k = boot_with_slots(monkeypatch, kernel_6_12, real_slots(real), design)
+    model = format_walk(walk(k.ram, k.user_cr3(), k.geometry), linux_markers(k.geometry))
+    oracle = (kernel_6_12.path / "oracle_user.txt").read_text()
+    assert ptdump_section(model) == ptdump_section(oracle)
+    assert len(ptdump_section(oracle)) > 30
