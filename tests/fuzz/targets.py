@@ -31,6 +31,7 @@ from ptilab.memory.images import open_image
 from ptilab.memory.simulated import SimulatedRAM
 from ptilab.paging import Geometry, walk
 from ptilab.paging import entry as e
+from tests.memory.dumpfiles import flatten, kdump_bytes, lime_bytes
 
 FIXTURE = Path(__file__).resolve().parents[1] / "realkernel" / "out" / "pti-4level"
 MAX_ENTRIES = 1 << 22  # a mutated tree may alias itself: bound the expansion
@@ -340,8 +341,123 @@ def fuzz_text(kind: str, text: str) -> None:
         pass
 
 
+# -- kdump-compressed and LiME files of the small core's memory ---------------------------
+
+@lru_cache(maxsize=1)
+def small_frames() -> dict[int, bytes]:
+    """The small core's non-zero frames: its tables and a few data pages."""
+    fd, path = tempfile.mkstemp(suffix=".elf")
+    with os.fdopen(fd, "wb") as f:
+        f.write(small_core())
+    try:
+        with ElfCore(path) as core:
+            pfns = np.concatenate([np.arange(a >> 12, b >> 12, dtype=np.uint64) for a, b in core.segments])
+            frames = core.read_frames(pfns)
+            return {int(p): frames[i].tobytes() for i, p in enumerate(pfns) if frames[i].any() or p < 8}
+    finally:
+        os.unlink(path)
+
+
+def small_kdump(compression: str = "zlib") -> bytes:
+    """The small core as a kdump-compressed file (QEMU's CPU notes and a VMCOREINFO in its sub-header)."""
+    return kdump_bytes(small_frames(), 0x500, compression=compression, existing=range(0x500),
+                       notes=[qemu_cpu_note(cr3=0x1000), qemu_cpu_note(cr3=0x1000, cs=0x33)],
+                       vmcoreinfo="OSRELEASE=6.1.0\nNUMBER(phys_base)=0\nSYMBOL(init_top_pgt)=ffffffff80001000\n")
+
+
+# disk_dump_header fields and kdump_sub_header fields (at block 1): (offset, format)
+KDUMP_FIELDS = {"header_version": (8, "<I"), "status": (424, "<I"), "block_size": (428, "<I"),
+                "sub_hdr_size": (432, "<I"), "bitmap_blocks": (436, "<I"), "max_mapnr": (440, "<I"),
+                "offset_vmcoreinfo": (4096 + 32, "<Q"), "size_vmcoreinfo": (4096 + 40, "<Q"),
+                "offset_note": (4096 + 48, "<Q"), "size_note": (4096 + 56, "<Q"), "max_mapnr_64": (4096 + 104, "<Q")}
+
+
+@st.composite
+def mutated_kdumps(draw) -> bytes:
+    """The small kdump file (any compression), its header fields, bitmaps,
+    descriptors or pages damaged, cut short, maybe flattened afterwards."""
+    data = bytearray(small_kdump(draw(st.sampled_from(["none", "zlib", "lzo", "snappy", "zstd"]))))
+    sub_blocks, bitmap_blocks = struct.unpack_from("<II", data, 432)
+    desc_at = (1 + sub_blocks + bitmap_blocks) * 4096
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["field", "bitmap", "descriptor", "page", "truncate"]))
+        if kind == "field":
+            off, fmt = KDUMP_FIELDS[draw(st.sampled_from(sorted(KDUMP_FIELDS)))]
+            value = draw(st.one_of(st.sampled_from(INTERESTING), st.integers(0, (1 << 64) - 1)))
+            if off + struct.calcsize(fmt) <= len(data):
+                struct.pack_into(fmt, data, off, _fit(value, fmt))
+        elif kind == "bitmap":
+            at = (1 + sub_blocks) * 4096 + draw(st.integers(0, bitmap_blocks * 4096 - 1))
+            if at < len(data):
+                data[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "descriptor":
+            at = desc_at + 24 * draw(st.integers(0, 8)) + draw(st.sampled_from([0, 8, 12]))
+            fmt = "<Q" if at % 24 == desc_at % 24 else "<I"
+            if at + 8 <= len(data):
+                struct.pack_into(fmt, data, at, _fit(draw(st.sampled_from(INTERESTING)), fmt))
+        elif kind == "page" and len(data) > desc_at:
+            at = draw(st.integers(desc_at, len(data) - 1))
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        else:
+            del data[draw(st.integers(0, len(data))):]
+    if draw(st.booleans()):
+        cut = draw(st.integers(0, 40))
+        return flatten(bytes(data))[:-cut or None]
+    return bytes(data)
+
+
+def small_lime() -> bytes:
+    """The small core's memory as a LiME file: one range per run of frames."""
+    frames = small_frames()
+    return lime_bytes([(pfn << 12, frames[pfn]) for pfn in sorted(frames)])
+
+
+@st.composite
+def mutated_limes(draw) -> bytes:
+    """The small LiME file with range headers damaged, ranges repeated (overlap), flipped or cut."""
+    data = bytearray(small_lime())
+    headers = [i * (32 + 4096) for i in range(len(small_frames()))]
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["field", "repeat", "flip", "truncate"]))
+        at = draw(st.sampled_from(headers))
+        if kind == "field" and at + 32 <= len(data):
+            off, fmt = draw(st.sampled_from([(0, "<I"), (4, "<I"), (8, "<Q"), (16, "<Q")]))
+            struct.pack_into(fmt, data, at + off, _fit(draw(st.sampled_from(INTERESTING)), fmt))
+        elif kind == "repeat":
+            data += data[at:at + 32 + 4096]
+        elif kind == "flip" and data:
+            i = draw(st.integers(0, len(data) - 1))
+            data[i] ^= 1 << draw(st.integers(0, 7))
+        else:
+            del data[draw(st.integers(0, len(data))):]
+    return bytes(data)
+
+
+def fuzz_dump(data: bytes) -> None:
+    """fuzz_core's reads, then a walk from the small core's PGD even when the
+    file carries no CPU notes (LiME never does). A kdump file decompresses
+    lazily, so a bad page is refused when it is read, not at open."""
+    try:
+        fuzz_core(data)
+    except PtilabError:
+        pass
+    fd, path = tempfile.mkstemp(prefix="ptilab-fuzz-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            mem = open_image(path)
+            _check(walk(mem, 0x1000, Geometry(4), max_entries=MAX_ENTRIES))
+        except PtilabError:
+            pass
+    finally:
+        os.unlink(path)
+
+
 TARGETS = {  # name: (strategy, target taking the strategy's value)
     "core": (mutated_cores(), fuzz_core),
+    "kdump": (mutated_kdumps(), fuzz_dump),
+    "lime": (mutated_limes(), fuzz_dump),
     "walk": (table_mutations(), lambda m: fuzz_walk(*m)),
     "text": (mutated_texts(), lambda t: fuzz_text(*t)),
 }

@@ -129,3 +129,34 @@ def test_the_walk_shortcuts_change_no_answer(tree):
     assert fast.ranges.tobytes() == slow.ranges.tobytes()
     assert [r.tolist() for r in fast.table_refs] == [r.tolist() for r in slow.table_refs]
     assert [(a.kind, a.count, a.frames) for a in fast.anomalies] == [(a.kind, a.count, a.frames) for a in slow.anomalies]
+
+
+@CI
+@given(targets.mutated_kdumps())
+def test_a_mutated_kdump_file_opens_or_is_refused(data):
+    targets.fuzz_dump(data)
+
+
+@CI
+@given(targets.mutated_limes())
+def test_a_mutated_lime_file_opens_or_is_refused(data):
+    targets.fuzz_dump(data)
+
+
+def test_the_small_kdump_and_lime_files_are_valid(tmp_path):
+    """The seeds of the kdump and LiME mutations read as the small core: else the fuzzing exercises only refusals."""
+    from ptilab.memory.images import open_image
+
+    want = walk(open_image(_write(tmp_path / "c.elf", targets.small_core())), 0x1000, Geometry(4))
+    for name, data in [("k.kdump", targets.small_kdump("lzo")), ("l.lime", targets.small_lime())]:
+        got = walk(open_image(_write(tmp_path / name, data)), 0x1000, Geometry(4))
+        assert got.ranges.tobytes() == want.ranges.tobytes() and w_nonempty(got)
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def w_nonempty(w) -> bool:
+    return w.mapped_bytes() > 0

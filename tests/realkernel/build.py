@@ -23,6 +23,9 @@ also saves the same memory as users hold it (about 3 s more):
   kdump-zlib.dump               dump-guest-memory -z (and kdump-lzo/-snappy/-zstd where QEMU has them)
   kdump.elf                     core.elf as kdump's vmcore: NT_PRSTATUS + VMCOREINFO notes, no CR3
   makedumpfile-{zlib,lzo}.dump  makedumpfile -c / -l -d 31 of kdump.elf (Debian's build lacks snappy, zstd)
+  lime.dump                     Debian's LiME (lime-forensics-dkms, built by DKMS for the fixture kernel)
+                                run in the guest at boot, writing to a virtio disk: an earlier moment
+                                than the other dumps of the same boot
 
 The guest sends its files as a gzip'd tar on a second serial port (a host
 file, which QEMU writes synchronously) and announces the byte count on the
@@ -90,6 +93,15 @@ mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 insmod /lib/qemu_fw_cfg.ko 2>/dev/null  # hands the kernel's VMCOREINFO to QEMU's vmcoreinfo device
 exec </dev/console >/dev/console 2>&1
 echo "@@PTILAB-BOOTED $(uname -r) uptime $(cut -d' ' -f1 /proc/uptime)"
+if [ -r /lib/lime.ko ] && grep -qs 0x1af4 /sys/bus/pci/devices/*/vendor; then
+  # a virtio disk is attached: LiME dumps RAM onto it (format=lime, no page skipped)
+  for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+    insmod /lib/$m.ko
+  done
+  i=0
+  while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  insmod /lib/lime.ko "path=/dev/vda format=lime timeout=0" && echo "@@PTILAB-LIME uptime $(cut -d' ' -f1 /proc/uptime)"
+fi
 echo 0 > /proc/sys/kernel/kptr_restrict
 echo 0 > /proc/sys/kernel/dmesg_restrict
 mkdir -p /tmp/out
@@ -150,6 +162,13 @@ def ensure_packages() -> None:
     if not missing:
         say(f"packages present: {' '.join(PACKAGES)}")
         return
+    apt_install(missing)
+
+
+def apt_install(packages: list[str]) -> None:
+    missing = [p for p in packages if not installed(p)]
+    if not missing:
+        return
     if os.geteuid() != 0:
         raise Failure(f"missing Debian packages {' '.join(missing)} and not root to install them")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -164,7 +183,7 @@ def ensure_packages() -> None:
         if done.returncode:
             last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or [f"exit {done.returncode}"]
             raise Failure(f"{' '.join(cmd)} failed: {last[0]}")
-    still = [p for p in PACKAGES if not installed(p)]
+    still = [p for p in missing if not installed(p)]
     if still:
         raise Failure(f"apt-get did not install {' '.join(still)}")
 
@@ -192,6 +211,7 @@ def build_initramfs(work: Path, vmlinuz: Path) -> Path:
         raise Failure("/bin/busybox missing although busybox-static is installed")
     shutil.copy(busybox, root / "bin" / "busybox")
     add_fw_cfg_module(root / "lib", vmlinuz)
+    add_lime_modules(root / "lib", vmlinuz)
     (root / "init").write_text(INIT)
     (root / "init").chmod(0o755)
     try:
@@ -349,6 +369,77 @@ def add_fw_cfg_module(lib: Path, vmlinuz: Path) -> None:
         shutil.copy(module, lib / module.name)
 
 
+LIME_PACKAGES = ["lime-forensics-dkms"]  # plus linux-headers-RELEASE, which DKMS builds it against
+VIRTIO_BLK = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk"]
+
+
+def ensure_lime(vmlinuz: Path) -> None:
+    """Debian's LiME (lime-forensics-dkms), built by DKMS for vmlinuz's release."""
+    release = vmlinuz.name.removeprefix("vmlinuz-")
+    packages = LIME_PACKAGES + [f"linux-headers-{release}"]
+    if all(installed(p) for p in packages) and lime_module(release).exists():
+        return
+    t0 = time.time()
+    apt_install(packages)
+    if not lime_module(release).exists():
+        raise Failure(f"lime-forensics-dkms installed but DKMS built no {lime_module(release)}")
+    say(f"LiME built for {release} in {time.time() - t0:.0f} s")
+
+
+def lime_module(release: str) -> Path:
+    return Path(f"/lib/modules/{release}/updates/dkms/lime.ko")
+
+
+def add_lime_modules(lib: Path, vmlinuz: Path) -> None:
+    """lime.ko and the virtio-blk driver it writes through, when LiME was built."""
+    release = vmlinuz.name.removeprefix("vmlinuz-")
+    if not lime_module(release).exists():
+        return
+    lib.mkdir(parents=True, exist_ok=True)
+    shutil.copy(lime_module(release), lib / "lime.ko")
+    for name in VIRTIO_BLK:
+        found = glob.glob(f"/lib/modules/{release}/kernel/drivers/*/{name}.ko")
+        if not found:
+            raise Failure(f"no {name}.ko for {release}: LiME would have no disk to write to")
+        shutil.copy(found[0], lib / f"{name}.ko")
+
+
+def lime_from_disk(disk: Path, out: Path) -> int:
+    """The LiME file from the start of the guest's disk: its ranges, cut where
+    the headers stop (the rest of the disk is zeros). Returns the range count."""
+    ranges, end = 0, 0
+    with disk.open("rb") as f:
+        while True:
+            f.seek(end)
+            head = f.read(32)
+            if len(head) < 32 or struct.unpack_from("<I", head)[0] != 0x4C694D45:
+                break
+            start, last = struct.unpack_from("<QQ", head, 8)
+            end += 32 + last - start + 1
+            ranges += 1
+    if not ranges:
+        raise Failure("LiME wrote nothing to the guest's disk")
+    with disk.open("rb") as src, out.open("wb") as dst:
+        dst.truncate(end)
+        at = 0
+        while at < end:
+            at += os.copy_file_range(src.fileno(), dst.fileno(), end - at, at, at)
+    out.chmod(0o644)
+    return ranges
+
+
+def add_lime_disk(cmd: list[str], work: Path) -> bool:
+    """A sparse virtio disk the size of RAM and more, for LiME to write to (if LiME is in the initramfs)."""
+    release = Path(cmd[cmd.index("-kernel") + 1]).name.removeprefix("vmlinuz-")
+    if not lime_module(release).exists():
+        return False
+    disk = work / "lime.img"
+    with disk.open("wb") as f:
+        f.truncate(int(MEMORY.rstrip("M")) * 2 << 20)
+    cmd += ["-drive", f"file={disk},if=virtio,format=raw"]
+    return True
+
+
 def dump_formats(qmp: Qmp, stage: Path, config: str) -> None:
     """The stopped guest again in QEMU's kdump-compressed formats (those this QEMU has)."""
     t0 = time.time()
@@ -471,6 +562,8 @@ def build(config: str, out_root: Path, vmlinuz: Path, initrd: Path, force: bool)
                "-append", append, "-device", "vmcoreinfo", "-display", "none", "-vga", "none", "-nic", "none", "-no-reboot",
                "-serial", f"file:{console}", "-serial", f"file:{data}",
                "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        if spec.get("dumps") and add_lime_disk(cmd, work):
+            say(f"{config}: LiME dumps RAM to a virtio disk at boot")
         say(f"{config}: booting {vmlinuz} (-cpu {cpu_model}; {spec['append']})")
         with errors.open("wb") as err_file:
             qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -548,6 +641,8 @@ def build(config: str, out_root: Path, vmlinuz: Path, initrd: Path, force: bool)
             except Failure:
                 pass  # QEMU may close the socket before answering
             qemu.wait(timeout=max(1.0, config_deadline - time.time()))
+            if (work / "lime.img").exists():
+                say(f"{config}: lime.dump holds {lime_from_disk(work / 'lime.img', stage / 'lime.dump')} ranges")
         except subprocess.TimeoutExpired:
             raise Failure("QEMU did not exit after quit") from None
         except BaseException:
@@ -606,6 +701,8 @@ def main() -> int:
         vmlinuz = kernel_image()
         if not os.access(vmlinuz, os.R_OK):
             raise Failure(f"{vmlinuz} is not readable (Debian makes it 0600: run as root)")
+        if any(CONFIGS[c].get("dumps") for c in args.config or CONFIGS):
+            ensure_lime(vmlinuz)
         with tempfile.TemporaryDirectory(prefix="ptilab-initrd-") as tmp:
             initrd = build_initramfs(Path(tmp), vmlinuz)
             say(f"initramfs {initrd.stat().st_size} bytes (busybox + /init)")

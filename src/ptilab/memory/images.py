@@ -6,6 +6,8 @@ import os
 
 from ptilab.errors import InputError, UsageError
 from ptilab.memory.elfcore import ElfCore
+from ptilab.memory.kdump import FLAT_SIGNATURE, KDUMP_SIGNATURE, KdumpCompressed
+from ptilab.memory.lime import LimeImage, is_lime
 from ptilab.memory.physical import PhysicalMemory
 from ptilab.memory.raw import RawImage
 
@@ -13,22 +15,31 @@ ELF_MAGIC = b"\x7fELF"
 
 
 def open_image(path: str | os.PathLike[str], base: int | None = None) -> PhysicalMemory:
-    """Open a physical memory image: an ELF core if the file starts with the
-    ELF magic (QEMU ``dump-guest-memory``, kdump vmcore), else a raw image
-    whose first byte is physical address ``base`` (0 by default).
+    """Open a physical memory image by its first bytes: an ELF core (QEMU
+    ``dump-guest-memory``, kdump vmcore), a kdump-compressed dump ("KDUMP   ",
+    or makedumpfile's flattened "makedumpfile"), a LiME dump (its range
+    header's magic), else a raw image whose first byte is physical address
+    ``base`` (0 by default).
 
-    An ELF core places its segments itself, so ``base`` is refused for one.
+    A dump format places its frames itself, so ``base`` is refused for one.
     Raises InputError for a missing, unreadable or malformed file.
     """
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            magic = f.read(len(ELF_MAGIC))
+            magic = f.read(len(FLAT_SIGNATURE))
     except OSError as ex:
         raise InputError(f"{path}: cannot read: {ex.strerror or ex}") from None
-    if magic == ELF_MAGIC:
-        if base is not None:
-            raise UsageError(f"{path}: is an ELF core, whose segments carry their own physical "
-                             f"addresses; a base applies only to raw images")
+    kind = ("an ELF core" if magic.startswith(ELF_MAGIC) else
+            "a kdump-compressed dump" if magic.startswith(KDUMP_SIGNATURE) or magic == FLAT_SIGNATURE else
+            "a LiME dump" if is_lime(magic) else None)
+    if kind and base is not None:
+        raise UsageError(f"{path}: is {kind}, which carries its own physical addresses; "
+                         f"a base applies only to raw images")
+    if kind == "an ELF core":
         return ElfCore(path)
+    if kind == "a LiME dump":
+        return LimeImage(path)
+    if kind:
+        return KdumpCompressed(path)
     return RawImage(path, 0 if base is None else base)
