@@ -411,11 +411,11 @@ def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool
 def _vmcoreinfo_pgd(mem, la57: bool | None):
     """init_mm's kernel PGD and paging mode from the dump's VMCOREINFO note
     (kdump's vmcore carries it, and no CR3): the audit finds the user twin."""
+    from ptilab.linux.paging_mode import paging_mode
     from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
-    from ptilab.paging import Geometry
 
     info = parse_vmcoreinfo(mem.vmcoreinfo_text)
-    return info.kernel_pgd, Geometry(5 if la57 else info.levels)
+    return info.kernel_pgd, paging_mode(mem, info.kernel_pgd, la57)
 
 
 image_options = [

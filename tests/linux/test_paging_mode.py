@@ -60,7 +60,7 @@ def test_cpus_that_agree_speak_for_a_cr3_none_of_them_runs(tmp_path):
 
 def test_vmcoreinfo_pgtable_l5_enabled_decides_without_cpu_notes(tmp_path):
     k = _kernel(5)
-    core = _core(tmp_path, k, [(b"VMCOREINFO", 0, b"OSRELEASE=6.1.0\nNUMBER(pgtable_l5_enabled)=1\n")])
+    core = _core(tmp_path, k, [(b"VMCOREINFO", 0, b"OSRELEASE=6.1.0\nNUMBER(phys_base)=0\nNUMBER(pgtable_l5_enabled)=1\n")])
     assert paging_mode(core, k.user_cr3().value).levels == 5
     with pytest.raises(UsageError, match=r"--no-la57: VMCOREINFO \(NUMBER\(pgtable_l5_enabled\)=1\) says 5-level"):
         paging_mode(core, k.user_cr3().value, la57=False)

@@ -61,11 +61,13 @@ def la57_from_notes(mem: PhysicalMemory, cr3: int) -> tuple[bool, str] | None:
 
 
 def la57_from_vmcoreinfo(mem: PhysicalMemory) -> tuple[bool, str] | None:
+    """pgtable_l5_enabled from the dump's VMCOREINFO note, when it has one that says."""
+    # Only this key matters here: a note without phys_base still says the mode.
     value = (getattr(mem, "vmcoreinfo", None) or {}).get(VMCOREINFO_L5)
     if value is None:
         return None
     try:
-        return int(value, 0) != 0, f"VMCOREINFO ({VMCOREINFO_L5}={value})"
+        return int(value, 10) != 0, f"VMCOREINFO ({VMCOREINFO_L5}={value})"
     except ValueError:
         raise InputError(f"VMCOREINFO's {VMCOREINFO_L5} is {value!r}, not a number") from None
 
