@@ -474,8 +474,9 @@ def audit_command(ctx, images, cr3, cpu, la57, ptdump_file, system_map, fail_on,
     """Check a real kernel's page tables against PTI's promises: what the
     user tables expose of the kernel and with which rights.
 
-    IMAGE is an ELF core (QEMU dump-guest-memory, kdump vmcore) or a raw
-    physical image. Several images: one row each (a JSON list), audited on a
+    IMAGE is an ELF core (QEMU dump-guest-memory, kdump vmcore), a
+    kdump-compressed dump (makedumpfile, dump-guest-memory -z), a LiME dump or
+    a raw physical image. Several images: one row each (a JSON list), audited on a
     local cluster of worker processes or on --scheduler's.
     Exit code 0: nothing at or above --fail-on; 1: found; 2: bad input.
 
