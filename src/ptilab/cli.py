@@ -418,6 +418,18 @@ def _vmcoreinfo_pgd(mem, la57: bool | None):
     return info.kernel_pgd, paging_mode(mem, info.kernel_pgd, la57)
 
 
+def _vmcoreinfo_facts(mem) -> dict | None:
+    """What the dump's VMCOREINFO says of the kernel, for the audit's header; None without one."""
+    if not getattr(mem, "vmcoreinfo_text", ""):
+        return None
+    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
+
+    info = parse_vmcoreinfo(mem.vmcoreinfo_text)
+    return {"osrelease": info.osrelease, "kernel_offset": f"{info.kernel_offset:#x}",
+            "init_top_pgt": f"{info.kernel_pgd:#x}", "levels": info.levels,
+            "prstatus_cpus": getattr(mem, "prstatus_cpus", 0)}
+
+
 image_options = [
     click.option("--cr3", default=None, metavar="HEX", help="CR3 to walk (PCID bits and bit 63 are ignored). "
                  "Default: from the core's QEMU notes, a CPU in user mode first; else init_top_pgt from its VMCOREINFO."),
@@ -521,7 +533,8 @@ def audit_command(ctx, images, cr3, cpu, la57, ptdump_file, system_map, fail_on,
         views, subject = found.views, f"{image} (CR3 {value:#x}, {geometry.levels}-level)"
         extra = {"pti_pair": {"kernel_pgd": f"{found.pair.kernel_pgd:#x}", "user_pgd": f"{found.pair.user_pgd:#x}",
                               "is_pti": found.pair.is_pti, "reasons": list(found.pair.reasons)},
-                 "kaslr_slide": None if found.kaslr_slide is None else f"{found.kaslr_slide:#x}"}
+                 "kaslr_slide": None if found.kaslr_slide is None else f"{found.kaslr_slide:#x}",
+                 "vmcoreinfo": _vmcoreinfo_facts(mem)}
     findings = audit(views)
     failed = any(f.severity >= threshold for f in findings)
     # Decided before printing: a reader that stops early (| head) still gets the verdict.
@@ -538,6 +551,11 @@ def audit_command(ctx, images, cr3, cpu, la57, ptdump_file, system_map, fail_on,
             verdict = "a Linux PTI pair" if pair["is_pti"] else "not a PTI pair"
             out.line(f"PGD pair: kernel {pair['kernel_pgd']}, user {pair['user_pgd']}: {verdict}"
                      + (f"; KASLR slide {extra['kaslr_slide']}" if extra.get("kaslr_slide") else ""))
+        if extra.get("vmcoreinfo"):
+            facts = extra["vmcoreinfo"]
+            out.line(f"VMCOREINFO: {facts['osrelease']}, KERNELOFFSET {facts['kernel_offset']} (the KASLR slide), "
+                     f"init_top_pgt at {facts['init_top_pgt']}, {facts['levels']}-level, "
+                     f"{facts['prstatus_cpus']} CPU(s) in NT_PRSTATUS notes")
         out.table(table)
     if failed:
         ctx.exit(1)

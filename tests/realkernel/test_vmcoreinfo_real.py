@@ -56,6 +56,9 @@ def test_kdump_shaped_vmcore_is_audited_from_its_vmcoreinfo_alone():
     assert from_note["pti_pair"] == {"kernel_pgd": f"{info.kernel_pgd:#x}", "user_pgd": f"{info.kernel_pgd + 0x1000:#x}",
                                      "is_pti": True, "reasons": from_cr3["pti_pair"]["reasons"]}
     assert from_note["findings"] == from_cr3["findings"]
+    slide = k.symbols["_stext"] - TEXT_START
+    assert from_note["vmcoreinfo"] == {"osrelease": k.meta["kernel_release"], "kernel_offset": f"{slide:#x}",
+                                       "init_top_pgt": f"{info.kernel_pgd:#x}", "levels": 4, "prstatus_cpus": 2}
     assert from_note["user_view"] == from_cr3["user_view"]
     # init_mm has no user space: its user view is exactly the kernel's entry pieces of the process's.
     process = _audit_json(k.path / "core.elf")
