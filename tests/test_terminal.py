@@ -68,3 +68,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.parametrize("modules", ["ptilab.cli", "ptilab.cli, ptilab.paging, ptilab.memory.images, ptilab.formats.qemu"])
+def test_cli_and_a_dump_start_without_the_heavy_libraries(modules):
+    """`ptilab --help` and `ptilab dump --format qemu` import neither rich nor
+    matplotlib (numpy only where the walk needs it): each costs tens of ms
+    of start-up (bench/startup.py times it; this only pins what is imported)."""
+    import subprocess
+    import sys
+
+    heavy = ["rich", "matplotlib"] + (["numpy"] if modules == "ptilab.cli" else [])
+    code = f"import sys, {modules}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""

@@ -1,8 +1,9 @@
 """Where the CLI's output goes: rich tables and colour when stdout is a
 terminal, plain aligned text (no box drawing, no ANSI codes) when it is not;
 a progress bar on stderr when that is a terminal. Only the CLI imports this
-module, and with it rich: the library reports progress through
-ptilab.progress and never draws anything itself.
+module, and rich only when it draws a table, a line or a bar: plain text and
+JSON (ptdump, info mem, --json) start without it. The library reports
+progress through ptilab.progress and never draws anything itself.
 """
 
 from __future__ import annotations
@@ -10,18 +11,21 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 import tempfile
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from ptilab import progress
 from ptilab.errors import InputError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 PLAIN_WIDTH = 200  # not a terminal: wide enough that the tables do not fold
 
@@ -37,17 +41,29 @@ class Output:
 
     def __init__(self, quiet: bool = False, color: bool | None = None):
         self.quiet = quiet
-        self.stdout = Console(soft_wrap=False, markup=False, force_terminal=True if color else None,
-                              no_color=True if color is False else None)
-        if not self.stdout.is_terminal:
-            self.stdout.width = PLAIN_WIDTH
-        self.stderr = Console(stderr=True, markup=False, no_color=True if color is False else None)
+        self.color = color
+
+    @cached_property
+    def stdout(self) -> "Console":
+        from rich.console import Console  # 40 ms of import: only for what rich draws
+
+        console = Console(soft_wrap=False, markup=False, force_terminal=True if self.color else None,
+                          no_color=True if self.color is False else None)
+        if not console.is_terminal:
+            console.width = PLAIN_WIDTH
+        return console
+
+    @cached_property
+    def stderr(self) -> "Console":
+        from rich.console import Console
+
+        return Console(stderr=True, markup=False, no_color=True if self.color is False else None)
 
     @property
     def plain(self) -> bool:
         return not self.stdout.is_terminal
 
-    def table(self, table: Table) -> None:
+    def table(self, table: "Table") -> None:
         """A result table: boxed on a terminal; else aligned columns, rows of
         several lines set apart by a blank line instead of rules."""
         if not self.plain:
@@ -90,7 +106,7 @@ class Output:
         """Draw the library's progress steps as bars on stderr, if that is a
         terminal and not --quiet; else let them go nowhere. FORCE_COLOR does
         not count: CI sets it, and its logs want no bars."""
-        if self.quiet or not _isatty(self.stderr.file):
+        if self.quiet or not _isatty(sys.stderr):
             yield
             return
         bars = ProgressBars(self.stderr)
@@ -108,7 +124,10 @@ class Output:
 class ProgressBars:
     """A ptilab.progress reporter: one transient bar per kind of work under way."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: "Console"):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn)
+
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True,
                                  redirect_stdout=False, redirect_stderr=False)  # results stay on stdout
