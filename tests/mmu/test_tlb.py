@@ -5,7 +5,7 @@ import pytest
 
 from ptilab.mmu.caches import DataCache
 from ptilab.mmu.mmu import MMU
-from ptilab.mmu.tlb import TLB, INVPCID_SINGLE_CONTEXT
+from ptilab.mmu.tlb import TLB, INVPCID_SINGLE_CONTEXT, l1_only
 from ptilab.paging import FIVE_LEVEL, FOUR_LEVEL, translate
 from ptilab.paging import entry as e
 from ptilab.paging.cr3 import CR3_NOFLUSH
@@ -24,7 +24,7 @@ def tables(bump, geometry=FOUR_LEVEL, pages=(A, B, C), flags=USER_4K):
 
 
 def mmu_over(bump, pgd, geometry=FOUR_LEVEL, pcide=False, **tlb):
-    mmu = MMU(bump.ram, geometry, pcide=pcide, tlb=TLB(**tlb) if tlb else None)
+    mmu = MMU(bump.ram, geometry, pcide=pcide, tlb=TLB(l1_only(**tlb)) if tlb else None)
     mmu.mov_cr3(pgd)
     return mmu
 
@@ -114,7 +114,8 @@ def test_large_pages_go_to_the_large_array(bump):
     mmu = mmu_over(bump, pgd)
     mmu.access(0x20_0000), mmu.access(0x3F_F000)
     assert (mmu.stats.tlb_hits, mmu.stats.walk_loads) == (1, 3)
-    assert len(mmu.tlb.large) == 1 and len(mmu.tlb.small) == 0
+    small, large_2m, _ = mmu.tlb.dtlb.arrays
+    assert len(large_2m) == 1 and len(small) == 0
 
 
 def test_a_fault_is_counted_and_not_cached(bump):
@@ -161,5 +162,5 @@ def test_the_vectorised_run_matches_the_scalar_path_exactly(bump):
     for va in vas.tolist():
         slow.access(va)
     assert fast.stats == slow.stats and faults == slow.stats.faults > 0
-    for a, b in zip(fast.tlb.small.sets + fast.tlb.large.sets, slow.tlb.small.sets + slow.tlb.large.sets):
-        assert list(a) == list(b)  # same entries in the same LRU order
+    for a, b in zip(fast.tlb.arrays, slow.tlb.arrays):
+        assert [list(s) for s in a.sets] == [list(s) for s in b.sets]  # same entries in the same LRU order

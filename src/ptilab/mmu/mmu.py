@@ -1,13 +1,14 @@
 """The MMU: CR3, the TLB, the paging-structure caches and the page walker,
 reading the model's (or a real image's) tables entry by entry.
 
-Two paths translate. access() is the scalar one: a TLB lookup, and on a miss
-a walk that starts below the deepest paging-structure-cache hit and records
-each entry load and its cache line. run() takes a whole trace as a numpy
-array and finds runs of TLB hits in bulk (a hit changes nothing but LRU
-order), falling back to access() only at the misses, so a hit-dominated
-trace costs a few numpy passes rather than a Python loop per access. Both
-paths give the same counts and the same final state (tests/mmu pins this).
+Two paths translate. access() is the scalar reference: a lookup in the TLB
+hierarchy (first level, then the second level, which refills the first), and
+on a miss a walk that starts below the deepest paging-structure-cache hit and
+records each entry load and its cache line. run() takes a whole trace as a
+numpy array and plays the same rules in compiled code (ptilab.mmu.fast,
+numba): millions of translations per second whatever the hit rate. Both
+paths give the same counts and the same final state (tests/mmu pins this
+with a property test).
 
 Rights are recorded in the TLB entries but not enforced: workloads are the
 accesses real entry code makes, all of them legal.
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ptilab.mmu.caches import LINE_SHIFT, CachedEntry, DataCache, PagingStructureCaches
-from ptilab.mmu.tlb import INVPCID_ALL_INCLUDING_GLOBAL, INVPCID_ALL_NON_GLOBAL, TLB, TLBEntry
+from ptilab.mmu.tlb import INVPCID_ALL_INCLUDING_GLOBAL, INVPCID_ALL_NON_GLOBAL, L1, TLB, TLBEntry
 from ptilab.paging import entry as e
 from ptilab.paging.cr3 import CR3
 from ptilab.paging.geometry import Geometry
@@ -31,16 +32,14 @@ from ptilab.paging.translate import reserved_bits
 if TYPE_CHECKING:
     from ptilab.memory.physical import PhysicalMemory
 
-# Hit runs are looked for in windows that grow while no miss turns up.
-_WINDOW_MIN = 64
-_WINDOW_MAX = 1 << 20
-
 
 @dataclass
 class MMUStats:
     accesses: int = 0
-    tlb_hits: int = 0
-    tlb_misses: int = 0
+    tlb_hits: int = 0  # l1_hits + stlb_hits
+    l1_hits: int = 0  # found in the first-level DTLB or ITLB
+    stlb_hits: int = 0  # missed the first level, found in the second (which refilled the first)
+    tlb_misses: int = 0  # page walks
     walk_loads: int = 0  # 8-byte entries the walker read
     psc_hits: Counter[str] = field(default_factory=Counter)  # walks shortened by each paging-structure cache
     dcache_hits: int = 0
@@ -81,6 +80,7 @@ class MMU:
         self.view = ""
         self.record_loads = record_loads
         self.loads: list[WalkLoad] = []
+        self.level = ""  # where the last access() found its translation: L1, STLB or walk
         self._shifts = tuple(geometry.shift(d) for d in range(geometry.levels))
 
     @property
@@ -113,19 +113,24 @@ class MMU:
             self.psc.flush_pcid(pcid)
 
     # -- translation -------------------------------------------------------------
-    def access(self, va: int) -> TLBEntry | None:
-        """One access: the TLB entry that translated it, or None for a #PF."""
+    def access(self, va: int, fetch: bool = False) -> TLBEntry | None:
+        """One access (an instruction fetch if fetch): the TLB entry that
+        translated it, or None for a #PF. self.level says where it was found."""
         self.stats.accesses += 1
-        entry = self.tlb.lookup(va, self.pcid)
+        entry, self.level = self.tlb.lookup(va, self.pcid, fetch)
         if entry is not None:
             self.stats.tlb_hits += 1
+            if self.level == L1:
+                self.stats.l1_hits += 1
+            else:
+                self.stats.stlb_hits += 1
             return entry
         self.stats.tlb_misses += 1
         entry = self.walk(va)
         if entry is None:
             self.stats.faults += 1
             return None
-        self.tlb.fill(entry)
+        self.tlb.fill(entry, va, fetch)
         return entry
 
     def walk(self, va: int) -> TLBEntry | None:
@@ -168,76 +173,14 @@ class MMU:
         if self.record_loads:
             self.loads.append(WalkLoad(self.geometry.names[depth], pa, self.view, hit))
 
-    def run(self, vas: np.ndarray) -> int:
-        """Translate a trace of addresses under the current CR3, in order;
-        returns how many faulted. Same result as access() on each, faster."""
+    def run(self, vas: np.ndarray, fetch: np.ndarray | bool = False) -> int:
+        """Translate a trace of addresses under the current CR3, in order
+        (fetch: instruction fetches, for all or per access); returns how many
+        faulted. Same counts and final state as access() on each, compiled."""
+        from ptilab.mmu import fast  # numba: only for the commands that run traces
+
         vas = np.ascontiguousarray(vas, dtype=np.uint64)
-        n = len(vas)
-        small, large = self.tlb.small, self.tlb.large
-        vpn4 = vas >> np.uint64(12)
+        fetch = np.broadcast_to(np.asarray(fetch, dtype=np.bool_), vas.shape).copy()
         faults_before = self.stats.faults
-        i, window = 0, _WINDOW_MIN
-        while i < n:
-            j = min(n, i + window)
-            resident = small.resident(self.pcid) + large.resident(self.pcid)
-            slot = _hit_slots(vpn4[i:j], vas[i:j], resident)
-            missed = np.flatnonzero(slot < 0)
-            run = int(missed[0]) if len(missed) else j - i
-            if run:
-                self._touch_run(slot[:run], resident)
-                self.stats.accesses += run
-                self.stats.tlb_hits += run
-                i += run
-            if len(missed):
-                self.access(int(vas[i]))
-                i += 1
-                window = max(_WINDOW_MIN, window // 2)
-            else:
-                window = min(_WINDOW_MAX, window * 2)
+        fast.run(self, vas, fetch)
         return self.stats.faults - faults_before
-
-    def _touch_run(self, slot: np.ndarray, resident: list[np.ndarray]) -> None:
-        """Replay the LRU effect of a run of hits: each entry hit becomes most
-        recently used in the order of its last access in the run. The last
-        accesses are found from the end backwards, in growing chunks, so a
-        run costs a pass over its tail rather than a sort of all of it."""
-        sizes = [len(r) for r in resident]
-        wanted = set(np.flatnonzero(np.bincount(slot, minlength=sum(sizes))).tolist())
-        last: list[tuple[int, int]] = []
-        end, chunk = len(slot), 256
-        while wanted:
-            start = max(0, end - chunk)
-            values, first = np.unique(slot[start:end][::-1], return_index=True)
-            for value, f in zip(values.tolist(), first.tolist()):
-                if value in wanted:
-                    wanted.discard(value)
-                    last.append((end - 1 - f, value))
-            end, chunk = start, chunk * 4
-        bounds = np.cumsum(sizes).tolist()
-        pcid = self.pcid
-        for _, value in sorted(last):
-            k = next(a for a, b in enumerate(bounds) if value < b)
-            vpn = int(resident[k][value - (bounds[k - 1] if k else 0)])
-            shift = (12, 21, 30)[k]
-            (self.tlb.small if k == 0 else self.tlb.large).touch(shift, vpn, pcid)
-
-
-def _hit_slots(vpn4: np.ndarray, vas: np.ndarray, resident: list[np.ndarray]) -> np.ndarray:
-    """Per access, the index of the entry a lookup would hit in the
-    concatenation of the resident 4 KiB, 2 MiB and 1 GiB vpns, or -1 for a
-    miss; in lookup order, so a page cached at two sizes counts where lookup()
-    finds it."""
-    slot = np.full(len(vas), -1, dtype=np.int64)
-    offset = 0
-    for shift, r in zip((12, 21, 30), resident):
-        if len(r):
-            rest = slot < 0
-            if not rest.any():
-                break
-            x = vpn4 if shift == 12 else vas >> np.uint64(shift)
-            at = np.searchsorted(r, x)
-            at[at == len(r)] = 0
-            hit = rest & (r[at] == x)
-            slot[hit] = at[hit] + offset
-        offset += len(r)
-    return slot
