@@ -76,6 +76,11 @@ def _cost_design_names() -> list[str]:
     return ["all", *_design_names(), PTI_OFF]
 
 
+def _core_names() -> list[str]:
+    from ptilab.mmu.tlb import CORES
+    return list(CORES)
+
+
 def _complete_workload(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     from ptilab.mmu.workload import available
     named = [CompletionItem(name) for name in available() if name.startswith(incomplete)]
@@ -328,11 +333,13 @@ PLOT_SUFFIXES = (".png", ".svg")
 @click.option("--workload", "workloads", multiple=True, metavar="NAME|FILE.toml", shell_complete=_complete_workload,
               help="syscall, interrupt, nmi, context-switch, or your own TOML file; repeatable. Default: all shipped.")
 @click.option("--cpu", type=int, default=0, show_default=True, help="The CPU whose cpu_entry_area the workloads use.")
+@click.option("--core", default="skylake", show_default=True, metavar="CORE", shell_complete=_complete_from(_core_names),
+              help="Whose TLB hierarchy: skylake, haswell or zen2 (sizes from Intel's and AMD's optimisation guides).")
 @json_option
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also write a PNG or SVG of the refill cost against NR_CPUS and per design (needs matplotlib).")
 def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs: str, workloads: tuple[str, ...],
-                 cpu: int, as_json: bool, plot_file: str | None) -> None:
+                 cpu: int, core: str, as_json: bool, plot_file: str | None) -> None:
     """Measure the TLB-refill cost of entry/exit workloads per design: TLB
     misses, page-walk loads, and the distinct cache lines the walks touch,
     with how many of them both the kernel and the user tables use (the
@@ -346,6 +353,7 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
       ptilab cost --workload my-entry.toml --json
     """
     from ptilab.mmu.cost import sweep
+    from ptilab.mmu.tlb import get_core
     from ptilab.mmu.workload import load
     from ptilab.report.tables import refill_table
 
@@ -355,6 +363,7 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
         raise UsageError(f"--cpus must be numbers separated by commas, not {cpus_list!r}") from None
     # Refuse a bad name or plot file now, not after minutes of sweeping.
     chosen = _design_list(designs, with_off=True)
+    get_core(core)
     for n in cpus:
         _check_kernel(profile, n, _levels(levels))
     for workload in workloads:
@@ -365,7 +374,7 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
         raise UsageError(f"plot file must end in .png or .svg, not {os.path.basename(plot_file)!r}")
     with ExitStack() as stack:
         plot_tmp = stack.enter_context(atomic_file(plot_file)) if plot_file else None
-        costs = sweep(profile, cpus, chosen, _levels(levels), list(workloads) or None, pcid, cpu)
+        costs = sweep(profile, cpus, chosen, _levels(levels), list(workloads) or None, pcid, cpu, core)
         if plot_tmp:
             from ptilab.report.plots import plot_refill
             plot_refill(costs, plot_tmp)

@@ -164,3 +164,36 @@ def test_the_vectorised_run_matches_the_scalar_path_exactly(bump):
     assert fast.stats == slow.stats and faults == slow.stats.faults > 0
     for a, b in zip(fast.tlb.arrays, slow.tlb.arrays):
         assert [list(s) for s in a.sets] == [list(s) for s in b.sets]  # same entries in the same LRU order
+
+
+def test_a_fetch_fills_the_itlb_and_the_unified_stlb_serves_the_data_side(bump):
+    from ptilab.mmu.tlb import SKYLAKE, ZEN2
+
+    mmu = MMU(bump.ram, FOUR_LEVEL, tlb=TLB(SKYLAKE))
+    mmu.mov_cr3(tables(bump))
+    mmu.access(A, fetch=True)
+    assert (len(mmu.tlb.itlb), len(mmu.tlb.dtlb), len(mmu.tlb.stlb)) == (1, 0, 1)
+    mmu.access(A)  # a read of the page the code is on: DTLB miss, STLB hit, DTLB refilled
+    assert mmu.level == "STLB" and len(mmu.tlb.dtlb) == 1
+    mmu.access(A + 8)
+    assert mmu.level == "L1" and (mmu.stats.l1_hits, mmu.stats.stlb_hits, mmu.stats.tlb_misses) == (1, 1, 1)
+    # Zen 2's second level is split: the data side walks again.
+    zen = MMU(bump.ram, FOUR_LEVEL, tlb=TLB(ZEN2))
+    zen.mov_cr3(mmu.cr3.value)
+    zen.access(A, fetch=True)
+    zen.access(A)
+    assert zen.level == "walk" and zen.stats.tlb_misses == 2
+
+
+def test_a_1g_page_misses_l1_and_hits_the_second_level_as_its_2m_piece(bump):
+    from ptilab.mmu.tlb import ZEN2
+
+    pgd = bump.alloc()
+    map_page(bump.ram, FOUR_LEVEL, pgd, 0x80_0000_0000, 0x4000_0000, e.PAGE_KERNEL_LARGE, bump.alloc, 30)
+    mmu = MMU(bump.ram, FOUR_LEVEL, tlb=TLB(ZEN2))
+    mmu.mov_cr3(pgd)
+    mmu.access(0x80_0020_0123)
+    (piece,) = mmu.tlb.stlb.arrays[0].entries()
+    assert (piece.page_shift, piece.frame) == (21, 0x4020_0000)  # smashed: the 2 MiB that holds the access
+    mmu.tlb.dtlb.arrays[0].invalidate(lambda entry: False)
+    assert mmu.access(0x80_0030_0000).frame == 0x4020_0000 and mmu.level == "STLB"

@@ -135,3 +135,13 @@ def test_an_address_past_2_64_is_refused_when_resolved():
     kernel = boot("linux-6.1", "linux", cpus=2)
     with pytest.raises(UsageError, match="outside the 64-bit address space"):
         resolve("lstar+0xffffffff", symbols(kernel, 1) | {"lstar": (0xFFFF_FFFF_FFFF_F000, 8)})
+
+
+def test_cost_names_the_core_and_an_unknown_core_is_refused():
+    from ptilab.errors import UsageError
+    from ptilab.mmu.cost import cost
+
+    (zen,) = cost("linux-6.1", "linux", cpus=2, workload="syscall", core="zen2")
+    assert zen.core == "zen2" and zen.cold.accesses == zen.cold.l1_hits + zen.cold.stlb_hits + zen.cold.tlb_misses
+    with pytest.raises(UsageError, match="unknown core"):
+        cost("linux-6.1", "linux", cpus=2, workload="syscall", core="pentium")

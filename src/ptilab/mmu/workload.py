@@ -400,7 +400,7 @@ def play(workload: Workload, mmu: MMU, state: PTIState, names: list[dict[str, tu
             for k in range(step.count):
                 va = base + k * step.stride
                 before_miss, before_loads = mmu.stats.tlb_misses, mmu.stats.walk_loads
-                hit = mmu.access(va)
+                hit = mmu.access(va, fetch=step.do == "fetch")
                 if mmu.stats.tlb_misses != before_miss:
                     misses.append(Miss(index, step.at, va, mmu.view, mmu.stats.walk_loads - before_loads,
                                        hit is None))

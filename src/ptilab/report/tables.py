@@ -66,17 +66,20 @@ def refill_table(costs: list["WorkloadCost"]) -> Table:
     """One row per (NR_CPUS, design, workload): the cold refill and what the warm run still misses."""
     first = costs[0]
     t = Table(title=f"TLB refill cost on {first.profile}, {first.levels}-level paging, "
-                    f"PCID {'on' if first.pcid else 'off'}, CPU {first.cpu}",
-              caption="cold: empty TLB, paging-structure and data caches; warm: the same workload again at once. "
+                    f"PCID {'on' if first.pcid else 'off'}, CPU {first.cpu}, {first.core} TLBs",
+              caption="cold: empty TLBs, paging-structure and data caches; warm: the same workload again at once. "
+                      "L1/STLB/walk: where each access found its translation (first-level DTLB or ITLB, "
+                      "second-level TLB, page walk); PSC: walks a paging-structure cache shortened; "
                       "lines: distinct 64-byte lines the walks loaded; both views: of those, lines walked from "
                       "the kernel and the user tables alike")
-    for col in ("NR_CPUS", "design", "workload", "accesses", "TLB misses", "walk loads", "lines", "both views",
-                "warm misses", "warm loads", "faults"):
+    for col in ("NR_CPUS", "design", "workload", "accesses", "L1/STLB/walk", "PSC", "walk loads", "lines",
+                "both views", "warm misses", "warm loads", "faults"):
         t.add_column(col, overflow="fold")
     for c in costs:
         faults = "; ".join(c.cold.faults[:2]) + (f"; +{len(c.cold.faults) - 2} more" if len(c.cold.faults) > 2
                                                   else "") if c.cold.faults else "none"
-        t.add_row(str(c.cpus), c.design, c.workload, str(c.cold.accesses), str(c.cold.tlb_misses),
+        levels = f"{c.cold.l1_hits}/{c.cold.stlb_hits}/{c.cold.tlb_misses}"
+        t.add_row(str(c.cpus), c.design, c.workload, str(c.cold.accesses), levels, str(c.cold.psc_hits),
                   str(c.cold.walk_loads), str(c.cold.lines), str(c.cold.lines_both_views), str(c.warm.tlb_misses),
                   str(c.warm.walk_loads), faults)
     return t
