@@ -120,6 +120,14 @@ def _dc_load(pa, ht, dc_line, dc_prev, dc_next, dc_state, mask):
 
 
 # -- TLB arrays -------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _set_index(vpn, nsets):
+    """vpn % nsets, without a division when nsets is a power of two (as in every real core)."""
+    if nsets & (nsets - 1) == 0:
+        return vpn & (nsets - 1)
+    return vpn % nsets
+
+
 @njit(cache=True)
 def _array_lookup(E, a, va, pcid, base, nsets, ways, shifts, clock):
     """TLBArray.lookup(): the (row, way) hit, made most recent, or (-1, -1).
@@ -129,7 +137,7 @@ def _array_lookup(E, a, va, pcid, base, nsets, ways, shifts, clock):
         if shift < 0:
             break
         vpn = np.int64(va >> np.uint64(shift))
-        row = base[a] + vpn % nsets[a]
+        row = base[a] + _set_index(vpn, nsets[a])
         found = -1
         for w in range(ways[a]):
             if E[VPN, row, w] == vpn and E[STAMP, row, w] and E[SHIFT, row, w] == shift:
@@ -147,7 +155,7 @@ def _array_lookup(E, a, va, pcid, base, nsets, ways, shifts, clock):
 
 @njit(cache=True)
 def _array_fill(E, a, vpn, shift, tag, pcid, frame, flags, base, nsets, ways, clock):
-    row = base[a] + vpn % nsets[a]
+    row = base[a] + _set_index(vpn, nsets[a])
     free, oldest = -1, 0
     for w in range(ways[a]):
         if E[STAMP, row, w] == 0:
