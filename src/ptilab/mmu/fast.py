@@ -123,7 +123,7 @@ def _dc_load(pa, ht, dc_line, dc_prev, dc_next, dc_state, mask):
 @njit(cache=True, inline="always")
 def _set_index(vpn, nsets):
     """vpn % nsets, without a division when nsets is a power of two (as in every real core)."""
-    if nsets & (nsets - 1) == 0:
+    if (nsets & (nsets - 1)) == 0:
         return vpn & (nsets - 1)
     return vpn % nsets
 
