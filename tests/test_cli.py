@@ -534,3 +534,40 @@ def test_dumping_a_live_cpus_tables_warns_of_nothing():
     for cpu in ("0", "1"):
         done = ptilab("dump", str(k.path / "core.elf"), "--cpu", cpu, "--format", "qemu")
         assert done.returncode == 0 and done.stderr == ""
+
+
+# -- meltdown on images with frames past their end ---------------------------
+
+def _tables_with_idt_past_the_image() -> bytes:
+    """PGD 0x1000: slot 508 reaches the IDT page (0xfffffe0000000000) through
+    tables at 0x2000-0x4000, mapped to frame 0x100000, far past this 6-frame
+    image; slot 511 maps the last 1 GiB of the address space (ending at 2**64)
+    as kernel text through a PUD at 0x5000."""
+    mem = bytearray(6 * 4096)
+    table = e.P | e.RW | e.A
+    struct.pack_into("<Q", mem, 0x1000 + 508 * 8, 0x2000 | table)
+    struct.pack_into("<Q", mem, 0x2000, 0x3000 | table)
+    struct.pack_into("<Q", mem, 0x3000, 0x4000 | table)
+    struct.pack_into("<Q", mem, 0x4000, 0x1000_0000 | e.P | e.NX)
+    struct.pack_into("<Q", mem, 0x1000 + 511 * 8, 0x5000 | table)
+    struct.pack_into("<Q", mem, 0x5000 + 511 * 8, 0x4000_0000 | e.P | e.PS | e.A)
+    return bytes(mem)
+
+
+def test_meltdown_marks_a_page_past_the_image_unreadable_and_goes_on(tmp_path):
+    (tmp_path / "cut.img").write_bytes(_tables_with_idt_past_the_image())
+    done = subprocess.run([sys.executable, "-W", "error", "-m", "ptilab.cli", "meltdown", "cut.img", "--cr3", "1000",
+                           "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr  # no numpy overflow warning either
+    result = json.loads(done.stdout)
+    assert "0xfffffe0000000000 maps physical address 0x10000000, which the image does not hold: that page is " \
+           "unreadable here" in result["notes"]
+    assert result["readable"][-1]["end"] == hex(1 << 64)
+
+
+def test_meltdown_on_a_real_image_does_not_talk_about_the_modelled_designs():
+    k = real_kernel("pti-4level")
+    done = ptilab("meltdown", str(k.path / "core.elf"), "--cr3", "b000")
+    assert done.returncode == 0
+    assert "the IDT page (0xfffffe0000000000) is not in the user tables: no handler address from it\n" in done.stdout
+    assert "design" not in done.stdout and "2017" not in done.stdout

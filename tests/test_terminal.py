@@ -82,3 +82,37 @@ def test_cli_and_a_dump_start_without_the_heavy_libraries(modules):
     code = f"import sys, {modules}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == ""
+
+
+def _words_intact(table_factory, width: int, monkeypatch) -> list[str]:
+    """The cell words that a terminal of this width shows broken."""
+    import re
+
+    monkeypatch.setenv("COLUMNS", str(width))
+    out = Output(color=True)
+    table = table_factory()
+    words = {w for c in table.columns for cell in [c.header, *c.cells] for w in str(cell).split()}
+    with out.stdout.capture() as captured:
+        out.table(table)
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", captured.get())
+    return sorted(w for w in words if w not in shown)
+
+
+@pytest.mark.parametrize("width", [80, 100, 132])
+@pytest.mark.parametrize("what", ["compare", "cost", "layout-change"])
+def test_no_table_splits_a_word_at_80_columns_or_more(monkeypatch, width, what):
+    from ptilab.report import tables
+
+    def compare():
+        from ptilab.compare.metrics import compare
+        return tables.compare_table(compare("linux-6.1", 4, 4))
+
+    def cost():
+        from ptilab.mmu.cost import sweep
+        return tables.refill_table(sweep("linux-6.1", [4], ["linux", "off"], 4, ["context-switch"], True, 0))
+
+    def layout_change():
+        from ptilab.compare.layout_change import run
+        return tables.layout_change_table(run("kaiser-2017", 2, 4), "kaiser-2017")
+    assert _words_intact({"compare": compare, "cost": cost, "layout-change": layout_change}[what], width,
+                         monkeypatch) == []

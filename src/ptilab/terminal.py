@@ -67,6 +67,10 @@ class Output:
         """A result table: boxed on a terminal; else aligned columns, rows of
         several lines set apart by a blank line instead of rules."""
         if not self.plain:
+            if _narrowest(table) > self.stdout.width:
+                table = _stacked(table)
+            for column in table.columns:  # rich may otherwise squeeze a column below its longest word
+                column.min_width = max(column.min_width or 0, _longest_word([column.header, *column.cells]))
             self.stdout.print(table)
             return
         # The title and caption on lines of their own, so that the table's
@@ -119,6 +123,31 @@ class Output:
         progress.step(what, 0, None)
         yield
         progress.step(what, 1, 1)
+
+
+def _longest_word(cells) -> int:
+    return max((len(word) for cell in cells for word in str(cell).split()), default=0)
+
+
+def _narrowest(table: Table) -> int:
+    """The width the table needs for no cell to break a word: each column as
+    wide as its longest word, plus padding and rules."""
+    return sum(_longest_word([c.header, *c.cells]) + 2 for c in table.columns) + len(table.columns) + 1
+
+
+def _stacked(table: Table) -> Table:
+    """A table too wide for the terminal as one block per row, column name
+    beside its value: values wrap between words, never inside one."""
+    out = Table(title=table.title, caption=table.caption, show_header=False, box=table.box)
+    out.add_column(style="bold", no_wrap=True)
+    out.add_column(overflow="fold")
+    rows = list(zip(*(list(c.cells) for c in table.columns)))
+    for i, row in enumerate(rows):
+        for column, cell in zip(table.columns, row):
+            out.add_row(str(column.header), cell)
+        if i < len(rows) - 1:
+            out.add_section()
+    return out
 
 
 class ProgressBars:

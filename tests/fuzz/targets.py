@@ -454,10 +454,200 @@ def fuzz_dump(data: bytes) -> None:
         os.unlink(path)
 
 
+# -- the file readers: raw images, text files (ptdump, kallsyms, monitor text), workloads, VMCOREINFO ----
+
+def _in_file(data: bytes, suffix: str):
+    """A temporary file holding data, as a context manager giving its path."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def made():
+        fd, path = tempfile.mkstemp(suffix=suffix, prefix="ptilab-fuzz-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            yield path
+        finally:
+            os.unlink(path)
+    return made()
+
+
+@st.composite
+def raw_images(draw) -> tuple[bytes, list[int]]:
+    """A few frames: random bytes, or entries pointing at the image's own
+    frames (loops, shared tables, large pages), and CR3 values to walk from."""
+    frames = draw(st.integers(1, 6))
+    data = bytearray()
+    for _ in range(frames):
+        if draw(st.booleans()):
+            data += draw(st.binary(min_size=4096, max_size=4096))
+        else:
+            entries = draw(st.lists(st.tuples(st.integers(0, 511), st.integers(0, frames + 2), ENTRY_VALUES),
+                                    max_size=12))
+            frame = np.zeros(512, np.uint64)
+            for index, target, flags in entries:
+                frame[index] = np.uint64(((target << 12) | (flags & 0xFFF) | (flags & (1 << 63))) & ((1 << 64) - 1))
+            data += frame.tobytes()
+    if draw(st.booleans()):
+        del data[draw(st.integers(0, len(data))):]
+    cr3s = draw(st.lists(st.sampled_from([0, 0x1000, 0x2000, 0x5000, 0x1FFF, 1 << 40, (1 << 52) - 0x1000]),
+                         min_size=1, max_size=3))
+    return bytes(data), cr3s
+
+
+def fuzz_raw(data: bytes, cr3s: list[int]) -> None:
+    """Open bytes as a raw image and walk both paging modes from each CR3."""
+    with _in_file(data, ".raw") as path:
+        try:
+            mem = open_image(path)
+        except PtilabError:
+            return
+        try:
+            for cr3 in cr3s:
+                for levels in (4, 5):
+                    try:
+                        _check(walk(mem, cr3, Geometry(levels), max_entries=MAX_ENTRIES))
+                    except PtilabError:
+                        pass
+        finally:
+            mem.close()
+
+
+KALLSYMS_SAMPLE = ("ffffffff81000000 T _text\nffffffff81e00000 T __entry_text_start\n"
+                   "ffffffff81e02000 T __entry_text_end\nffffffff81e00990 T asm_exc_divide_error\n"
+                   "ffffffffc0000000 t helper\t[mod]\n0000000000000000 A fixed_percpu_data\n")
+
+
+@st.composite
+def mutated_files(draw) -> tuple[str, bytes]:
+    """(reader, file bytes): real or sample text with characters replaced,
+    inserted or cut, sometimes raw bytes after it or instead of it."""
+    reader = draw(st.sampled_from(sorted(FILE_READERS)))
+    if reader == "kallsyms":
+        text = KALLSYMS_SAMPLE
+    else:
+        text = "".join(real_texts()[reader][:draw(st.integers(1, 30))])
+    data = bytearray(text.encode())
+    for _ in range(draw(st.integers(0, 6))):
+        how = draw(st.sampled_from(["replace", "insert", "cut", "binary", "long-line"]))
+        at = draw(st.integers(0, len(data)))
+        if how == "replace" and at < len(data):
+            data[at] = draw(st.sampled_from(list(b"0123456789abcdefxT -[]\t\n\x00\x1b\xff")))
+        elif how == "insert":
+            data[at:at] = draw(st.binary(max_size=8))
+        elif how == "cut":
+            del data[at:]
+        elif how == "binary":
+            data[at:at] = draw(st.binary(min_size=1, max_size=2048))
+        else:
+            data[at:at] = b"x" * draw(st.sampled_from([4095, 4096, 4097, 9000]))
+    return reader, bytes(data)
+
+
+def _read_kallsyms(path: str) -> None:
+    from ptilab.formats.kallsyms import USED, read_symbols
+    whole = read_symbols(path)
+    if {k: v for k, v in whole.items() if k in USED} != read_symbols(path, USED):
+        raise Crash("the symbols kept when asked for USED differ from the whole table's")
+
+
+def _file_readers() -> dict:
+    from ptilab.formats.ptdump import read_ptdump
+    from ptilab.formats.qemu import read_info_mem, read_info_tlb
+    return {"ptdump": read_ptdump, "info_mem": read_info_mem, "info_tlb": read_info_tlb, "kallsyms": _read_kallsyms}
+
+
+FILE_READERS = _file_readers()
+
+
+def fuzz_file(reader: str, data: bytes) -> None:
+    """A text reader on a file: parsed, or one-line InputError."""
+    with _in_file(data, ".txt") as path:
+        try:
+            FILE_READERS[reader](path)
+        except PtilabError as err:
+            if "\n" in str(err) or "\x1b" in str(err):
+                raise Crash(f"a refusal of more than one clean line: {str(err)[:80]!r}")
+
+
+@st.composite
+def mutated_workloads(draw) -> bytes:
+    """A shipped workload's TOML with values swapped for odd ones, keys
+    renamed, lines dropped or bytes inserted."""
+    from ptilab.mmu.workload import WORKLOAD_DIR, available
+    lines = (WORKLOAD_DIR / f"{draw(st.sampled_from(available()))}.toml").read_text().splitlines(keepends=True)
+    for _ in range(draw(st.integers(1, 6))):
+        i = draw(st.integers(0, len(lines) - 1))
+        how = draw(st.sampled_from(["value", "key", "drop", "bytes", "dup"]))
+        key, sep, _ = lines[i].partition("=")
+        if how == "value" and sep:
+            value = draw(st.sampled_from(['"many"', "-3", "0", "1000000000", "true", "1.5", "[]", '"idt+0x1' + "0" * 16
+                                          + '"', '"idt+\u0663"', '"lstar+0xffffffff"', str(1 << 70), '"top"',
+                                          '"kernel_stack.top-0x100000"', "4096", "-4096", '["linux-9"]']))
+            lines[i] = f"{key}= {value}\n"
+        elif how == "key" and sep:
+            lines[i] = draw(st.sampled_from(["when", "count", "processes", "to", "of", "do"])) + " =" + lines[i][
+                len(key) + 1:]
+        elif how == "drop":
+            del lines[i]
+            if not lines:
+                lines = ["\n"]
+        elif how == "dup":
+            lines[i:i] = [lines[i]] * draw(st.integers(1, 3))
+        else:
+            lines[i] = draw(st.binary(max_size=20)).decode("latin-1") + lines[i]
+    return "".join(lines).encode("utf-8", "surrogatepass")
+
+
+def fuzz_workload(data: bytes) -> None:
+    """Load a workload file and resolve and play its steps on a small kernel."""
+    from ptilab.mmu.cost import measure
+    from ptilab.mmu.workload import load
+
+    with _in_file(data, ".toml") as path:
+        try:
+            w = load(path)
+        except PtilabError:
+            return
+        if sum(s.count for s in w.steps) > 2000:
+            return  # valid and only slow: the schema's bound is MAX_ACCESSES
+        from ptilab.linux.kernel import boot
+        try:  # a fresh kernel each time (3 ms): measure() spawns the workload's processes in it
+            measure(boot("linux-6.1", "linux", cpus=2), path, pcid=True)
+        except PtilabError:
+            pass
+
+
+@st.composite
+def vmcoreinfo_texts(draw) -> bytes:
+    keys = ["OSRELEASE", "KERNELOFFSET", "NUMBER(phys_base)", "NUMBER(pgtable_l5_enabled)", "SYMBOL(init_top_pgt)",
+            "SYMBOL(_stext)", "PAGESIZE", "CRASHTIME"]
+    values = st.one_of(st.sampled_from(["0", "-1", "1000000", "ffffffff82a0c000", "0x1000", "", "zz", "1" * 30,
+                                        str(-(1 << 64)), "6.1.0-13-amd64"]), st.text(max_size=20))
+    lines = draw(st.lists(st.tuples(st.sampled_from(keys), values), max_size=10))
+    text = "".join(f"{k}={v}\n" for k, v in lines).encode("utf-8", "surrogatepass")
+    return text + draw(st.sampled_from([b"", b"\0\0\0", b"\xff\xfe"]))
+
+
+def fuzz_vmcoreinfo(data: bytes) -> None:
+    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo, pgd_pair
+    try:
+        info = parse_vmcoreinfo(data)
+        if "init_top_pgt" in info.symbols:
+            pgd_pair(info)
+    except PtilabError:
+        pass
+
+
 TARGETS = {  # name: (strategy, target taking the strategy's value)
     "core": (mutated_cores(), fuzz_core),
     "kdump": (mutated_kdumps(), fuzz_dump),
     "lime": (mutated_limes(), fuzz_dump),
     "walk": (table_mutations(), lambda m: fuzz_walk(*m)),
     "text": (mutated_texts(), lambda t: fuzz_text(*t)),
+    "raw": (raw_images(), lambda r: fuzz_raw(*r)),
+    "file": (mutated_files(), lambda f: fuzz_file(*f)),
+    "workload": (mutated_workloads(), fuzz_workload),
+    "vmcoreinfo": (vmcoreinfo_texts(), fuzz_vmcoreinfo),
 }
+NEED_FIXTURE = ("walk", "text", "file")  # start from the real pti-4level fixture's tables and texts

@@ -5,6 +5,7 @@ come out. bench/fuzz_long.py runs the same targets for as long as asked."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -49,6 +50,51 @@ def test_real_tables_with_mutated_entries_walk_or_are_refused(mutation):
 @given(targets.mutated_texts())
 def test_mutated_monitor_and_ptdump_text_parses_or_is_refused(kind_and_text):
     targets.fuzz_text(*kind_and_text)
+
+
+@CI
+@given(targets.raw_images())
+def test_a_raw_image_of_any_bytes_walks_or_is_refused(image):
+    targets.fuzz_raw(*image)
+
+
+@pytest.mark.usefixtures("needs_fixture")
+@CI
+@given(targets.mutated_files())
+def test_a_text_file_with_any_bytes_parses_or_is_refused_in_one_line(reader_and_data):
+    targets.fuzz_file(*reader_and_data)
+
+
+@settings(CI, max_examples=60)
+@given(targets.mutated_workloads())
+def test_a_mutated_workload_loads_and_plays_or_is_refused(data):
+    targets.fuzz_workload(data)
+
+
+@CI
+@given(targets.vmcoreinfo_texts())
+def test_vmcoreinfo_text_parses_or_is_refused(data):
+    targets.fuzz_vmcoreinfo(data)
+
+
+CORPUS = sorted((Path(__file__).parent / "corpus").glob("*.txt"))
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.stem)
+def test_the_kept_corpus_still_passes(path, request):
+    """Inputs bench/fuzz_long.py drew and kept (Python literals), replayed on every run."""
+    import ast
+
+    name = path.stem.rsplit("-", 1)[0]
+    if name in targets.NEED_FIXTURE:
+        request.getfixturevalue("needs_fixture")
+    _, target = targets.TARGETS[name]
+    target(ast.literal_eval(path.read_text()))
+
+
+def test_every_reader_has_a_fuzz_target():
+    assert {"core", "raw", "walk", "text", "file", "workload", "vmcoreinfo"} <= set(targets.TARGETS)
+    assert set(targets.FILE_READERS) == {"ptdump", "info_mem", "info_tlb", "kallsyms"}
 
 
 @pytest.mark.parametrize("phoff", [1 << 63, (1 << 64) - 1])

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ptilab.errors import FrameOutsideMemory
 from ptilab.linux.kernel import ENTRY_TEXT, TEXT_START
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, LINUX_6_1, Profile
 from ptilab.linux.regions import region_of
@@ -184,17 +185,25 @@ class Exposure:
                 "kaslr_slide": hexed(self.kaslr_slide), "notes": self.notes}
 
 
-def meltdown_read(mem: "PhysicalMemory", view: Walk, va: int, length: int) -> bytes | None:
+def meltdown_read(mem: "PhysicalMemory", view: Walk, va: int, length: int,
+                  notes: list[str] | None = None) -> bytes | None:
     """The primitive: bytes at va if the user tables translate every page of
-    them, US or not (the speculative load does not wait for the check)."""
+    them, US or not (the speculative load does not wait for the check).
+    None if a page is not mapped, or maps a frame the image does not hold
+    (a dump that left it out): that page is unreadable here, and notes says so."""
     out = b""
     while length > 0:
         try:
             t = translate(mem, view.cr3, va, view.geometry)
+            chunk = min(length, e.PAGE_SIZE - (va & (e.PAGE_SIZE - 1)))
+            out += mem.read(t.pa, chunk)
         except PageFault:
             return None
-        chunk = min(length, e.PAGE_SIZE - (va & (e.PAGE_SIZE - 1)))
-        out += mem.read(t.pa, chunk)
+        except FrameOutsideMemory as missing:
+            if notes is not None:
+                notes.append(f"{va & ~(e.PAGE_SIZE - 1):#x} maps physical address {missing.pa:#x}, which the "
+                             f"image does not hold: that page is unreadable here")
+            return None
         va, length = va + chunk, length - chunk
     return out
 
@@ -220,29 +229,31 @@ def readable(view: Walk) -> list[Readable]:
             pages = int(span["size"].sum()) // e.PAGE_SIZE
             frames = len({(int(pa), int(size)) for pa, size in zip(span["pa"], span["size"])})
             frames = pages if len(span) == 1 else frames * (int(span["size"][0]) // e.PAGE_SIZE)
-            out.append(Readable(int(span["va"][0]), int(span["va"][-1] + span["size"][-1]), region, pages, frames,
+            # In Python ints: a range may end at 2**64, past what a uint64 holds.
+            out.append(Readable(int(span["va"][0]), int(span["va"][-1]) + int(span["size"][-1]), region, pages, frames,
                                 bool(eff & EFF_RW), not eff & EFF_NX))
     return sorted(out, key=lambda x: x.start)
 
 
 def exposure(mem: "PhysicalMemory", view: Walk, symbols: dict[str, int] | None = None,
-             profile: Profile = LINUX_6_1, nr_cpus: int = 64) -> Exposure:
+             profile: Profile = LINUX_6_1, nr_cpus: int = 64, why_no_idt: str = "") -> Exposure:
     """What a Meltdown attacker in user mode gets from these user tables.
 
     symbols: the kernel's System.map (unslid, as the distribution ships it);
     with it one IDT gate gives the KASLR slide. profile: where to look for
     each CPU's GDT and TSS, for NR_CPUS nr_cpus (CPUs are tried until one's
-    GDT is not mapped)."""
+    GDT is not mapped). why_no_idt: the reason a modelled design has no IDT
+    in its user view, added to that note (a real image's has no known reason)."""
     out = Exposure(readable(view))
-    _read_idt(mem, view, symbols, out)
+    _read_idt(mem, view, symbols, out, why_no_idt)
     for cpu in range(nr_cpus):
         base = profile.cpu_base(nr_cpus, cpu)
         pieces = {p.name: base + p.offset for p in profile.per_cpu}
-        gdt = meltdown_read(mem, view, pieces["gdt"], 16 * 8)
+        gdt = meltdown_read(mem, view, pieces["gdt"], 16 * 8, out.notes)
         if gdt is None:
             break
         _read_gdt(cpu, pieces["gdt"], gdt, out)
-        tss = meltdown_read(mem, view, pieces["tss"], 0x68)
+        tss = meltdown_read(mem, view, pieces["tss"], 0x68, out.notes)
         if tss is not None:
             _read_tss(cpu, pieces["tss"], tss, out)
     return out
@@ -256,14 +267,18 @@ def kernel_exposure(kernel: "Kernel", fill: bool = True, slide: int = 0) -> Expo
     if fill:
         fill_entry_area_contents(kernel, slide)
     view = walk(kernel.ram, kernel.user_cr3(), kernel.geometry)
-    return exposure(kernel.ram, view, MODEL_SYMBOLS, kernel.profile, kernel.nr_cpus)
+    return exposure(kernel.ram, view, MODEL_SYMBOLS, kernel.profile, kernel.nr_cpus,
+                    " (the 2017 layout had no IDT there; the explicit design leaves it out)")
 
 
-def _read_idt(mem, view: Walk, symbols: dict[str, int] | None, out: Exposure) -> None:
-    raw = meltdown_read(mem, view, CPU_ENTRY_AREA_RO_IDT, e.PAGE_SIZE)
+def _read_idt(mem, view: Walk, symbols: dict[str, int] | None, out: Exposure, why_no_idt: str) -> None:
+    noted = len(out.notes)
+    raw = meltdown_read(mem, view, CPU_ENTRY_AREA_RO_IDT, e.PAGE_SIZE, out.notes)
+    if raw is None and len(out.notes) > noted:
+        return  # mapped, but past the image: said
     if raw is None:
         out.notes.append(f"the IDT page ({CPU_ENTRY_AREA_RO_IDT:#x}) is not in the user tables: no handler "
-                         "address from it (the 2017 layout had no IDT there; the explicit design leaves it out)")
+                         f"address from it{why_no_idt}")
         return
     out.idt_page = CPU_ENTRY_AREA_RO_IDT
     words = struct.unpack("<512Q", raw)
