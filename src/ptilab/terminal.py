@@ -69,8 +69,8 @@ class Output:
         if not self.plain:
             if _narrowest(table) > self.stdout.width:
                 table = _stacked(table)
-            for column in table.columns:  # rich may otherwise squeeze a column below its longest word
-                column.min_width = max(column.min_width or 0, _longest_word([column.header, *column.cells]))
+            else:
+                _fit_between_words(table, self.stdout.width)
             self.stdout.print(table)
             return
         # The title and caption on lines of their own, so that the table's
@@ -135,9 +135,26 @@ def _narrowest(table: Table) -> int:
     return sum(_longest_word([c.header, *c.cells]) + 2 for c in table.columns) + len(table.columns) + 1
 
 
+def _fit_between_words(table: Table, width: int) -> None:
+    """Set each column's width so that none is below its longest word (rich
+    would otherwise squeeze one and break a word): the room left over goes to
+    the columns whose text is longer than that, in proportion."""
+    least = [_longest_word([c.header, *c.cells]) for c in table.columns]
+    most = [max(len(line) for cell in [c.header, *c.cells] for line in str(cell).splitlines() or [""])
+            for c in table.columns]
+    room = width - len(table.columns) - 1 - 2 * len(table.columns) - sum(least)
+    want = [m - lo for m, lo in zip(most, least)]
+    if sum(want) <= room:
+        return  # rich's own layout fits every cell on one line
+    for column, lo, extra in zip(table.columns, least, want):
+        column.width = lo + room * extra // sum(want)
+
+
 def _stacked(table: Table) -> Table:
     """A table too wide for the terminal as one block per row, column name
     beside its value: values wrap between words, never inside one."""
+    from rich.table import Table
+
     out = Table(title=table.title, caption=table.caption, show_header=False, box=table.box)
     out.add_column(style="bold", no_wrap=True)
     out.add_column(overflow="fold")
