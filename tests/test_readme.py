@@ -70,3 +70,13 @@ def test_tour_output_is_what_ptilab_prints(command, shown, capsys, monkeypatch):
         for fragment in line.split("..."):
             if _words(fragment):
                 assert _pattern(fragment, bool(fixtures)).search(printed), f"README shows {fragment.strip()!r}"
+
+
+def test_the_docs_link_nothing_outside_the_repository():
+    """A clone has README.md and docs/, not what sat beside the repository when it was written."""
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        assert "../shared" not in text and "/work/" not in text, path
+        for target in re.findall(r"\]\(([^)#]+)\)", text):
+            if "://" not in target:
+                assert (path.parent / target).exists(), f"{path.name} links {target}, which is not in the repository"
