@@ -666,8 +666,13 @@ def _scan_summary(s) -> str:
 @click.option("--format", "fmt", type=click.Choice(["ptdump", "qemu", "json"]), default="ptdump", show_default=True,
               help="Linux ptdump text, QEMU monitor 'info mem' text, or JSON.")
 @click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
+@click.option("--system-map", type=click.Path(dir_okay=False), default=None,
+              help="/proc/kallsyms (or System.map) of this boot: ptdump's KASLR markers read from page_offset_base, "
+                   "vmalloc_base and vmemmap_base. Default: inferred from the kernel page tables.")
+@click.option("--kaslr-bases", default=None, metavar="PAGE_OFFSET,VMALLOC,VMEMMAP",
+              help="ptdump's KASLR markers at these hexadecimal bases instead.")
 @click.pass_context
-def dump(ctx, image, cr3, cpu, la57, fmt, as_json) -> None:
+def dump(ctx, image, cr3, cpu, la57, fmt, as_json, system_map, kaslr_bases) -> None:
     """Print the page tables a CR3 points at, as Linux's ptdump or QEMU's
     'info mem' would show them. Tables that are malformed, or that no CPU
     could run on (no executable kernel page: a wrong --cr3), are printed
@@ -689,9 +694,14 @@ def dump(ctx, image, cr3, cpu, la57, fmt, as_json) -> None:
     out = _out()
     with out.busy("walking the page tables"):
         w = walk(mem, value, geometry)
+        markers = None
+        if fmt == "ptdump":
+            from ptilab.formats.ptdump import linux_markers
+            bases, espfix = _image_layout(mem, value, geometry, _symbols(system_map), _kaslr_bases(kaslr_bases))
+            markers = linux_markers(geometry, *bases, espfix=espfix)
     warnings = _dump_warnings(w)
     ctx.meta[EXIT_META] = 1 if warnings else 0
-    _print_dump(out, w, fmt, geometry)
+    _print_dump(out, w, fmt, markers)
     for warning in warnings:
         click.echo(f"ptilab: warning: {warning}", err=True)
     if warnings:
@@ -709,7 +719,7 @@ def _dump_warnings(w) -> list[str]:
     return found
 
 
-def _print_dump(out: Output, w, fmt: str, geometry) -> None:
+def _print_dump(out: Output, w, fmt: str, markers) -> None:
     if fmt == "json":
         from ptilab.formats.jsonout import walk_to_dict
         out.json(walk_to_dict(w))
@@ -717,8 +727,37 @@ def _print_dump(out: Output, w, fmt: str, geometry) -> None:
         from ptilab.formats.qemu import format_info_mem
         out.text(format_info_mem(w))
     else:
-        from ptilab.formats.ptdump import format_walk, linux_markers
-        out.text(format_walk(w, linux_markers(geometry)))
+        from ptilab.formats.ptdump import format_walk
+        out.text(format_walk(w, markers))
+
+
+def _kaslr_bases(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        bases = tuple(int(part, 16) for part in text.split(","))
+    except ValueError:
+        bases = ()
+    if len(bases) != 3:
+        raise UsageError(f"--kaslr-bases takes three hexadecimal addresses, PAGE_OFFSET,VMALLOC,VMEMMAP, not {text!r}")
+    return bases
+
+
+def _image_layout(mem, cr3: int, geometry, symbols: dict[str, int] | None, given: tuple[int, int, int] | None):
+    """ptdump's KASLR bases and whether the kernel has ESPfix: the bases given,
+    else read through the symbols, else inferred from the kernel view's tables."""
+    from ptilab.linux.memory_layout import NOKASLR_BASES, has_espfix, layout_from_symbols, layout_from_tables
+    from ptilab.linux.pti_pair import find_pti_pair
+    from ptilab.paging import walk
+
+    pair = find_pti_pair(mem, cr3, geometry)
+    kernel_pgd = pair.kernel_pgd if pair.is_pti else cr3
+    kernel = walk(mem, kernel_pgd, geometry, top_slots=(256, 512))
+    if given:
+        return given, has_espfix(kernel)
+    layout = layout_from_symbols(mem, kernel_pgd, geometry, symbols or {}) or layout_from_tables(kernel)
+    bases = layout.bases() if layout else NOKASLR_BASES[geometry.levels]
+    return tuple(bases.values()), has_espfix(kernel)
 
 
 @cli.command("report")

@@ -258,3 +258,12 @@ def test_malformed_ptdump_is_an_input_error_with_the_line(bad, why):
 def test_text_without_ranges_is_an_input_error():
     with pytest.raises(InputError, match="no ptdump lines"):
         parse_ptdump("---[ User Space ]---\n")
+
+
+def test_a_kernel_without_espfix64_has_no_espfix_marker_and_its_run_goes_on():
+    b, m = _tree()
+    m(0x400000, 0x200000, e.P | e.US | e.A)
+    text = format_walk(walk(b.ram, PGD, FOUR_LEVEL), LINUX_X86_64_MARKERS(FOUR_LEVEL, espfix=False))
+    assert "ESPfix" not in text
+    assert "---[ CPU entry Area ]---\n0xfffffe0000000000-0x0000000000000000           2T " in text
+    assert [m.name for m in LINUX_X86_64_MARKERS(FIVE_LEVEL)].count("ESPfix Area") == 1

@@ -1,6 +1,12 @@
 """ptilab's ptdump text of real Debian boots, held to what Linux's own ptdump prints there."""
 
+import subprocess
+import sys
+
+import pytest
+
 from ptilab.formats.ptdump import format_walk, linux_markers
+from ptilab.linux.memory_layout import NOKASLR_BASES, has_espfix, layout_from_symbols, layout_from_tables
 from ptilab.paging import walk
 from tests.realkernel.conftest import real_kernel
 
@@ -18,3 +24,64 @@ def test_a_four_level_boot_labels_its_top_level_pgd_and_never_p4d():
 def test_a_five_level_boot_has_pgd_and_p4d_lines():
     levels = {line.split()[-1] for line in _user_text("pti-5level").splitlines() if line.startswith("0x")}
     assert levels == {"pgd", "p4d", "pud", "pmd", "pte"}
+
+
+# Every PTI fixture the kernel's own ptdump was taken on (the oracle module, see build.py).
+ORACLE_CONFIGS = ["pti-4level", "pti-5level", "pti-kaslr", "pti-auto-5level", "5.10-pti", "5.10-pti-kaslr",
+                  "6.1-cloud-pti", "6.1-cloud-pti-kaslr", "6.1-rt-pti", "6.1-rt-pti-kaslr", "6.12-pti",
+                  "6.12-pti-kaslr"]
+
+
+def _oracle(config: str):
+    k = real_kernel(config)
+    if not k.meta.get("oracle"):
+        pytest.skip(f"{config}: no oracle ptdump ({k.meta.get('oracle_error') or 'built before the oracle'})")
+    pgd = int((k.path / "oracle_task.txt").read_text().split()[2], 16)
+    return k, pgd
+
+
+def ptilab(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ptilab.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("config", ORACLE_CONFIGS)
+def test_the_user_pgd_prints_byte_for_byte_what_the_kernels_ptdump_printed(config):
+    # The pgd label, the KASLR markers inferred from the kernel tables, and the
+    # ESPfix marker only where the kernel has ESPfix (not the cloud flavour).
+    k, pgd = _oracle(config)
+    done = ptilab("dump", str(k.path / "core.elf"), "--cr3", f"{pgd + 0x1000:x}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (k.path / "oracle_user.txt").read_text()
+
+
+@pytest.mark.parametrize("config", [c for c in ORACLE_CONFIGS if "kaslr" in c or "5level" in c])
+def test_kaslr_bases_from_the_tables_equal_the_kernels_variables(config):
+    k, pgd = _oracle(config)
+    kernel = walk(k.mem, pgd, k.geometry, top_slots=(256, 512))
+    from_tables = layout_from_tables(kernel)
+    assert from_tables is not None
+    assert from_tables.bases() == layout_from_symbols(k.mem, pgd, k.geometry, k.symbols).bases()
+    if k.meta["kaslr"]:
+        assert from_tables.bases() != NOKASLR_BASES[k.geometry.levels]
+
+
+@pytest.mark.parametrize("config", ["pti-4level", "6.1-cloud-pti", "6.1-cloud-pti-kaslr", "6.12-pti"])
+def test_espfix_is_found_exactly_where_the_kernel_was_built_with_it(config):
+    k = real_kernel(config)
+    kernel = walk(k.mem, k.cpu()["cr3"] & ~0x1FFF, k.geometry, top_slots=(256, 512))
+    built_with = "init_espfix_ap" in k.symbols  # arch/x86/kernel/espfix_64.c, only with CONFIG_X86_ESPFIX64
+    assert has_espfix(kernel) == built_with == ("cloud" not in config)
+
+
+def test_the_bases_can_be_given_or_read_through_the_symbols():
+    k, pgd = _oracle("pti-kaslr")
+    core, user = str(k.path / "core.elf"), f"{pgd + 0x1000:x}"
+    oracle = (k.path / "oracle_user.txt").read_text()
+    assert ptilab("dump", core, "--cr3", user, "--system-map", str(k.path / "kallsyms.txt")).stdout == oracle
+    bases = layout_from_tables(walk(k.mem, pgd, k.geometry, top_slots=(256, 512))).bases()
+    given = ptilab("dump", core, "--cr3", user, "--kaslr-bases", ",".join(f"{v:x}" for v in bases.values()))
+    assert given.stdout == oracle
+    nokaslr = ",".join(f"{v:x}" for v in NOKASLR_BASES[4].values())
+    assert ptilab("dump", core, "--cr3", user, "--kaslr-bases", nokaslr).stdout != oracle
+    bad = ptilab("dump", core, "--cr3", user, "--kaslr-bases", "1,2")
+    assert bad.returncode == 2 and bad.stderr.startswith("ptilab: error: --kaslr-bases takes three")

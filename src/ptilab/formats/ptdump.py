@@ -36,6 +36,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from ptilab.errors import InputError, UsageError
+from ptilab.linux.memory_layout import NOKASLR_BASES
 from ptilab.formats.textfile import lines_of, read_lines
 from ptilab.paging import EFF_NX, EFF_RW, EFF_US, RANGE_DTYPE, Geometry, Walk
 from ptilab.paging import entry as e
@@ -45,16 +46,10 @@ UNITS = "BKMGTPE"
 NOT_PRESENT = " " * 30
 U64 = (1 << 64) - 1
 
-# What a 6.1 x86-64 config sets (Debian's): nokaslr bases, KERNEL_IMAGE_SIZE of
-# 1 GiB (RANDOMIZE_BASE), and FIXADDR_START = FIXADDR_TOP 0xffffffffff7ff000
+# What a 6.1 x86-64 config sets (Debian's): the nokaslr bases (linux.memory_layout), KERNEL_IMAGE_SIZE of 1 GiB
+# (RANDOMIZE_BASE), and FIXADDR_START = FIXADDR_TOP 0xffffffffff7ff000
 # minus 646 permanent fixmap pages (vsyscall slot 511, DBGP, EARLYCON, APIC,
 # 128 IO-APICs, PARAVIRT_BOOTMAP for XEN_PV, two APEI GHES slots).
-KASLR_BASES = {
-    4: {"page_offset_base": 0xFFFF_8880_0000_0000, "vmalloc_base": 0xFFFF_C900_0000_0000,
-        "vmemmap_base": 0xFFFF_EA00_0000_0000},
-    5: {"page_offset_base": 0xFF11_0000_0000_0000, "vmalloc_base": 0xFFA0_0000_0000_0000,
-        "vmemmap_base": 0xFFD4_0000_0000_0000},
-}
 FIXADDR_START_DEBIAN_6_1 = 0xFFFF_FFFF_FF57_9000
 ESPFIX_MAX_LINES = 16
 
@@ -70,18 +65,20 @@ class Marker:
 
 
 def LINUX_X86_64_MARKERS(geometry: Geometry, kaslr_bases: Mapping[str, int] | None = None, *,
-                         fixaddr_start: int = FIXADDR_START_DEBIAN_6_1) -> list[Marker]:
+                         fixaddr_start: int = FIXADDR_START_DEBIAN_6_1, espfix: bool = True) -> list[Marker]:
     """address_markers[] of x86-64 Linux 6.1 as Debian configures it
     (MODIFY_LDT_SYSCALL, X86_ESPFIX64 and EFI on; no KASAN, so no shadow
     markers). kaslr_bases overrides the randomised page_offset_base,
-    vmalloc_base and vmemmap_base (CONFIG_RANDOMIZE_MEMORY)."""
-    bases = dict(KASLR_BASES[geometry.levels])
+    vmalloc_base and vmemmap_base (CONFIG_RANDOMIZE_MEMORY); espfix=False is
+    a kernel without CONFIG_X86_ESPFIX64, whose ESPFIX_START_NR marker is
+    #ifdef'd out (Debian's cloud flavour)."""
+    bases = dict(NOKASLR_BASES[geometry.levels])
     for name, value in (kaslr_bases or {}).items():
         if name not in bases:
             raise UsageError(f"unknown KASLR base {name!r}: expected one of {', '.join(bases)}")
         bases[name] = value
     top_shift = geometry.shift(0)
-    return [
+    markers = [
         Marker(0, "User Space"),
         Marker(1 << 63, "Kernel Space"),
         Marker((-240 << top_shift) & U64, "LDT remap"),  # LDT_PGD_ENTRY, in both modes since 4.20
@@ -96,14 +93,16 @@ def LINUX_X86_64_MARKERS(geometry: Geometry, kaslr_bases: Mapping[str, int] | No
         Marker(0xFFFF_FFFF_FF00_0000, "End Modules"),
         Marker(fixaddr_start, "Fixmap Area"),
     ]
+    return [m for m in markers if espfix or m.name != "ESPfix Area"]
 
 
 def linux_markers(geometry: Geometry, page_offset: int | None = None, vmalloc: int | None = None,
-                  vmemmap: int | None = None, fixaddr_start: int = FIXADDR_START_DEBIAN_6_1) -> list[Marker]:
+                  vmemmap: int | None = None, fixaddr_start: int = FIXADDR_START_DEBIAN_6_1,
+                  espfix: bool = True) -> list[Marker]:
     """LINUX_X86_64_MARKERS with the three KASLR bases as keyword arguments."""
     given = {"page_offset_base": page_offset, "vmalloc_base": vmalloc, "vmemmap_base": vmemmap}
     return LINUX_X86_64_MARKERS(geometry, {k: v for k, v in given.items() if v is not None},
-                                fixaddr_start=fixaddr_start)
+                                fixaddr_start=fixaddr_start, espfix=espfix)
 
 
 def format_size(delta: int) -> str:
