@@ -267,3 +267,36 @@ def test_a_kernel_without_espfix64_has_no_espfix_marker_and_its_run_goes_on():
     assert "ESPfix" not in text
     assert "---[ CPU entry Area ]---\n0xfffffe0000000000-0x0000000000000000           2T " in text
     assert [m.name for m in LINUX_X86_64_MARKERS(FIVE_LEVEL)].count("ESPfix Area") == 1
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3])
+def test_skipped_lines_count_as_the_espfix_pages_the_kernel_did_not_print(cpus, tmp_path):
+    from ptilab.formats.ptdump import read_ptdump, skipped_copies
+    from ptilab.linux.profiles import ESPFIX_BASE_ADDR
+
+    k = boot("linux-6.1", "linux", cpus=cpus)
+    w = walk(k.ram, k.user_cr3(), k.geometry)
+    (tmp_path / "current_user").write_text(format_walk(w, linux_markers(k.geometry)))
+    p = read_ptdump(tmp_path / "current_user")
+    assert p.skipped > 0
+    espfix = (p.ranges["va"] >= np.uint64(ESPFIX_BASE_ADDR)) & (p.ranges["va"] < np.uint64(ESPFIX_BASE_ADDR + (1 << 39)))
+    present = espfix & ((p.ranges["prot"] & np.uint64(e.P)) != 0)
+    walked = w.ranges_within(ESPFIX_BASE_ADDR, ESPFIX_BASE_ADDR + (1 << 39))
+    pages = int(walked["size"][(walked["prot"] & np.uint64(e.P)) != 0].sum()) // 4096
+    assert int(skipped_copies(p)[present].sum()) == pages > int(present.sum())
+
+
+def test_ptilabs_own_simulate_text_reads_as_its_two_titled_views(tmp_path):
+    from ptilab.formats.ptdump import read_ptdump_views
+
+    k = boot("linux-6.1", "linux", cpus=1)
+    user, kernel = (format_walk(walk(k.ram, cr3, k.geometry)) for cr3 in (k.user_cr3(), k.kernel_cr3()))
+    path = tmp_path / "sim.txt"
+    path.write_text(f"# current_user: design linux\n{user}# current_kernel: design linux\n{kernel}")
+    views = read_ptdump_views(path)
+    assert set(views) == {"current_user", "current_kernel"}
+    assert len(views["current_user"].ranges) == len(parse_ptdump(user).ranges)
+    assert len(views["current_kernel"].ranges) == len(parse_ptdump(kernel).ranges)
+    path.write_text(f"# current_user: a\n{user}# current_user: b\n{user}")
+    with pytest.raises(InputError, match="a second current_user dump"):
+        read_ptdump_views(path)

@@ -85,3 +85,26 @@ def test_the_bases_can_be_given_or_read_through_the_symbols():
     assert ptilab("dump", core, "--cr3", user, "--kaslr-bases", nokaslr).stdout != oracle
     bad = ptilab("dump", core, "--cr3", user, "--kaslr-bases", "1,2")
     assert bad.returncode == 2 and bad.stderr.startswith("ptilab: error: --kaslr-bases takes three")
+
+
+@pytest.mark.parametrize("config", ["pti-4level", "pti-5level", "6.1-cloud-pti"])
+def test_audit_of_the_kernels_own_ptdump_counts_the_espfix_pages_it_skipped(config):
+    from ptilab.audit import audit
+    from ptilab.audit.sources import views_from_image, views_from_ptdump
+
+    k, pgd = _oracle(config)
+    from_text = audit(views_from_ptdump(str(k.path / "oracle_user.txt")))
+    from_image = audit(views_from_image(k.mem, pgd + 0x1000, k.geometry).views)
+    summary = lambda found: next(f.explanation for f in found if f.id == "PTI-USER-VIEW")
+    espfix = lambda text: text.split("the espfix stacks (")[1].split(")")[0] if "espfix" in text else None
+    assert espfix(summary(from_text)) == espfix(summary(from_image))
+    assert (espfix(summary(from_text)) is None) == ("cloud" in config)
+    assert {f.id for f in from_text} == {f.id for f in from_image}
+
+
+def test_audit_reads_what_ptilab_simulate_writes(tmp_path):
+    sim = ptilab("simulate", "--cpus", "2")
+    (tmp_path / "sim.txt").write_text(sim.stdout)
+    done = ptilab("audit", "--ptdump", str(tmp_path / "sim.txt"), "--json")
+    assert done.returncode == 0, done.stderr
+    assert "aliased 65536 times" in done.stdout

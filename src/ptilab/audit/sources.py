@@ -67,14 +67,19 @@ def infer_kaslr_slide(user_mapped: np.ndarray, symbols: dict[str, int]) -> int |
 
 
 def views_from_ptdump(path: str, symbols: dict[str, int] | None = None) -> Views:
-    """Views from Linux ptdump text. The file shows each leaf's own flags,
-    not the upper levels', and omits what the ESPfix area skipped: the
-    audit sees exactly what the file says, no more."""
-    from ptilab.formats.ptdump import read_ptdump
+    """Views from Linux ptdump text: current_user (or a kernel's own file) as
+    the user view, and with ptilab simulate's `# current_user` and
+    `# current_kernel` titles the kernel view too. The file shows each
+    leaf's own flags, not the upper levels'; the lines the ESPfix cap
+    skipped count as the repeats they stand for (ptdump.skipped_copies)."""
+    from ptilab.formats.ptdump import read_ptdump_views, skipped_copies
     from ptilab.paging import Geometry
 
-    parsed = read_ptdump(path)
+    parsed = read_ptdump_views(path)
+    user = parsed.get("current_user") or parsed.get(None) or parsed["current_kernel"]
+    kernel = parsed.get("current_kernel") if user is not parsed.get("current_kernel") else None
     # 4-level kernel addresses all start 0xffff8...; 5-level ones reach down to 0xff00...
-    kernel = parsed.ranges["va"][parsed.ranges["va"] >= np.uint64(1 << 63)]
-    levels = 5 if len(kernel) and int(kernel.min()) < 0xFFFF_0000_0000_0000 else 4
-    return Views(Geometry(levels), parsed.ranges, symbols=symbols or {})
+    va = user.ranges["va"][user.ranges["va"] >= np.uint64(1 << 63)]
+    levels = 5 if len(va) and int(va.min()) < 0xFFFF_0000_0000_0000 else 4
+    return Views(Geometry(levels), user.ranges, kernel.ranges if kernel else None, symbols=symbols or {},
+                 user_copies=skipped_copies(user), kernel_copies=skipped_copies(kernel) if kernel else None)

@@ -352,7 +352,8 @@ MAX_LINES = 1 << 21  # 2M ranges (70 MB): a 5-level ptdump of 8192 CPUs prints u
 
 
 def parse_ptdump(text: str, source: str = "ptdump", geometry: Geometry | None = None) -> Ptdump:
-    """Read any of the kernel, current_kernel and current_user files.
+    """Read any of the kernel, current_kernel and current_user files (`#`
+    lines are comments, as ptilab writes them).
 
     A malformed line raises InputError naming source:line."""
     return _parse(lines_of(text), source, geometry)
@@ -364,6 +365,33 @@ def read_ptdump(path: str | Path, geometry: Geometry | None = None) -> Ptdump:
     return _parse(read_lines(path, "ptdump text"), str(path), geometry)
 
 
+_TITLE = re.compile(r"# (current_user|current_kernel)\b")
+
+
+def read_ptdump_views(path: str | Path) -> dict[str | None, Ptdump]:
+    """The dumps of one file by title: `ptilab simulate` writes a
+    `# current_user: ...` or `# current_kernel: ...` line before each view;
+    a kernel's own file has none (title None)."""
+    titled: dict[str | None, Ptdump] = {}
+    lines = iter(read_lines(path, "ptdump text"))
+    title, pending = None, next(lines, None)
+    while pending is not None:
+        group: list[tuple[int, str]] = []  # one view's lines: kept whole, as _parse keeps its ranges
+        if (m := _TITLE.match(pending[1])):
+            title = m[1]
+        group.append(pending)
+        pending = None
+        for number, line in lines:
+            if _TITLE.match(line):
+                pending = (number, line)
+                break
+            group.append((number, line))
+        if title in titled:
+            raise InputError(f"{path}:{group[0][0]}: a second {title} dump in one file")
+        titled[title] = _parse(group, str(path), None)
+    return titled
+
+
 def _parse(lines: Iterable[tuple[int, str]], source: str, geometry: Geometry | None) -> Ptdump:
     rows: list[tuple[int, int, int, int, int, int]] = []
     chunks: list[np.ndarray] = []  # rows packed 64 Ki at a time: 34 bytes each instead of a tuple's ~250
@@ -372,7 +400,7 @@ def _parse(lines: Iterable[tuple[int, str]], source: str, geometry: Geometry | N
     skips: list[tuple[int, int]] = []
     columns: dict[tuple[str, int], int | None] = {}
     for number, line in lines:
-        if not line.strip():
+        if not line.strip() or line.startswith("#"):  # ptilab's own comment lines
             continue
         m = _LINE.fullmatch(line)
         if m:
@@ -413,3 +441,25 @@ def _parse(lines: Iterable[tuple[int, str]], source: str, geometry: Geometry | N
     # a 4-level text whose top level says p4d (older ptilab wrote it) is read the same.
     ranges["level"] = np.maximum(depth, 0)
     return Ptdump(ranges, markers, sum(c for _, c in skips), geometry, skips)
+
+
+def skipped_copies(p: Ptdump, period_max: int = 8) -> np.ndarray:
+    """How many lines of the kernel's each printed line stands for: 1, and
+    for the lines a `... N entries skipped ...` follows, the repeats of
+    their pattern the kernel left out. The cap hides the ESPfix area's
+    regular alternation (a page, the hole to the next stack, ...): the N
+    skipped lines continue the last period of the printed ones and end with
+    the one hole that runs up to the next marker, as Linux's own ESPfix text
+    does (16 lines and 131059 skipped stand for 65536 pages)."""
+    copies = np.ones(len(p.ranges), np.int64)
+    kind = np.stack([p.ranges["prot"], p.ranges["level"].astype(np.uint64), p.ranges["size"]], axis=1)
+    for last, n in p.skips:
+        for period in range(1, period_max + 1):
+            a = last - 2 * period + 1
+            if a >= 0 and (kind[a:a + period] == kind[a + period:last + 1]).all():
+                copies[last - period + 1:last + 1] += (n - 1) // period
+                break
+        else:
+            raise InputError(f"{n} skipped ptdump lines follow lines without a repeating pattern: "
+                             f"what they stand for cannot be told")
+    return copies
