@@ -389,7 +389,7 @@ def read_ptdump_views(path: str | Path) -> dict[str | None, Ptdump]:
         if title in titled:
             raise InputError(f"{path}:{group[0][0]}: a second {title} dump in one file")
         titled[title] = _parse(group, str(path), None)
-    return titled
+    return titled or {None: _parse([], str(path), None)}
 
 
 def _parse(lines: Iterable[tuple[int, str]], source: str, geometry: Geometry | None) -> Ptdump:
