@@ -58,13 +58,42 @@ def test_every_task_with_an_mm_is_found(any_kernel):
 
 
 def test_init_mm_and_the_trampoline_are_kernel_only_roots(any_kernel):
+    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
+
     k = any_kernel
     spaces = {s.kernel_pgd: s for s in _scan(k).spaces}
     trampoline = [s for pgd, s in spaces.items() if pgd < 1 << 20]
     assert [s.kind for s in trampoline] == [KERNEL_ONLY]  # trampoline_pgd, in the real-mode area
-    if not k.meta["kaslr"]:  # phys_base is 0: init_top_pgt lies at its symbol minus __START_KERNEL_map
-        init = k.symbols["init_top_pgt"] - START_KERNEL_MAP
-        assert spaces[init].kind == KERNEL_ONLY
+    init = parse_vmcoreinfo(k.mem.vmcoreinfo_text).kernel_pgd  # init_top_pgt, wherever KASLR put it
+    assert spaces[init].kind == KERNEL_ONLY
+    assert (spaces[init].user_pgd is not None) == k.meta["pti"]
+
+
+def _roots(result):
+    return [(s.kernel_pgd, s.user_pgd, s.kind, s.verdict) for s in result.spaces]
+
+
+def test_a_kdump_vmcore_without_cpu_notes_gives_the_same_roots_from_vmcoreinfo():
+    k = real_kernel("pti-kaslr")
+    kdump = k.path / "kdump.elf"
+    if not kdump.exists():
+        pytest.skip("pti-kaslr predates kdump.elf")
+    result = scan_image(str(kdump))
+    assert result.reference.source.startswith("VMCOREINFO init_top_pgt")
+    assert _roots(result) == _roots(_scan(k))
+
+
+def test_a_raw_image_without_notes_finds_the_kernel_half_by_census(tmp_path):
+    """No CPU, no VMCOREINFO: the kernel half most frames share is init_mm's."""
+    k = real_kernel("pti-4level")
+    raw = tmp_path / "mem.raw"
+    with open(raw, "wb") as f:
+        for first, count, _ in k.mem.file_runs():
+            f.seek(first << e.PAGE_SHIFT)
+            f.write(k.mem.read_frames(np.arange(first, first + count, dtype=np.uint64)).tobytes())
+    result = scan_image(str(raw))
+    assert "frames share" in result.reference.source and result.reference.pti
+    assert _roots(result) == _roots(_scan(k))
 
 
 def test_every_process_gets_the_verdict_the_cpus_audit_gives(any_kernel):

@@ -43,7 +43,6 @@ from ptilab.paging import EFF_US, Geometry, walk
 from ptilab.paging import entry as e
 from ptilab.scan import roots
 
-START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
 PTI_PAIR, NO_ISOLATION, KERNEL_ONLY = "PTI pair", "no isolation", "kernel-only"
 # run(fn, items) -> results in order: map() in process, a Dask client's map elsewhere.
 Runner = Callable[[Callable, Sequence], list]
@@ -125,19 +124,16 @@ def _from_cpus(mem: PhysicalMemory, la57: bool | None) -> Reference | None:
 
 
 def _from_vmcoreinfo(mem: PhysicalMemory, la57: bool | None) -> Reference | None:
-    info = getattr(mem, "vmcoreinfo", None) or {}
-    if "SYMBOL(init_top_pgt)" not in info:
+    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
+
+    text = getattr(mem, "vmcoreinfo_text", "")
+    if not text:
         return None
-    try:
-        va = int(info["SYMBOL(init_top_pgt)"], 16)
-        phys_base = int(info.get("NUMBER(phys_base)", "0"), 0)
-        l5 = int(info.get("NUMBER(pgtable_l5_enabled)", "0"), 0)
-    except ValueError:
-        raise InputError("VMCOREINFO: init_top_pgt, phys_base or pgtable_l5_enabled is not a number") from None
-    pa = (va - START_KERNEL_MAP + phys_base) & ((1 << 64) - 1)  # __pa_symbol()
+    info = parse_vmcoreinfo(text)
+    pa = info.kernel_pgd
     if not mem.frames_present(np.array([pa >> e.PAGE_SHIFT], np.uint64))[0]:
         return None
-    geometry = Geometry(5 if la57 or l5 else 4)
+    geometry = Geometry(5 if la57 else info.levels)
     half = mem.read_frame(pa >> e.PAGE_SHIFT)[roots.HALF:].copy()
     # init_mm's twin shows whether PTI ran: pti_init() fills it, pti=off leaves it zero.
     pti = find_pti_pair(mem, pa, geometry).is_pti
