@@ -50,7 +50,7 @@ def dask_runner(what: str, scheduler: str | None = None, workers: int | None = N
             cluster = None
         else:
             cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
-                                   processes=True, dashboard_address=None)
+                                   processes=True, dashboard_address=":0")
             client = Client(cluster)
 
     def run(fn: Callable, items: Sequence) -> list:
@@ -86,13 +86,16 @@ def runner(what: str, distribute: bool, scheduler: str | None = None, workers: i
 def _quiet_dask() -> Iterator[None]:
     """Keep distributed's start-up and shut-down chatter off the CLI's stderr."""
     import logging
+    import warnings
 
     loggers = [logging.getLogger(name) for name in ("distributed", "dask")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Port 8787 is already in use" and the like
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
