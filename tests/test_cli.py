@@ -121,7 +121,13 @@ def inputs(tmp_path, monkeypatch) -> Path:
     whole = (tmp_path / "core.elf").read_bytes()
     (tmp_path / "truncated.elf").write_bytes(whole[:-5000])
     (tmp_path / "garbage.elf").write_bytes(b"\x7fELF" + bytes(range(7, 207)))
-    (tmp_path / "tiny.img").write_bytes(b"x" * 100)
+    (tmp_path / "cut.elf").write_bytes(whole[:40])
+    (tmp_path / "headers-only.elf").write_bytes(whole[:64])
+    write_elf_core(tmp_path / "overlap.elf", [(0, _tiny_tables()), (0x1000, b"\x01" * 4096)],
+                   [qemu_cpu_note(cr3=PGD, cs=0x33)])
+    write_elf_core(tmp_path / "alias.elf", [(0, _tiny_tables()), (0x1000, _tiny_tables()[0x1000:0x3000])],
+                   [qemu_cpu_note(cr3=PGD, cs=0x33)])
+    (tmp_path / "tiny.img").write_bytes(b"\x00\xff" * 50)
     (tmp_path / "notes.txt").write_text("hello world\nthis is not ptdump\n")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "sysmap.txt").write_text("garbage line, not a symbol\n")
@@ -181,6 +187,18 @@ REFUSALS = [
     (["audit", "raw.img"], "carries no CPU registers and no VMCOREINFO: give --cr3"),
     (["audit", "tiny.img", "--cr3", "1000"], "less than one 4 KiB frame"),
     (["audit", "garbage.elf"], "garbage.elf: not a readable ELF core"),
+    (["audit", "cut.elf"], "cut.elf: 40 bytes, cut inside its ELF header (64 bytes): truncated"),
+    (["audit", "headers-only.elf"], "its program-header table (2 entries at file offset 0x40) runs past the end of the file (0x40 bytes)"),
+    (["audit", "overlap.elf"], "overlap with different contents (from 0x1000): which one is memory is ambiguous"),
+    (["audit", "notes.txt"], "notes.txt: text (it starts 'hello world'), not a memory image"),
+    (["dump", "sysmap.txt"], "not a memory image"),
+    (["audit", "raw.img", "--cr3", "1_000"], "--cr3 must be a 64-bit hexadecimal number"),
+    (["audit", "raw.img", "--cr3", "\u0661\u0660\u0660\u0660"], "--cr3 must be a 64-bit hexadecimal number"),
+    (["compare", "--quiet"], "--quiet is ptilab's own option: put it before the command (ptilab --quiet COMMAND)"),
+    (["cost", "--no-color"], "put it before the command"),
+    (["cost", "--cpus", "1,4,1"], "--cpus names 1 twice"),
+    (["cost", "--design", "linux,off,linux"], "--design names linux twice"),
+    (["report", "out.html", "--design", "mirror,mirror"], "--design names mirror twice"),
     (["audit", "truncated.elf"], "truncated"),
     (["audit", "raw.img", "--cr3", "zz"], "--cr3 must be a 64-bit hexadecimal number"),
     (["audit", "raw.img", "--cr3", "-1000"], "--cr3 must be a 64-bit hexadecimal number"),
@@ -306,6 +324,7 @@ JSON_RUNS = [
     ["audit", "core.elf", "--json", "--fail-on", "critical"],
     ["audit", "raw.img", "--cr3", "1000", "--json", "--fail-on", "critical"],
     ["dump", "core.elf", "--json"],
+    ["dump", "alias.elf", "--json"],
     ["dump", "raw.img", "--cr3", "1000", "--format", "json"],
     ["meltdown", "--kernel", "kaiser-2017", "--cpus", "2", "--json"],
     ["meltdown", "core.elf", "--json"],

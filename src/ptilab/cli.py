@@ -8,6 +8,7 @@ leaves one line on stderr, nothing on stdout and no half-written file.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from contextlib import ExitStack
@@ -135,7 +136,17 @@ def _design_list(text: str, with_off: bool = False) -> list[str]:
     for design in chosen:
         if not (with_off and design == PTI_OFF):
             get_design(design)
+    _refuse_repeats("--design", chosen)
     return chosen
+
+
+def _refuse_repeats(option: str, values: list) -> None:
+    """A list naming one value twice would print the same row twice: a slip, refused."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise UsageError(f"{option} names {value} twice")
+        seen.add(value)
 
 
 def _levels(text: str) -> int:
@@ -361,6 +372,7 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
         cpus = [int(n) for n in cpus_list.split(",")]
     except ValueError:
         raise UsageError(f"--cpus must be numbers separated by commas, not {cpus_list!r}") from None
+    _refuse_repeats("--cpus", cpus)
     # Refuse a bad name or plot file now, not after minutes of sweeping.
     chosen = _design_list(designs, with_off=True)
     get_core(core)
@@ -387,6 +399,25 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
             out.info(f"plot written to {plot_file}")
 
 
+def _refuse_text_image(image: str) -> None:
+    """A memory image starts with binary data (the real-mode IVT at physical 0,
+    or a dump format's header): one whose first KiB is all text was given by mistake."""
+    from ptilab.formats.textfile import SNIFF, check_text, describe_text
+
+    try:
+        with open(image, "rb") as f:
+            head = f.read(SNIFF)
+    except OSError:
+        return  # open_image() says why
+    if not head:
+        return
+    try:
+        check_text(head, image, "text")
+    except InputError:
+        return  # binary: an image
+    raise InputError(f"{image}: text ({describe_text(head)}), not a memory image")
+
+
 def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool | None):
     """The image, the CR3 to judge and the paging mode: from the options, or
     from QEMU's per-CPU notes in the core (a CPU in user mode first)."""
@@ -396,12 +427,11 @@ def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool
     if cr3 is not None and cpu is not None:
         raise UsageError("--cpu takes a CPU's CR3 from the core; give --cpu or --cr3, not both")
     if cr3 is not None:
-        try:
-            value = int(cr3, 16)
-        except ValueError:
-            value = -1
+        # Hex digits only (int() would also take underscores and non-ASCII digits).
+        value = int(cr3, 16) if re.fullmatch(r"(0x)?[0-9a-f]{1,16}", cr3, re.ASCII | re.IGNORECASE) else -1
         if not 0 <= value < 1 << 64:
             raise UsageError(f"--cr3 must be a 64-bit hexadecimal number, not {cr3!r}")
+    _refuse_text_image(image)
     mem = open_image(image)
     if cr3 is None:
         cpus = getattr(mem, "cpus", ())
@@ -906,6 +936,9 @@ def completion(shell: str) -> None:
     _out().text(complete.source())
 
 
+GLOBAL_OPTIONS = ("-q", "--quiet", "--color", "--no-color")
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the program is so that files being written are
     cleaned up on the way out, as for Ctrl-C (the default action would kill
@@ -931,6 +964,13 @@ def main(argv: list[str] | None = None) -> None:
     except Terminated:
         click.echo("ptilab: terminated", err=True)
         sys.exit(128 + signal.SIGTERM)
+    except click.exceptions.NoSuchOption as err:
+        hint = ""
+        if err.option_name in GLOBAL_OPTIONS:
+            hint = f"; {err.option_name} is ptilab's own option: put it before the command (ptilab {err.option_name} COMMAND)"
+        click.echo(f"ptilab: error: {err.format_message().rstrip('.') if hint else err.format_message()}{hint}",
+                   err=True)
+        sys.exit(2)
     except click.ClickException as err:
         click.echo(f"ptilab: error: {err.format_message()}", err=True)
         sys.exit(2)

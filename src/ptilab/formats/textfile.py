@@ -12,6 +12,7 @@ at its start and random bytes after, holds at most one line in memory.
 from __future__ import annotations
 
 import codecs
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -48,6 +49,19 @@ def _looks_like(head: bytes) -> str:
     if head.startswith(b"EMiL"):
         return "a LiME memory image"
     return ""
+
+
+def describe_text(head: bytes) -> str:
+    """What a text file's first lines look like, in a few words."""
+    text = head.decode("utf-8", "replace")
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if first.startswith("---[") or re.match(r"0x[0-9a-f]{16}-0x[0-9a-f]{16} ", first):
+        return "it looks like Linux ptdump text: give it with --ptdump"
+    if re.match(r"[0-9a-f]{8,16} [a-zA-Z] \S", first):
+        return "it looks like a System.map or kallsyms: give it with --system-map"
+    if re.match(r"[0-9a-f]{16}(-[0-9a-f]{16} |: )", first):
+        return "it looks like QEMU monitor text"
+    return f"it starts {first[:40]!r}"
 
 
 def read_lines(path: str | Path, what: str) -> Iterator[tuple[int, str]]:

@@ -51,6 +51,7 @@ QEMU_OFF_RFLAGS = QEMU_OFF_RIP + 8
 QEMU_OFF_CS = QEMU_OFF_RFLAGS + 8
 QEMU_OFF_CR = QEMU_OFF_CS + 10 * 24
 
+ELF64_EHDR_SIZE = 64
 NT_PRSTATUS = 1  # struct elf_prstatus: one per CPU, in kdump's vmcore and QEMU's cores
 CR4_LA57 = 1 << 12
 CR4_PCIDE = 1 << 17
@@ -175,11 +176,18 @@ class ElfCore(PhysicalMemory):
         self.vmcoreinfo: dict[str, str] = notes.vmcoreinfo
         self.vmcoreinfo_text = notes.vmcoreinfo_text
         self.prstatus_cpus = notes.prstatus_cpus
+        self._refuse_differing_overlaps(loads)
         self._set_segments(_disjoint(loads))
 
     # -- reading the file ---------------------------------------------------
 
     def _read_headers(self, f, size: int) -> tuple[list[_Load], list[tuple[int, int]]]:
+        # Said here in the core's words, before pyelftools reads past the end with its own.
+        header = f.read(ELF64_EHDR_SIZE)
+        f.seek(0)
+        if len(header) < ELF64_EHDR_SIZE:
+            raise InputError(f"{self.path}: {size} bytes, cut inside its ELF header ({ELF64_EHDR_SIZE} bytes): "
+                             f"truncated")
         try:
             elf = ELFFile(f)
             if elf.elfclass != 64 or not elf.little_endian:
@@ -188,6 +196,10 @@ class ElfCore(PhysicalMemory):
                 raise InputError(f"{self.path}: an ELF {elf['e_type']} file, not a core (ET_CORE)")
             if elf["e_machine"] != "EM_X86_64":
                 raise InputError(f"{self.path}: a core for {elf['e_machine']}, not x86-64")
+            phoff, phnum, phentsize = elf["e_phoff"], elf["e_phnum"], elf["e_phentsize"]
+            if phnum and phoff + phnum * phentsize > size:
+                raise InputError(f"{self.path}: its program-header table ({phnum} entries at file offset "
+                                 f"{phoff:#x}) runs past the end of the file ({size:#x} bytes): truncated")
             loads, notes = [], []
             for seg in elf.iter_segments():
                 h = seg.header
@@ -207,6 +219,27 @@ class ElfCore(PhysicalMemory):
                 raise InputError(f"{self.path}: {what} runs to file offset {end:#x}, past the end "
                                  f"of the file ({size:#x}): truncated")
         return loads, notes
+
+    def _refuse_differing_overlaps(self, loads: list[_Load]) -> None:
+        """Overlapping PT_LOADs are fine when they hold the same bytes (QEMU's
+        paging mode repeats aliased physical ranges); if they differ, which
+        one is the memory is anybody's guess: refused rather than a silent pick."""
+        ordered = sorted(loads, key=lambda s: s.pa)
+        for a, b in zip(ordered, ordered[1:]):
+            lo, hi = b.pa, min(a.end, b.end)
+            if lo >= hi:
+                continue
+            for at in range(lo, hi, 1 << 24):  # 16 MiB at a time: bounded memory
+                end = min(hi, at + (1 << 24))
+                if self._load_bytes(a, at, end) != self._load_bytes(b, at, end):
+                    raise InputError(f"{self.path}: PT_LOAD segments at physical {a.pa:#x} and {b.pa:#x} overlap "
+                                     f"with different contents (from {at:#x}): which one is memory is ambiguous")
+
+    def _load_bytes(self, s: _Load, start: int, end: int) -> bytes:
+        """Physical [start, end) of one segment: file bytes, then zeros past its file size."""
+        skip = start - s.pa
+        in_file = max(0, min(end - start, s.filesz - skip))
+        return self._bytes(s.offset + skip, in_file) + bytes(end - start - in_file)
 
     def _bytes(self, offset: int, length: int) -> bytes:
         return bytes(self._mmap[offset:offset + length]) if self._mmap is not None and length else b""
