@@ -129,8 +129,7 @@ def audit_images_table(rows: list) -> Table:
         pair = row["pti_pair"]
         findings = row["findings"]
         worst = findings[0]["severity"] if findings else "none"
-        cr3 = row["subject"].split("CR3 ")[1].split(",")[0]
-        t.add_row(row["image"], cr3, f"{pair['kernel_pgd']}/{pair['user_pgd']}"
+        t.add_row(row["image"], row["cr3"], f"{pair['kernel_pgd']}/{pair['user_pgd']}"
                   + ("" if pair["is_pti"] else " (not PTI)"), worst,
                   ", ".join(f["id"] for f in findings) or "-")
     return t

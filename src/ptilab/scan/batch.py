@@ -68,7 +68,7 @@ class AuditTask:
             findings = audit(found.views)
         except PtilabError as ex:
             return ImageError(path, str(ex))
-        return {"subject": f"{path} (CR3 {cr3:#x}, {geometry.levels}-level)", "image": path,
+        return {"subject": f"{path} (CR3 {cr3:#x}, {geometry.levels}-level)", "image": path, "cr3": f"{cr3:#x}",
                 "pti_pair": {"kernel_pgd": f"{found.pair.kernel_pgd:#x}", "user_pgd": f"{found.pair.user_pgd:#x}",
                              "is_pti": found.pair.is_pti, "reasons": list(found.pair.reasons)},
                 "kaslr_slide": None if found.kaslr_slide is None else f"{found.kaslr_slide:#x}",

@@ -41,8 +41,8 @@ IGNORED = np.uint64(e.A)
 CHUNK_FRAMES = 1 << 18  # 1 GiB of image per chunk (one task)
 BLOCK_FRAMES = 1 << 14  # 64 MiB compared at once: bounds the temporaries
 # Bits a kernel-half top-level entry of Linux never carries: PS (no 512 GiB
-# or 256 TiB pages), software bits, protection keys, and (4-level) addresses
-# past MAXPHYADDR 52 are caught by the walk; here only what is cheap.
+# or 256 TiB pages), the software bits 52-58 and protection keys. Addresses
+# past the end of memory and reserved bits are the walk's to catch.
 NOT_IN_KERNEL_TOP = np.uint64(e.PS | e.PKEY_MASK | (0x7F << 52))
 
 
