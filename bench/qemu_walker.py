@@ -19,7 +19,7 @@ the same QEMU round trip. The same ptilab timing is also printed for the stored 
 
     python bench/qemu_walker.py [--config pti-4level] [--repeat 5]
 
-Needs root (Debian's vmlinuz is 0600) and qemu-system-x86 (build.py installs it).
+Needs qemu-system-x86 (build.py installs it); the kernel comes from build.py's cache (fetched if absent).
 """
 
 from __future__ import annotations
@@ -51,38 +51,16 @@ BOOT_TIMEOUT = 180
 def boot_and_stop(config: str, work: Path) -> tuple[subprocess.Popen, rk.Qmp, int, list[dict]]:
     """QEMU booted as build.py boots it, stopped with a CPU at CPL 3: (qemu, qmp, user cpu, registers)."""
     spec = rk.CONFIGS[config]
-    vmlinuz = rk.kernel_image()
-    initrd = rk.build_initramfs(work)
-    console, data, qmp_path = work / "console.log", work / "data.tgz", work / "qmp.sock"
-    cpu_model = "qemu64,vendor=GenuineIntel" + (",+la57" if spec["la57"] else "")
-    append = f"console=ttyS0 panic=-1 quiet loglevel=4 {spec['append']}"
-    cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", cpu_model,
-           "-m", rk.MEMORY, "-smp", str(rk.CPUS), "-kernel", str(vmlinuz), "-initrd", str(initrd),
-           "-append", append, "-display", "none", "-vga", "none", "-nic", "none", "-no-reboot",
-           "-serial", f"file:{console}", "-serial", f"file:{data}",
-           "-qmp", f"unix:{qmp_path},server=on,wait=off"]
-    qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    kernel = rk.prepare_kernels([config], rk.HERE / "out" / ".cache")[spec.release, spec.flavour]
+    if isinstance(kernel, rk.Failure):
+        raise kernel
+    qemu, run = rk.start_qemu(config, spec, kernel, rk.build_initramfs(work, kernel), work)
     deadline = time.time() + BOOT_TIMEOUT
-    qmp = rk.Qmp(qmp_path, qemu, deadline)
-    text = ""
-    while rk.READY not in text:
-        if qemu.poll() is not None or time.time() > deadline:
-            raise rk.Failure("the guest did not come up")
-        time.sleep(0.25)
-        text = console.read_text(errors="replace") if console.exists() else ""
-    time.sleep(1)  # let the busy loops get going
-    for _ in range(rk.USER_MODE_TRIES):
-        qmp.execute("stop")
-        regs = [qmp.hmp("info registers", cpu=i) for i in range(rk.CPUS)]
-        cpus = [{"cpl": rk.register(r, "CPL"), "cr3": rk.register(r, "CR3"), "cr4": rk.register(r, "CR4")}
-                for r in regs]
-        user = next((i for i, c in enumerate(cpus) if c["cpl"] == 3), None)
-        if user is not None:
-            return qemu, qmp, user, cpus
-        qmp.execute("cont")
-        time.sleep(0.03)
-    raise rk.Failure("no CPU reached user mode")
+    qmp = rk.Qmp(run["qmp"], qemu, deadline)
+    rk.wait_ready(qemu, run, deadline)
+    regs, _ = rk.stop_in_user_mode(qmp)
+    cpus = rk.cpu_state(regs)
+    return qemu, qmp, next(c["index"] for c in cpus if c["cpl"] == 3), cpus
 
 
 def time_ptilab(core: Path, cr3: int, geometry: Geometry, repeat: int) -> tuple[float, float, str | None]:
@@ -126,7 +104,7 @@ def main() -> int:
     args = parser.parse_args()
     if format_info_mem is None:
         print("ptilab.formats.qemu.format_info_mem does not exist yet: timing the walk alone")
-    geometry = Geometry(5 if rk.CONFIGS[args.config]["la57"] else 4)
+    geometry = Geometry(5 if rk.CONFIGS[args.config].la57 else 4)
     with tempfile.TemporaryDirectory(prefix="ptilab-qemu-bench-") as tmp:
         work = Path(tmp)
         qemu, qmp, user, cpus = boot_and_stop(args.config, work)

@@ -1,20 +1,36 @@
 """Build real-kernel fixtures: Debian's Linux booted under QEMU, stopped with a CPU in user mode.
 
-For each configuration this installs what it needs (Debian's qemu-system-x86,
-linux-image-amd64, busybox-static, cpio), boots the kernel with a tiny busybox
-initramfs under TCG, lets one busy loop per CPU put the CPUs in user mode,
-stops the VM when at least one CPU is at CPL 3 and saves, through QEMU's
-monitor (QMP, with HMP commands sent through human-monitor-command):
+Every configuration names a Debian kernel (release and flavour) and a boot
+(kernel command line, 4- or 5-level paging).  The builder
+
+  1. installs what runs the boots (Debian's qemu-system-x86, busybox-static,
+     cpio, gcc, make) with the machine's apt-get when missing;
+  2. fetches each kernel by package name from Debian's archive with an apt
+     configuration of its own (its sources list, lists, cache and an empty
+     dpkg status under the fixture cache, out/.cache/): `apt-get download` of
+     linux-image-<abi>-<flavour> and the matching linux-headers-<abi>-<flavour>,
+     linux-headers-<abi>-common[-rt] and linux-kbuild-*, unpacked with
+     `dpkg-deb -x`; nothing is installed on the machine;
+  3. builds the oracle module (oracle/ptilab_oracle.c) against those headers;
+  4. boots each configuration under TCG with a busybox initramfs (two at a
+     time), lets one busy loop per CPU put the CPUs in user mode, loads the
+     module and takes the kernel's own ptdump of one stopped (SIGSTOP) task,
+     stops the VM when at least one CPU is at CPL 3 and saves, through QEMU's
+     monitor (QMP, HMP commands through human-monitor-command):
 
   core.elf                      dump-guest-memory, no paging, no compression
                                 (ELF core, PT_LOAD = guest physical ranges)
   cpu<N>.registers.txt          HMP `info registers` of CPU N
-  cpu<N>.info_mem.txt           HMP `info mem` of CPU N (QEMU's walk of its CR3)
+  cpu<N>.info_mem.txt           HMP `info mem` of CPU N (QEMU's walk of its CR3; 4-level only)
   cpu<N>.info_tlb.txt           HMP `info tlb` of CPU N (the same, page by page)
   kallsyms.txt dmesg.txt cpuinfo.txt console.txt
   ptdump_{kernel,current_user,current_kernel}.txt   when the kernel has PTDUMP_DEBUGFS
-  meta.json                     versions, command line, CR3/CR4/EFER/CPL/RIP per CPU,
-                                which CPU is in user mode
+  oracle_user.txt oracle_kernel.txt   ptdump_walk_pgd_level_debugfs() of the stopped
+                                task's user and kernel PGD, just before the freeze
+  oracle_task.txt               "pid comm pgd_phys_hex" of that task
+  tasks.txt                     the same line for every task with an mm
+  meta.json                     versions, release, flavour, command line, kaslr, oracle,
+                                CR3/CR4/EFER/CPL/RIP per CPU, which CPU is in user mode
 
 Every core carries the guest's VMCOREINFO note (QEMU's vmcoreinfo device, fed
 by the qemu_fw_cfg module the initramfs loads). One configuration (pti-kaslr)
@@ -27,20 +43,21 @@ also saves the same memory as users hold it (about 3 s more):
                                 run in the guest at boot, writing to a virtio disk: an earlier moment
                                 than the other dumps of the same boot
 
-The guest sends its files as a gzip'd tar on a second serial port (a host
-file, which QEMU writes synchronously) and announces the byte count on the
-console before its ready marker; the host checks the count and unpacks.
+The guest sends its files as gzip'd tars on a second serial port (a host
+file, which QEMU writes synchronously) and announces each byte count on the
+console; the host checks the counts and unpacks.
 
-Usage: python tests/realkernel/build.py [--config NAME ...] [--out DIR] [--force]
+Usage: python tests/realkernel/build.py [--config NAME ...] [--out DIR] [--force] [--jobs N]
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
+import concurrent.futures
 import gzip
 import io
 import json
+import lzma
 import os
 import re
 import shutil
@@ -52,21 +69,53 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PACKAGES = ["qemu-system-x86", "linux-image-amd64", "busybox-static", "cpio", "makedumpfile"]
+ORACLE_SOURCE = HERE / "oracle"
+PACKAGES = ["qemu-system-x86", "busybox-static", "cpio", "gcc", "make", "makedumpfile"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """One boot: which Debian kernel, which command line, 4- or 5-level paging."""
+    release: str          # the kernel series, a key of SUITES
+    flavour: str          # a key of FLAVOURS
+    append: str           # the kernel command line's ptilab part
+    la57: bool = False    # -cpu ...,+la57: the kernel then runs 5-level paging
+    pti: bool = True      # dmesg must (not) say PTI is enabled
+    dumps: bool = False   # also kdump-compressed and makedumpfile dumps of the same memory
+
+
+SUITES = {"5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie"}    # Debian release of each series
+FLAVOURS = {"generic": "amd64", "cloud": "cloud-amd64", "rt": "rt-amd64"}  # package name suffixes
 CONFIGS = {
-    "pti-4level": {"append": "pti=on nokaslr", "la57": False, "pti": True},
-    "pti-5level": {"append": "pti=on nokaslr", "la57": True, "pti": True},
-    "pti-off": {"append": "pti=off nokaslr", "la57": False, "pti": False},
-    "pti-kaslr": {"append": "pti=on", "la57": False, "pti": True, "dumps": True},
+    "pti-4level": Config("6.1", "generic", "pti=on nokaslr"),
+    "pti-5level": Config("6.1", "generic", "pti=on nokaslr", la57=True),
+    "pti-off": Config("6.1", "generic", "pti=off nokaslr", pti=False),
+    "pti-kaslr": Config("6.1", "generic", "pti=on", dumps=True),
+    # no pti=: auto mode, on a Meltdown-vulnerable CPU (GenuineIntel, no RDCL_NO) without PCID
+    "pti-auto-5level": Config("6.1", "generic", "nokaslr", la57=True),
+    "5.10-pti": Config("5.10", "generic", "pti=on nokaslr"),
+    "5.10-pti-kaslr": Config("5.10", "generic", "pti=on"),
+    "6.1-cloud-pti": Config("6.1", "cloud", "pti=on nokaslr"),
+    "6.1-cloud-pti-kaslr": Config("6.1", "cloud", "pti=on"),
+    # PREEMPT_RT threads the 8250 UART's interrupt; under TCG the thread finds nothing pending often
+    # enough that note_interrupt() calls IRQ 3 spurious and disables it, stalling the data port
+    # ("irq 3: nobody cared").  noirqdebug turns that detector off.
+    "6.1-rt-pti": Config("6.1", "rt", "pti=on nokaslr noirqdebug"),
+    "6.1-rt-pti-kaslr": Config("6.1", "rt", "pti=on noirqdebug"),
+    "6.12-pti": Config("6.12", "generic", "pti=on nokaslr"),
+    "6.12-pti-kaslr": Config("6.12", "generic", "pti=on"),
 }
 CPUS = 2
 MEMORY = "256M"
-BOOT_TIMEOUT = 120      # QEMU start -> guest ready marker
-CONFIG_TIMEOUT = 240    # everything for one configuration
+JOBS = 2                # QEMU boots at once (TCG: one host core per busy guest)
+BOOT_TIMEOUT = 240      # QEMU start -> guest ready marker (two boots share 2 cores)
+CONFIG_TIMEOUT = 480    # everything for one configuration
 USER_MODE_TRIES = 200   # stop / look / cont rounds before giving up
 PTI_ENABLED = "Kernel/User page tables isolation: enabled"
 READY = "@@PTILAB-READY"
@@ -77,13 +126,20 @@ SECTION_FILES = {
     "ptdump_kernel": "ptdump_kernel.txt",
     "ptdump_current_user": "ptdump_current_user.txt",
     "ptdump_current_kernel": "ptdump_current_kernel.txt",
+    "oracle_user": "oracle_user.txt",
+    "oracle_kernel": "oracle_kernel.txt",
+    "oracle_task": "oracle_task.txt",
+    "oracle_tasks": "tasks.txt",
 }
 
 # Runs as PID 1 in the guest.  The console (ttyS0) gets progress markers; the
-# files go as one gzip'd tar on the data port (ttyS1, a host file) put in raw
-# mode, and their byte count is printed on the console so the host can check it
+# files go as gzip'd tars on the data port (ttyS1, a host file) put in raw
+# mode, and each byte count is printed on the console so the host can check it
 # has them all.  (Plain text on a serial port runs at ~220 KB/s under TCG here:
-# 18 s for kallsyms alone; gzip -1 makes it ~5 times smaller.)
+# 18 s for kallsyms alone; gzip -1 makes it ~5 times smaller.)  The oracle's
+# ptdumps go last, in a small second tar, to keep the time between them and the
+# host's freeze short: the stopped task's tables cannot change, but the kernel
+# PGD's vmalloc area does whenever a process starts or ends.
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -104,7 +160,7 @@ if [ -r /lib/lime.ko ] && grep -qs 0x1af4 /sys/bus/pci/devices/*/vendor; then
 fi
 echo 0 > /proc/sys/kernel/kptr_restrict
 echo 0 > /proc/sys/kernel/dmesg_restrict
-mkdir -p /tmp/out
+mkdir -p /tmp/out /tmp/oracle
 cd /tmp/out
 uname -r > uname
 cat /proc/cmdline > cmdline
@@ -122,15 +178,45 @@ echo "@@PTILAB-DATA $(wc -c < /tmp/out.tgz) bytes, uptime $(cut -d' ' -f1 /proc/
 n=$(nproc)
 i=0
 while [ $i -lt $n ]; do
-  if command -v taskset >/dev/null; then
-    taskset -c $i sh -c 'while :; do :; done' &
-  else
-    sh -c 'while :; do :; done' &
-  fi
+  taskset -c $i sh -c 'while :; do :; done' &
   i=$((i + 1))
 done
+# more tasks with an mm of their own, then the one whose tables the oracle dumps
+sleep 100000 &
+sleep 100000 &
+sh -c 'while :; do :; done' &
+target=$!
+kill -STOP $target
+cd /tmp/oracle
+if [ -e /oracle.ko ] && insmod /oracle.ko pid=$target 2> insmod; then
+  d=/sys/kernel/debug/ptilab_oracle
+  cat $d/task > oracle_task
+  cat $d/tasks > oracle_tasks
+  cat $d/user > oracle_user
+  cat $d/kernel > oracle_kernel
+  echo "@@PTILAB-PTDUMP uptime $(cut -d' ' -f1 /proc/uptime)"
+else
+  echo "no oracle module" >> insmod
+fi
+tar -cf - * | gzip -1 > /tmp/oracle.tgz
+cat /tmp/oracle.tgz > /dev/ttyS1
+echo "@@PTILAB-ORACLE $(wc -c < /tmp/oracle.tgz) bytes, uptime $(cut -d' ' -f1 /proc/uptime)"
 echo "@@PTILAB-READY $n busy loops, uptime $(cut -d' ' -f1 /proc/uptime)"
 while :; do sleep 1000; done
+"""
+
+# gcc-12 stands in for the compiler a kernel was built with (bullseye: gcc-10,
+# trixie: gcc-14).  The one gcc-14 option the 6.12 headers pass is
+# -fmin-function-alignment=N; gcc-12's -falign-functions=N aligns the same.
+GCC_WRAPPER = """#!/bin/sh
+for a; do
+  shift
+  case $a in
+    -fmin-function-alignment=*) set -- "$@" "-falign-functions=${a#*=}" ;;
+    *) set -- "$@" "$a" ;;
+  esac
+done
+exec gcc "$@"
 """
 
 
@@ -146,8 +232,24 @@ def _terminate(signum, _frame):
     raise Terminated(signum)
 
 
+_print_lock = threading.Lock()
+
+
 def say(msg: str) -> None:
-    print(f"realkernel: {msg}", flush=True)
+    with _print_lock:
+        print(f"realkernel: {msg}", flush=True)
+
+
+def run(cmd: list[str], what: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    """Run a command; Failure with its last line of output when it fails."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired:
+        raise Failure(f"{what} timed out") from None
+    if done.returncode:
+        last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or [f"exit {done.returncode}"]
+        raise Failure(f"{what} failed: {last[0]}")
+    return done
 
 
 # -- host setup ----------------------------------------------------------------
@@ -158,6 +260,7 @@ def installed(package: str) -> bool:
 
 
 def ensure_packages() -> None:
+    """The machine's own apt-get installs what runs the boots (not the kernels)."""
     missing = [p for p in PACKAGES if not installed(p)]
     if not missing:
         say(f"packages present: {' '.join(PACKAGES)}")
@@ -176,33 +279,240 @@ def apt_install(packages: list[str]) -> None:
     for cmd in (["apt-get", *lock, "update", "-qq"],
                 ["apt-get", *lock, "install", "-y", "-qq", "--no-install-recommends", *missing]):
         say(f"running {' '.join(cmd)}")
-        try:
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-        except subprocess.TimeoutExpired:
-            raise Failure(f"{' '.join(cmd)} timed out") from None
-        if done.returncode:
-            last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or [f"exit {done.returncode}"]
-            raise Failure(f"{' '.join(cmd)} failed: {last[0]}")
+        run(cmd, " ".join(cmd), timeout=1200, env=env)
     still = [p for p in missing if not installed(p)]
     if still:
         raise Failure(f"apt-get did not install {' '.join(still)}")
 
 
-def kernel_image() -> Path:
-    """The vmlinuz that linux-image-amd64 currently depends on (else the newest one)."""
-    depends = subprocess.run(["dpkg-query", "-W", "-f=${Depends}", "linux-image-amd64"],
-                             capture_output=True, text=True).stdout
-    m = re.search(r"linux-image-(\S+?)(?:-unsigned)?\s*(?:\(|,|$)", depends)
-    if m and Path(f"/boot/vmlinuz-{m.group(1)}").exists():
-        return Path(f"/boot/vmlinuz-{m.group(1)}")
-    images = sorted(glob.glob("/boot/vmlinuz-*"),
-                    key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p)])
-    if not images:
-        raise Failure("no /boot/vmlinuz-* after installing linux-image-amd64")
-    return Path(images[-1])
+# -- Debian's archive, through an apt configuration of the builder's own -----------
+
+KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+MIRROR = "http://deb.debian.org/debian"
+SECURITY = "http://deb.debian.org/debian-security"
 
 
-def build_initramfs(work: Path, vmlinuz: Path) -> Path:
+class Archive:
+    """apt-get / apt-cache for one Debian suite with state only under `cache`.
+
+    Its own sources list (the suite and its security updates, where kernels'
+    point releases land first), lists, package cache and an empty dpkg status,
+    so the machine's apt state is neither read nor changed."""
+
+    def __init__(self, cache: Path, suite: str):
+        self.suite = suite
+        self.root = cache / "apt" / suite
+        self.debs = cache / "debs"
+        self._lock = threading.RLock()  # one apt-get at a time per suite: kernels share linux-kbuild-*
+        self._updated = False
+
+    def options(self) -> list[str]:
+        r = self.root
+        opts = {"Dir::Etc::SourceList": r / "sources.list", "Dir::Etc::SourceParts": r / "sources.list.d",
+                "Dir::State": r / "state", "Dir::State::Lists": r / "lists",
+                "Dir::State::status": r / "status", "Dir::Cache": r / "cache"}
+        if os.geteuid() == 0:
+            opts["APT::Sandbox::User"] = "root"  # _apt cannot write into the cache directories
+        return [a for k, v in opts.items() for a in ("-o", f"{k}={v}")]
+
+    def update(self, force: bool = False) -> None:
+        """apt-get update into the own lists, once (the lists are kept in the cache)."""
+        with self._lock:
+            stamp = self.root / "updated"
+            if not force and (self._updated or stamp.exists()):
+                return
+            for d in ("sources.list.d", "state", "lists/partial", "cache/archives/partial"):
+                (self.root / d).mkdir(parents=True, exist_ok=True)
+            (self.root / "status").touch()
+            (self.root / "sources.list").write_text(
+                f"deb [signed-by={KEYRING}] {MIRROR} {self.suite} main\n"
+                f"deb [signed-by={KEYRING}] {SECURITY} {self.suite}-security main\n")
+            t0 = time.time()
+            run(["apt-get", *self.options(), "-qq", "update"], f"apt-get update ({self.suite})")
+            stamp.touch()
+            self._updated = True
+            say(f"{self.suite}: package lists updated in {time.time() - t0:.1f} s")
+
+    def depends(self, package: str) -> list[str]:
+        """The packages `package` depends on (first alternatives)."""
+        self.update()
+        out = run(["apt-cache", *self.options(), "depends", "--no-recommends", "--no-suggests", package],
+                  f"apt-cache depends {package} ({self.suite})").stdout
+        return [m.group(1) for m in re.finditer(r"^\s*\|?Depends: (\S+)", out, re.M)
+                if not m.group(1).startswith("<")]
+
+    def download(self, packages: list[str]) -> list[Path]:
+        """The .deb of each package, fetched once into the shared deb cache."""
+        self.debs.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._download([p for p in packages if not any(self.debs.glob(f"{p}_*.deb"))])
+        return [sorted(self.debs.glob(f"{p}_*.deb"))[-1] for p in packages]
+
+    def _download(self, missing: list[str]) -> None:
+        if missing:
+            self.update()
+            t0 = time.time()
+            try:
+                run(["apt-get", *self.options(), "-qq", "download", *missing], f"apt-get download ({self.suite})",
+                    cwd=self.debs)
+            except Failure:  # the lists are older than the archive: a point release replaced the package
+                self.update(force=True)
+                run(["apt-get", *self.options(), "-qq", "download", *missing], f"apt-get download ({self.suite})",
+                    cwd=self.debs)
+            size = sum(f.stat().st_size for p in missing for f in self.debs.glob(f"{p}_*.deb"))
+            say(f"{self.suite}: downloaded {' '.join(missing)} ({size / 1e6:.0f} MB in {time.time() - t0:.1f} s)")
+
+
+def extract(deb: Path, root: Path) -> None:
+    """dpkg-deb -x, once per .deb and root."""
+    stamp = root / ".extracted" / deb.name
+    if stamp.exists():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    run(["dpkg-deb", "-x", str(deb), str(root)], f"dpkg-deb -x {deb.name}")
+    stamp.parent.mkdir(exist_ok=True)
+    stamp.touch()
+
+
+@dataclass
+class Kernel:
+    """A Debian kernel unpacked under the cache, and its oracle module if that built."""
+    release: str
+    flavour: str
+    uname: str                  # e.g. 6.1.0-57-amd64: `uname -r`, the package names' middle
+    package: str                # linux-image-<uname>
+    version: str                # the package's version (from the .deb's name)
+    root: Path                  # image, headers, kbuild unpacked here
+    module: Path | None = None
+    module_error: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.root / "boot" / f"vmlinuz-{self.uname}"
+
+    @property
+    def headers(self) -> Path:
+        return self.root / "usr" / "src" / f"linux-headers-{self.uname}"
+
+
+def fetch_kernel(archive: Archive, cache: Path, release: str, flavour: str) -> Kernel:
+    """linux-image-<flavour> of the suite, resolved to its ABI package, with its headers."""
+    image = archive.depends(f"linux-image-{FLAVOURS[flavour]}")
+    image = [p for p in image if p.startswith("linux-image-")][:1]
+    if not image:
+        raise Failure(f"{archive.suite} has no linux-image-{FLAVOURS[flavour]}")
+    uname = image[0].removeprefix("linux-image-").removesuffix("-unsigned")
+    headers = f"linux-headers-{uname}"
+    # -common[-rt] holds the headers, linux-kbuild-* the tools that build modules
+    needed = [p for p in archive.depends(headers) if p.startswith(("linux-headers-", "linux-kbuild-"))]
+    debs = archive.download([image[0], headers, *needed])
+    root = cache / "kernels" / uname
+    for deb in debs:
+        extract(deb, root)
+    version = debs[0].name.split("_")[1]
+    kernel = Kernel(release, flavour, uname, image[0], version, root)
+    if not kernel.vmlinuz.exists():
+        raise Failure(f"{image[0]} holds no boot/vmlinuz-{uname}")
+    kernel.vmlinuz.chmod(0o644)  # Debian ships it 0600
+    return kernel
+
+
+# -- the oracle module -----------------------------------------------------------------
+
+def kbuild_tool_overrides(kernel: Kernel, archive: Archive, cache: Path) -> list[str]:
+    """make variables that run the headers' own modpost and objtool under the suite's glibc,
+    when the host's is older than the one they were linked against (trixie's 2.38+ here)."""
+    kbuild = next(kernel.root.glob("usr/lib/linux-kbuild-*"), None)
+    if kbuild is None:
+        raise Failure(f"no linux-kbuild directory under {kernel.root}")
+    # Debian's modpost and objtool are dispatchers that exec modpost.real-lsb-64 / objtool.real-x86
+    tools = {"MODPOST": kbuild / "scripts/mod/modpost.real-lsb-64", "objtool": kbuild / "tools/objtool/objtool.real-x86"}
+    tools = {k: v if v.exists() else v.with_name(v.name.split(".")[0]) for k, v in tools.items()}
+    probe = subprocess.run([str(tools["MODPOST"])], capture_output=True, text=True)
+    if "GLIBC_" not in probe.stderr:
+        return []
+    libc_root = cache / "libc" / archive.suite
+    for deb in archive.download(["libc6"]):
+        extract(deb, libc_root)
+    libdir = libc_root / "usr/lib/x86_64-linux-gnu"
+    if not (libdir / "ld-linux-x86-64.so.2").exists():
+        libdir = libc_root / "lib/x86_64-linux-gnu"
+    bindir = kernel.root / "ptilab-bin"
+    bindir.mkdir(exist_ok=True)
+    overrides = []
+    for var, tool in tools.items():
+        wrapper = bindir / tool.name
+        wrapper.write_text(f'#!/bin/sh\nexec {libdir}/ld-linux-x86-64.so.2 --library-path {libdir} {tool} "$@"\n')
+        wrapper.chmod(0o755)
+        overrides.append(f"{var}={wrapper}")
+    kernel.notes.append(f"modpost and objtool run under {archive.suite}'s libc6")
+    return overrides
+
+
+def vermagic(ko: Path) -> str:
+    """The module's vermagic= string from its .modinfo section."""
+    data = ko.read_bytes()
+    at = data.find(b"vermagic=")
+    if at < 0:
+        raise Failure(f"{ko.name} has no vermagic")
+    return data[at + 9:data.index(b"\0", at)].decode()
+
+
+def build_module(kernel: Kernel, archive: Archive, cache: Path) -> None:
+    """oracle/ptilab_oracle.c built against the kernel's own headers package (out of tree, Kbuild)."""
+    work = kernel.root / "ptilab_oracle"
+    ko = work / "ptilab_oracle.ko"
+    newest_source = max(f.stat().st_mtime for f in ORACLE_SOURCE.iterdir())
+    if ko.exists() and ko.stat().st_mtime > newest_source:
+        kernel.module = ko
+        return
+    t0 = time.time()
+    try:
+        makefile = kernel.headers / "Makefile"  # Debian's includes /usr/src/linux-headers-*-common by absolute path
+        text = makefile.read_text()
+        if "include /usr/src/" in text:
+            makefile.write_text(text.replace("include /usr/src/", f"include {kernel.root}/usr/src/"))
+        gcc = cache / "gcc-wrapper"
+        if not gcc.exists() or gcc.read_text() != GCC_WRAPPER:
+            gcc.write_text(GCC_WRAPPER)
+            gcc.chmod(0o755)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(ORACLE_SOURCE, work)
+        # No BTF for the module: pahole is not needed and the module loads without it.
+        run(["make", "-C", str(kernel.headers), f"M={work}", f"CC={gcc}", "CONFIG_DEBUG_INFO_BTF_MODULES=",
+             *kbuild_tool_overrides(kernel, archive, cache), "modules"], f"make oracle module for {kernel.uname}")
+        magic = vermagic(ko)
+        if magic.split()[0] != kernel.uname:
+            raise Failure(f"vermagic {magic!r} does not name {kernel.uname}")
+    except Failure as e:
+        kernel.module_error = str(e)
+        say(f"{kernel.uname}: oracle module not built: {e}")
+        return
+    kernel.module = ko
+    say(f"{kernel.uname}: oracle module built in {time.time() - t0:.1f} s (vermagic {magic})")
+
+
+def prepare_kernels(configs: list[str], cache: Path) -> dict[tuple[str, str], Kernel | Failure]:
+    """Each needed (release, flavour): fetched, unpacked, its oracle module built; suites in parallel."""
+    wanted = sorted({(CONFIGS[c].release, CONFIGS[c].flavour) for c in configs})
+    archives = {r: Archive(cache, SUITES[r]) for r, _ in wanted}
+
+    def one(key: tuple[str, str]) -> Kernel | Failure:
+        release, flavour = key
+        try:
+            kernel = fetch_kernel(archives[release], cache, release, flavour)
+        except Failure as e:
+            say(f"{release} {flavour}: kernel not fetched: {e}")
+            return e
+        build_module(kernel, archives[release], cache)
+        return kernel
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(zip(wanted, pool.map(one, wanted)))
+
+
+def build_initramfs(work: Path, kernel: Kernel) -> Path:
     root = work / "root"
     for d in ("bin", "dev", "proc", "sys", "tmp"):
         (root / d).mkdir(parents=True, exist_ok=True)
@@ -210,10 +520,12 @@ def build_initramfs(work: Path, vmlinuz: Path) -> Path:
     if not busybox.exists():
         raise Failure("/bin/busybox missing although busybox-static is installed")
     shutil.copy(busybox, root / "bin" / "busybox")
-    add_fw_cfg_module(root / "lib", vmlinuz)
-    add_lime_modules(root / "lib", vmlinuz)
+    add_fw_cfg_module(root / "lib", kernel)
+    add_lime_modules(root / "lib", kernel)
     (root / "init").write_text(INIT)
     (root / "init").chmod(0o755)
+    if kernel.module is not None:
+        shutil.copy(kernel.module, root / "oracle.ko")
     try:
         os.mknod(root / "dev" / "console", 0o600 | stat.S_IFCHR, os.makedev(5, 1))
     except OSError:
@@ -323,59 +635,66 @@ def check_core(path: Path) -> int:
 
 
 def unpack_data(console_text: str, data: Path) -> dict[str, str]:
-    """The guest's files, from the gzip'd tar on the data port, checked against the size it announced."""
-    m = re.search(r"@@PTILAB-DATA (\d+) bytes", console_text)
-    if not m:
+    """The guest's files, from the gzip'd tars on the data port, checked against the sizes it announced."""
+    sizes = [int(n) for n in re.findall(r"@@PTILAB-(?:DATA|ORACLE) (\d+) bytes", console_text)]
+    if not sizes:
         raise Failure("the guest announced no data on its console")
-    want = int(m.group(1))
+    want = sum(sizes)
     give_up = time.time() + 10  # the UART may still be draining its last bytes
     while (data.stat().st_size if data.exists() else 0) < want and time.time() < give_up:
         time.sleep(0.1)
     blob = data.read_bytes() if data.exists() else b""
     if len(blob) != want:
-        raise Failure(f"data port holds {len(blob)} bytes, the guest sent {m.group(1)}")
-    try:
-        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as tar:
-            return {member.name.removeprefix("./"): tar.extractfile(member).read().decode(errors="replace")
-                    for member in tar.getmembers() if member.isfile()}
-    except (OSError, EOFError, tarfile.TarError) as e:
-        raise Failure(f"the guest's data does not unpack: {e}") from None
+        raise Failure(f"data port holds {len(blob)} bytes, the guest sent {' + '.join(map(str, sizes))}")
+    files: dict[str, str] = {}
+    at = 0
+    for size in sizes:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob[at:at + size]))) as tar:
+                files.update({member.name.removeprefix("./"): tar.extractfile(member).read().decode(errors="replace")
+                              for member in tar.getmembers() if member.isfile()})
+        except (OSError, EOFError, tarfile.TarError) as e:
+            raise Failure(f"the guest's data does not unpack: {e}") from None
+        at += size
+    return files
 
 
-def check_sections(config: str, spec: dict, sections: dict[str, str]) -> None:
+def check_sections(config: str, spec: Config, sections: dict[str, str]) -> None:
     for name in ("uname", "kallsyms", "dmesg", "cpuinfo"):
         if not sections.get(name, "").strip():
             raise Failure(f"the guest sent no {name}")
     symbols = sections["kallsyms"].splitlines()
     if len(symbols) < 10000 or all(s.startswith("0000000000000000") for s in symbols[:100]):
         raise Failure(f"kallsyms looks restricted or short ({len(symbols)} lines)")
-    if spec["pti"] != (PTI_ENABLED in sections["dmesg"]):
-        raise Failure(f"dmesg {'lacks' if spec['pti'] else 'has'} '{PTI_ENABLED}' on {config}")
+    if spec.pti != (PTI_ENABLED in sections["dmesg"]):
+        raise Failure(f"dmesg {'lacks' if spec.pti else 'has'} '{PTI_ENABLED}' on {config}")
     flags = " ".join(l for l in sections["cpuinfo"].splitlines() if l.startswith("flags"))
-    if spec["la57"] != (" la57" in flags):
-        raise Failure(f"guest cpuinfo flags {'lack' if spec['la57'] else 'have'} la57 on {config}")
+    if spec.la57 != (" la57" in flags):
+        raise Failure(f"guest cpuinfo flags {'lack' if spec.la57 else 'have'} la57 on {config}")
 
 
 # -- the same memory in the formats users hold ---------------------------------------
 
-def add_fw_cfg_module(lib: Path, vmlinuz: Path) -> None:
-    """qemu_fw_cfg.ko of vmlinuz's release, for the initramfs: loaded, it hands
-    the kernel's VMCOREINFO to QEMU's vmcoreinfo device, and QEMU then writes
-    it into every dump (a module on Debian, built in elsewhere)."""
-    release = vmlinuz.name.removeprefix("vmlinuz-")
-    module = Path(f"/lib/modules/{release}/kernel/drivers/firmware/qemu_fw_cfg.ko")
-    if module.exists():
-        lib.mkdir(parents=True, exist_ok=True)
-        shutil.copy(module, lib / module.name)
+def add_fw_cfg_module(lib: Path, kernel: Kernel) -> None:
+    """qemu_fw_cfg.ko of the kernel, for the initramfs: loaded, it hands the
+    kernel's VMCOREINFO to QEMU's vmcoreinfo device, and QEMU then writes it
+    into every dump (a module on Debian, built in elsewhere; xz-compressed
+    from 6.12 on, and busybox's insmod wants it plain)."""
+    found = [m for d in ("lib", "usr/lib")  # trixie's packages ship merged /usr
+             for m in sorted(kernel.root.glob(f"{d}/modules/{kernel.uname}/kernel/drivers/firmware/qemu_fw_cfg.ko*"))]
+    if not found:
+        return
+    lib.mkdir(parents=True, exist_ok=True)
+    data = found[0].read_bytes()
+    (lib / "qemu_fw_cfg.ko").write_bytes(lzma.decompress(data) if found[0].suffix == ".xz" else data)
 
 
 LIME_PACKAGES = ["lime-forensics-dkms"]  # plus linux-headers-RELEASE, which DKMS builds it against
 VIRTIO_BLK = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk"]
 
 
-def ensure_lime(vmlinuz: Path) -> None:
-    """Debian's LiME (lime-forensics-dkms), built by DKMS for vmlinuz's release."""
-    release = vmlinuz.name.removeprefix("vmlinuz-")
+def ensure_lime(release: str) -> None:
+    """Debian's LiME (lime-forensics-dkms), built by DKMS for this release (the machine's own 6.1)."""
     packages = LIME_PACKAGES + [f"linux-headers-{release}"]
     if all(installed(p) for p in packages) and lime_module(release).exists():
         return
@@ -390,17 +709,17 @@ def lime_module(release: str) -> Path:
     return Path(f"/lib/modules/{release}/updates/dkms/lime.ko")
 
 
-def add_lime_modules(lib: Path, vmlinuz: Path) -> None:
+def add_lime_modules(lib: Path, kernel: Kernel) -> None:
     """lime.ko and the virtio-blk driver it writes through, when LiME was built."""
-    release = vmlinuz.name.removeprefix("vmlinuz-")
-    if not lime_module(release).exists():
+    if not lime_module(kernel.uname).exists():
         return
     lib.mkdir(parents=True, exist_ok=True)
-    shutil.copy(lime_module(release), lib / "lime.ko")
+    shutil.copy(lime_module(kernel.uname), lib / "lime.ko")
     for name in VIRTIO_BLK:
-        found = glob.glob(f"/lib/modules/{release}/kernel/drivers/*/{name}.ko")
+        found = [m for d in ("lib", "usr/lib")
+                 for m in sorted(kernel.root.glob(f"{d}/modules/{kernel.uname}/kernel/drivers/*/{name}.ko"))]
         if not found:
-            raise Failure(f"no {name}.ko for {release}: LiME would have no disk to write to")
+            raise Failure(f"no {name}.ko for {kernel.uname}: LiME would have no disk to write to")
         shutil.copy(found[0], lib / f"{name}.ko")
 
 
@@ -428,10 +747,9 @@ def lime_from_disk(disk: Path, out: Path) -> int:
     return ranges
 
 
-def add_lime_disk(cmd: list[str], work: Path) -> bool:
+def add_lime_disk(cmd: list[str], work: Path, kernel: Kernel) -> bool:
     """A sparse virtio disk the size of RAM and more, for LiME to write to (if LiME is in the initramfs)."""
-    release = Path(cmd[cmd.index("-kernel") + 1]).name.removeprefix("vmlinuz-")
-    if not lime_module(release).exists():
+    if not lime_module(kernel.uname).exists():
         return False
     disk = work / "lime.img"
     with disk.open("wb") as f:
@@ -538,109 +856,144 @@ def makedumpfile_formats(stage: Path, config: str, kallsyms: str) -> None:
 
 # -- one configuration --------------------------------------------------------------
 
-def build(config: str, out_root: Path, vmlinuz: Path, initrd: Path, force: bool) -> None:
-    spec = CONFIGS[config]
-    out = out_root / config
-    meta_path = out / "meta.json"
-    if not force and meta_path.exists() and meta_path.stat().st_mtime > Path(__file__).stat().st_mtime:
-        say(f"{config}: up to date ({meta_path} is newer than build.py), skipped")
-        return
-    started = time.time()
-    config_deadline = started + CONFIG_TIMEOUT
-    out_root.mkdir(parents=True, exist_ok=True)
-    stage = out_root / f".{config}.partial"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
+_qemus: set[subprocess.Popen] = set()   # running QEMUs, killed by the main thread when it is interrupted
+_qemus_lock = threading.Lock()
+
+
+def start_qemu(config: str, spec: Config, kernel: Kernel, initrd: Path, work: Path) -> tuple[subprocess.Popen, dict]:
+    cpu_model = "qemu64,vendor=GenuineIntel" + (",+la57" if spec.la57 else "")
+    append = f"console=ttyS0 panic=-1 quiet loglevel=4 {spec.append}"
+    paths = {"console": work / "console.log", "data": work / "data.tgz", "qmp": work / "qmp.sock",
+             "errors": work / "qemu.stderr"}
+    cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", cpu_model,
+           "-m", MEMORY, "-smp", str(CPUS), "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
+           "-append", append, "-device", "vmcoreinfo", "-display", "none", "-vga", "none", "-nic", "none", "-no-reboot",
+           "-serial", f"file:{paths['console']}", "-serial", f"file:{paths['data']}",
+           "-qmp", f"unix:{paths['qmp']},server=on,wait=off"]
+    if spec.dumps and add_lime_disk(cmd, work, kernel):
+        say(f"{config}: LiME dumps RAM to a virtio disk at boot")
+    say(f"{config}: booting {kernel.package} (-cpu {cpu_model}; {spec.append})")
+    with paths["errors"].open("wb") as err_file:
+        qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err_file, start_new_session=True)
+    with _qemus_lock:
+        _qemus.add(qemu)
+    return qemu, {"cpu_model": cpu_model, "append": append, **paths}
+
+
+def wait_ready(qemu: subprocess.Popen, run_: dict, deadline: float) -> str:
+    """The console text once the guest printed its ready marker."""
+    text = ""
+    while READY not in text:
+        if qemu.poll() is not None:
+            err = run_["errors"].read_text(errors="replace").strip().splitlines()[-1:]
+            panic = [l for l in text.splitlines() if "Kernel panic" in l][-1:]
+            raise Failure(f"QEMU exited (code {qemu.returncode}) before the guest was ready: "
+                          f"{(panic or err or ['no message'])[0].strip()}")
+        if time.time() > deadline:
+            raise Failure(f"the guest printed no ready marker in {BOOT_TIMEOUT} s "
+                          f"(console ends: {text.strip().splitlines()[-1:]})")
+        time.sleep(0.25)
+        text = run_["console"].read_text(errors="replace") if run_["console"].exists() else ""
+    return text
+
+
+def stop_in_user_mode(qmp: Qmp) -> tuple[list[str], int]:
+    """Stop the VM at a moment when some CPU is at CPL 3; each CPU's `info registers` then."""
+    for attempt in range(USER_MODE_TRIES):
+        qmp.execute("stop")
+        regs = [qmp.hmp("info registers", cpu=i) for i in range(CPUS)]
+        if any(register(r, "CPL") == 3 for r in regs):
+            return regs, attempt + 1
+        qmp.execute("cont")
+        time.sleep(0.02 + 0.01 * (attempt % 10))
+    raise Failure(f"no CPU was at CPL 3 in {USER_MODE_TRIES} stop/cont rounds")
+
+
+def save_walks(config: str, spec: Config, qmp: Qmp, regs: list[str], stage: Path) -> None:
+    """QEMU's own page walks of each CPU's CR3: info mem and info tlb.
+
+    Not info mem on a 5-level guest: QEMU 7.2's mem_info_la57 tests the present
+    bit inverted, prints nothing and takes 20-50 s per CPU doing it."""
+    for i, text_regs in enumerate(regs):
+        (stage / f"cpu{i}.registers.txt").write_text(text_regs)
+        t0 = time.time()
+        mem = None if spec.la57 else qmp.hmp("info mem", cpu=i)
+        t1 = time.time()
+        tlb = qmp.hmp("info tlb", cpu=i)
+        t2 = time.time()
+        if mem is not None:
+            (stage / f"cpu{i}.info_mem.txt").write_text(mem)
+        (stage / f"cpu{i}.info_tlb.txt").write_text(tlb)
+        said = "no info mem (LA57)" if mem is None else f"info mem {mem.count(chr(10))} lines ({t1 - t0:.1f} s)"
+        say(f"{config}: cpu{i}: {said}, info tlb {tlb.count(chr(10))} lines ({t2 - t1:.1f} s)")
+
+
+def dump_core(config: str, qmp: Qmp, stage: Path) -> None:
+    core = stage / "core.elf"
+    qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{core}")  # synchronous
+    status = qmp.execute("query-dump")
+    if not isinstance(status, dict) or status.get("status") != "completed":
+        raise Failure(f"dump-guest-memory did not complete: {status}")
+    size = check_core(core)
+    core.chmod(0o644)
+    say(f"{config}: core.elf complete, {size} bytes")
+
+
+def qemu_version(qmp: Qmp) -> str:
+    version = qmp.execute("query-version")
+    text = "{major}.{minor}.{micro}".format(**version["qemu"])
+    return text + (f" ({version['package'].strip()})" if version.get("package") else "")
+
+
+def cpu_state(regs: list[str]) -> list[dict]:
+    return [{"index": i, "cr3": register(r, "CR3"), "cr4": register(r, "CR4"), "efer": register(r, "EFER"),
+             "cpl": register(r, "CPL"), "rip": register(r, "RIP")} for i, r in enumerate(regs)]
+
+
+def up_to_date(meta_path: Path) -> bool:
+    """meta.json is newer than this builder and the oracle module's source."""
+    if not meta_path.exists():
+        return False
+    sources = [Path(__file__), *ORACLE_SOURCE.iterdir()]
+    return meta_path.stat().st_mtime > max(f.stat().st_mtime for f in sources)
+
+
+def boot(config: str, spec: Config, kernel: Kernel, stage: Path, started: float) -> tuple[dict, dict, list[dict]]:
+    """Boot, wait for the guest, freeze it in user mode, save the walks and the core.
+
+    Returns the guest's files, the QEMU run's details and the CPUs' state."""
+    deadline = started + CONFIG_TIMEOUT
     with tempfile.TemporaryDirectory(prefix="ptilab-qemu-") as tmp:
         work = Path(tmp)
-        console, data, qmp_path = work / "console.log", work / "data.tgz", work / "qmp.sock"
-        errors = work / "qemu.stderr"
-        cpu_model = "qemu64,vendor=GenuineIntel" + (",+la57" if spec["la57"] else "")
-        append = f"console=ttyS0 panic=-1 quiet loglevel=4 {spec['append']}"
-        cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", cpu_model,
-               "-m", MEMORY, "-smp", str(CPUS), "-kernel", str(vmlinuz), "-initrd", str(initrd),
-               "-append", append, "-device", "vmcoreinfo", "-display", "none", "-vga", "none", "-nic", "none", "-no-reboot",
-               "-serial", f"file:{console}", "-serial", f"file:{data}",
-               "-qmp", f"unix:{qmp_path},server=on,wait=off"]
-        if spec.get("dumps") and add_lime_disk(cmd, work):
-            say(f"{config}: LiME dumps RAM to a virtio disk at boot")
-        say(f"{config}: booting {vmlinuz} (-cpu {cpu_model}; {spec['append']})")
-        with errors.open("wb") as err_file:
-            qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err_file, start_new_session=True)
+        initrd = build_initramfs(work, kernel)
+        qemu, run_ = start_qemu(config, spec, kernel, initrd, work)
         qmp = None
         try:
-            boot_deadline = min(started + BOOT_TIMEOUT, config_deadline)
-            qmp = Qmp(qmp_path, qemu, boot_deadline)
-            qmp.deadline = config_deadline
-            text = ""
-            while READY not in text:
-                if qemu.poll() is not None:
-                    err = errors.read_text(errors="replace").strip().splitlines()[-1:]
-                    panic = [l for l in text.splitlines() if "Kernel panic" in l][-1:]
-                    raise Failure(f"QEMU exited (code {qemu.returncode}) before the guest was ready: "
-                                  f"{(panic or err or ['no message'])[0].strip()}")
-                if time.time() > boot_deadline:
-                    raise Failure(f"the guest printed no ready marker in {BOOT_TIMEOUT} s "
-                                  f"(console ends: {text.strip().splitlines()[-1:]})")
-                time.sleep(0.25)
-                text = console.read_text(errors="replace") if console.exists() else ""
-            say(f"{config}: guest ready after {time.time() - started:.1f} s")
-            say(f"{config}: console: {' '.join(l.strip() for l in text.splitlines() if l.startswith('@@PTILAB-'))}")
-            sections = unpack_data(text, data)
+            qmp = Qmp(run_["qmp"], qemu, min(started + BOOT_TIMEOUT, deadline))
+            text = wait_ready(qemu, run_, min(started + BOOT_TIMEOUT, deadline))
+            qmp.deadline = deadline
+            seen = time.time()
+            say(f"{config}: guest ready after {seen - started:.1f} s; console: "
+                f"{' '.join(l.strip() for l in text.splitlines() if l.startswith('@@PTILAB-'))}")
+            sections = unpack_data(text, run_["data"])
             check_sections(config, spec, sections)
-            time.sleep(1)  # let the busy loops get going
-
-            regs: list[str] = []
-            for attempt in range(USER_MODE_TRIES):
-                qmp.execute("stop")
-                regs = [qmp.hmp("info registers", cpu=i) for i in range(CPUS)]
-                if any(register(r, "CPL") == 3 for r in regs):
-                    break
-                qmp.execute("cont")
-                time.sleep(0.02 + 0.01 * (attempt % 10))
-            else:
-                raise Failure(f"no CPU was at CPL 3 in {USER_MODE_TRIES} stop/cont rounds")
-            cpus = []
-            for i, text_regs in enumerate(regs):
-                cpus.append({"index": i, "cr3": register(text_regs, "CR3"), "cr4": register(text_regs, "CR4"),
-                             "efer": register(text_regs, "EFER"), "cpl": register(text_regs, "CPL"),
-                             "rip": register(text_regs, "RIP")})
-            user_cpu = next(c["index"] for c in cpus if c["cpl"] == 3)
-            say(f"{config}: stopped after {attempt + 1} round(s); CPLs "
-                f"{[c['cpl'] for c in cpus]}, CR3s {[hex(c['cr3']) for c in cpus]}")
-            for i, text_regs in enumerate(regs):
-                (stage / f"cpu{i}.registers.txt").write_text(text_regs)
-                t0 = time.time()
-                mem = qmp.hmp("info mem", cpu=i)
-                t1 = time.time()
-                tlb = qmp.hmp("info tlb", cpu=i)
-                t2 = time.time()
-                (stage / f"cpu{i}.info_mem.txt").write_text(mem)
-                (stage / f"cpu{i}.info_tlb.txt").write_text(tlb)
-                say(f"{config}: cpu{i}: info mem {mem.count(chr(10))} lines ({t1 - t0:.1f} s), "
-                    f"info tlb {tlb.count(chr(10))} lines ({t2 - t1:.1f} s)")
-
-            core = stage / "core.elf"
-            say(f"{config}: dump-guest-memory {core.name}")
-            qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{core}")  # synchronous
-            status = qmp.execute("query-dump")
-            if not isinstance(status, dict) or status.get("status") != "completed":
-                raise Failure(f"dump-guest-memory did not complete: {status}")
-            size = check_core(core)
-            core.chmod(0o644)
-            say(f"{config}: core.elf complete, {size} bytes")
-            if spec.get("dumps"):
+            if sections["uname"].strip() != kernel.uname:
+                raise Failure(f"the guest runs {sections['uname'].strip()}, not {kernel.uname}")
+            regs, rounds = stop_in_user_mode(qmp)
+            cpus = cpu_state(regs)
+            say(f"{config}: stopped {time.time() - seen:.2f} s after the ready marker, {rounds} round(s); "
+                f"CPLs {[c['cpl'] for c in cpus]}, CR3s {[hex(c['cr3']) for c in cpus]}")
+            save_walks(config, spec, qmp, regs, stage)
+            dump_core(config, qmp, stage)
+            if spec.dumps:
                 dump_formats(qmp, stage, config)
-            version = qmp.execute("query-version")
-            qemu_version = "{major}.{minor}.{micro}".format(**version["qemu"])
-            if version.get("package"):
-                qemu_version += f" ({version['package'].strip()})"
+            run_["qemu_version"] = qemu_version(qmp)
             try:
                 qmp.execute("quit")
             except Failure:
                 pass  # QEMU may close the socket before answering
-            qemu.wait(timeout=max(1.0, config_deadline - time.time()))
+            qemu.wait(timeout=max(1.0, deadline - time.time()))
             if (work / "lime.img").exists():
                 say(f"{config}: lime.dump holds {lime_from_disk(work / 'lime.img', stage / 'lime.dump')} ranges")
         except subprocess.TimeoutExpired:
@@ -654,76 +1007,156 @@ def build(config: str, out_root: Path, vmlinuz: Path, initrd: Path, force: bool)
             if qemu.poll() is None:
                 qemu.kill()
                 qemu.wait()
-            if console.exists():
-                (stage / "console.txt").write_text(console.read_text(errors="replace"))
-    if spec.get("dumps"):
-        makedumpfile_formats(stage, config, sections["kallsyms"])
+            with _qemus_lock:
+                _qemus.discard(qemu)
+            if run_["console"].exists():
+                (stage / "console.txt").write_text(run_["console"].read_text(errors="replace"))
+    return sections, run_, cpus
+
+
+def oracle_state(kernel: Kernel, sections: dict[str, str]) -> tuple[bool, str]:
+    """Whether the oracle's four files came back, else why not."""
+    if kernel.module is None:
+        return False, f"module not built: {kernel.module_error}"
+    missing = [k for k in ("oracle_user", "oracle_kernel", "oracle_task", "oracle_tasks") if not sections.get(k, "").strip()]
+    if missing:
+        return False, f"insmod: {sections.get('insmod', '').strip() or 'no output'}; missing {' '.join(missing)}"
+    return True, ""
+
+
+def write_fixture(config: str, spec: Config, kernel: Kernel, stage: Path, out: Path,
+                  sections: dict[str, str], run_: dict, cpus: list[dict]) -> dict:
     for key, fname in SECTION_FILES.items():
         if key in sections:
             (stage / fname).write_text(sections[key])
     ptdump = [f for f in ("kernel", "current_user", "current_kernel") if f"ptdump_{f}" in sections]
+    oracle, oracle_error = oracle_state(kernel, sections)
     meta = {
         "config": config,
+        "release": kernel.release,
+        "flavour": kernel.flavour,
         "kernel_release": sections["uname"].strip(),
-        "vmlinuz": str(vmlinuz),
-        "qemu_version": qemu_version,
-        "append": append,
-        "la57": spec["la57"],
+        "kernel_package": f"{kernel.package} {kernel.version}",
+        "vmlinuz": str(kernel.vmlinuz),
+        "qemu_version": run_["qemu_version"],
+        "append": run_["append"],
+        "la57": spec.la57,
         "pti": PTI_ENABLED in sections["dmesg"],
-        "kaslr": "nokaslr" not in append.split(),
+        "kaslr": "nokaslr" not in run_["append"].split(),
+        "oracle": oracle,
+        "oracle_error": oracle_error,
         "ptdump_available": bool(ptdump),
         "ptdump_files": ptdump,
-        "cpu_model": cpu_model,
+        "cpu_model": run_["cpu_model"],
         "memory": MEMORY,
         "cpus": cpus,
-        "user_cpu": user_cpu,
+        "user_cpu": next(c["index"] for c in cpus if c["cpl"] == 3),
     }
     (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    # swap in the new fixture with the old one out of the way for as short a time as possible
+    old = out.with_name(f".{config}.old")
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        shutil.rmtree(out)
+        out.rename(old)
     stage.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return meta
+
+
+def build(config: str, out_root: Path, kernel: Kernel) -> None:
+    spec = CONFIGS[config]
+    out = out_root / config
+    started = time.time()
+    stage = out_root / f".{config}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    sections, run_, cpus = boot(config, spec, kernel, stage, started)
+    if spec.dumps:
+        makedumpfile_formats(stage, config, sections["kallsyms"])
+    meta = write_fixture(config, spec, kernel, stage, out, sections, run_, cpus)
+    user_cpu = meta["user_cpu"]
     say(f"{config}: done in {time.time() - started:.0f} s -> {out} (pti {'on' if meta['pti'] else 'off'}, "
-        f"user CPU {user_cpu}, CR3 {cpus[user_cpu]['cr3']:#x}, ptdump {'yes' if ptdump else 'no'})")
+        f"user CPU {user_cpu}, CR3 {cpus[user_cpu]['cr3']:#x}, "
+        f"oracle {'yes' if meta['oracle'] else 'no: ' + meta['oracle_error']})")
+
+
+# -- everything ------------------------------------------------------------------------
+
+def build_all(configs: list[str], out_root: Path, cache: Path, jobs: int) -> list[str]:
+    """Fetch the kernels, build the modules, boot the configs `jobs` at a time.  Returns the failures."""
+    t0 = time.time()
+    kernels = prepare_kernels(configs, cache)
+    for release in sorted({k.uname for c in configs if CONFIGS[c].dumps
+                           for k in [kernels[CONFIGS[c].release, CONFIGS[c].flavour]] if isinstance(k, Kernel)}):
+        ensure_lime(release)
+    say(f"kernels ready in {time.time() - t0:.1f} s: " + ", ".join(
+        f"{k.uname} ({k.version}; oracle {'built' if k.module else 'not built'})"
+        for k in kernels.values() if isinstance(k, Kernel)))
+    failures = []
+    for c in configs:
+        kernel = kernels[CONFIGS[c].release, CONFIGS[c].flavour]
+        if isinstance(kernel, Failure):
+            failures.append(f"{c}: {kernel}")
+            print(f"realkernel: error: {c}: {kernel}", file=sys.stderr, flush=True)
+    # the slow boots first (5-level: QEMU 7.2's info mem walks nothing for ~20 s per CPU), so two at a time pack well
+    order = sorted((c for c in configs if isinstance(kernels[CONFIGS[c].release, CONFIGS[c].flavour], Kernel)),
+                   key=lambda c: not CONFIGS[c].la57)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(build, c, out_root, kernels[CONFIGS[c].release, CONFIGS[c].flavour]): c
+                   for c in order}
+        try:
+            for done in concurrent.futures.as_completed(futures):
+                try:
+                    done.result()
+                except (Failure, subprocess.CalledProcessError, OSError) as e:
+                    failures.append(f"{futures[done]}: {e}")
+                    print(f"realkernel: error: {futures[done]}: {e}", file=sys.stderr, flush=True)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            with _qemus_lock:
+                for qemu in _qemus:
+                    qemu.kill()
+            raise
+    return failures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="Build the real-kernel fixtures under QEMU.")
     parser.add_argument("--config", action="append", choices=sorted(CONFIGS), help="repeatable; default: all")
     parser.add_argument("--out", type=Path, default=HERE / "out")
+    parser.add_argument("--cache", type=Path, help="apt state, .debs, unpacked kernels (default: OUT/.cache)")
     parser.add_argument("--force", action="store_true", help="rebuild even when meta.json is up to date")
+    parser.add_argument("--jobs", type=int, default=JOBS, help=f"QEMU boots at once (default {JOBS})")
     args = parser.parse_args()
     # SIGTERM/SIGHUP unwind like Ctrl-C, so the finally blocks kill QEMU.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
-    step = "setup"
+    out_root = args.out.resolve()
+    cache = (args.cache or out_root / ".cache").resolve()
+    started = time.time()
+    configs = args.config or list(CONFIGS)
+    todo = [c for c in configs if args.force or not up_to_date(out_root / c / "meta.json")]
+    for c in sorted(set(configs) - set(todo)):
+        say(f"{c}: up to date (meta.json is newer than build.py and oracle/), skipped")
     try:
+        if not todo:
+            return 0
         ensure_packages()
-        vmlinuz = kernel_image()
-        if not os.access(vmlinuz, os.R_OK):
-            raise Failure(f"{vmlinuz} is not readable (Debian makes it 0600: run as root)")
-        if any(CONFIGS[c].get("dumps") for c in args.config or CONFIGS):
-            ensure_lime(vmlinuz)
-        with tempfile.TemporaryDirectory(prefix="ptilab-initrd-") as tmp:
-            initrd = build_initramfs(Path(tmp), vmlinuz)
-            say(f"initramfs {initrd.stat().st_size} bytes (busybox + /init)")
-            for config in args.config or list(CONFIGS):
-                step = config
-                build(config, args.out.resolve(), vmlinuz, initrd, args.force)
+        out_root.mkdir(parents=True, exist_ok=True)
+        failures = build_all(todo, out_root, cache, max(1, args.jobs))
     except Failure as e:
-        print(f"realkernel: error: {step}: {e}", file=sys.stderr, flush=True)
-        return 1
-    except subprocess.CalledProcessError as e:
-        print(f"realkernel: error: {step}: {' '.join(map(str, e.cmd))} failed with {e.returncode}",
-              file=sys.stderr, flush=True)
+        print(f"realkernel: error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        print(f"realkernel: error: {step}: interrupted", file=sys.stderr, flush=True)
+        print("realkernel: error: interrupted", file=sys.stderr, flush=True)
         return 130
     except Terminated as e:
         signum = e.args[0]
-        print(f"realkernel: error: {step}: killed by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        print(f"realkernel: error: killed by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
         return 128 + signum
-    return 0
+    say(f"{len(todo) - len(failures)} of {len(todo)} configs built in {time.time() - started:.0f} s")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Real-kernel fixtures: built by build.py (run by .ci/run); built here on demand.
 
-Outside CI a machine that cannot build them (no root, no apt) skips these
-tests with the reason; in CI (CI=true) that is a failure, never a silent skip.
+The first test that needs a missing fixture builds every missing one (build.py
+boots two at a time), its progress shown on the terminal.  Outside CI a machine
+that cannot build them (no root, no apt) skips these tests with the reason; in
+CI (CI=true) that is a failure, never a silent skip.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +21,9 @@ import pytest
 from ptilab.formats.kallsyms import read_symbols
 from ptilab.memory.images import open_image
 from ptilab.paging import Geometry
-
 from tests.realkernel.build import CONFIGS
 
 OUT = Path(__file__).resolve().parent / "out"
-# What the tests run over: the configurations build.py knows, whether or not
-# they are built yet, so the first run collects the same tests as the next
-# (a directory under out/ that build.py did not make is not a fixture).
-REAL_CONFIGS = sorted(CONFIGS)
 
 
 @dataclass
@@ -44,29 +41,34 @@ class RealKernel:
     def cpu(self, index: int | None = None) -> dict:
         return self.meta["cpus"][self.meta["user_cpu"] if index is None else index]
 
-
-def _load(config: str) -> RealKernel:
-    path = OUT / config
-    if not (path / "meta.json").exists():
-        with _uncaptured():
-            # build.py's progress lines (stdout) go to the terminal: a boot takes a while.
-            print(f"\nrealkernel: building fixture {config} (python tests/realkernel/build.py --config {config})",
-                  flush=True)
-            built = subprocess.run([sys.executable, str(Path(__file__).with_name("build.py")), "--config", config],
-                                   stderr=subprocess.PIPE, text=True)
-        if built.returncode:
-            reason = f"real-kernel fixture {config} could not be built: {built.stderr.strip()[-300:]}"
-            if os.environ.get("CI"):
-                pytest.fail(reason)
-            pytest.skip(reason)
-    meta = json.loads((path / "meta.json").read_text())
-    return RealKernel(config, path, meta, open_image(path / "core.elf"), read_symbols(path / "kallsyms.txt"))
+    def oracle_task(self) -> tuple[int, str, int]:
+        """pid, comm and kernel-PGD physical address of the task the oracle dumped."""
+        pid, comm, pgd = (self.path / "oracle_task.txt").read_text().split()
+        return int(pid), comm, int(pgd, 16)
 
 
+# What the tests run over: the configurations build.py knows, whether or not
+# they are built yet, so the first run collects the same tests as the next
+# (a directory under out/ that build.py did not make is not a fixture).
+REAL_CONFIGS = sorted(CONFIGS)
+ALL_CONFIGS = REAL_CONFIGS
+PTI_CONFIGS = [c for c, spec in CONFIGS.items() if spec.pti]
+PTI_ON_CONFIGS = [c for c, spec in CONFIGS.items() if "pti=on" in spec.append.split()]  # not auto mode
+KASLR_CONFIGS = [c for c, spec in CONFIGS.items() if "nokaslr" not in spec.append.split()]
+
+
+def nokaslr_sibling(config: str) -> str:
+    """The config booting the same kernel with PTI on and KASLR off: its kallsyms are the unslid ones."""
+    spec = CONFIGS[config]
+    return next(c for c, s in CONFIGS.items() if (s.release, s.flavour, s.pti) == (spec.release, spec.flavour, True)
+                and "nokaslr" in s.append.split())
+
+
+_build_errors: dict[str, str] = {}
 PYTEST_CONFIG = None  # set by tests/conftest.py's pytest_configure
 
 
-@contextmanager
+@contextlib.contextmanager
 def _uncaptured():
     """pytest's output capture suspended, so what the block prints reaches the terminal."""
     capman = PYTEST_CONFIG.pluginmanager.getplugin("capturemanager") if PYTEST_CONFIG else None
@@ -75,6 +77,35 @@ def _uncaptured():
         return
     with capman.global_and_fixture_disabled():
         yield
+
+
+def _build_missing() -> None:
+    """One build.py run for every config without a meta.json; why each failed, if it did."""
+    missing = [c for c in CONFIGS if not (OUT / c / "meta.json").exists() and c not in _build_errors]
+    if not missing:
+        return
+    cmd = [sys.executable, str(Path(__file__).with_name("build.py"))] + [a for c in missing for a in ("--config", c)]
+    with _uncaptured():
+        print(f"\nrealkernel: building missing fixtures {' '.join(missing)}", flush=True)
+        built = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(built.stderr)
+    for c in missing:
+        if not (OUT / c / "meta.json").exists():
+            said = [l for l in built.stderr.splitlines() if f" {c}: " in l or "error:" in l]
+            _build_errors[c] = (said or [f"build.py exited {built.returncode}"])[-1][-300:]
+
+
+def _load(config: str) -> RealKernel:
+    path = OUT / config
+    if not (path / "meta.json").exists():
+        _build_missing()
+    if not (path / "meta.json").exists():
+        reason = f"real-kernel fixture {config} could not be built: {_build_errors.get(config, 'unknown')}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    meta = json.loads((path / "meta.json").read_text())
+    return RealKernel(config, path, meta, open_image(path / "core.elf"), read_symbols(path / "kallsyms.txt"))
 
 
 _cache: dict[str, RealKernel] = {}
@@ -88,9 +119,11 @@ def real_kernel(config: str) -> RealKernel:
 
 @pytest.fixture(params=["pti-4level", "pti-5level", "pti-kaslr"])
 def pti_kernel(request) -> RealKernel:
+    """Debian 6.1 generic with pti=on (the boots the linux-6.1 profile models)."""
     return real_kernel(request.param)
 
 
 @pytest.fixture(params=["pti-4level", "pti-5level", "pti-off", "pti-kaslr"])
 def any_kernel(request) -> RealKernel:
+    """Debian 6.1 generic; the whole matrix is REAL_CONFIGS."""
     return real_kernel(request.param)
