@@ -51,7 +51,6 @@ class RealKernel:
 # they are built yet, so the first run collects the same tests as the next
 # (a directory under out/ that build.py did not make is not a fixture).
 REAL_CONFIGS = sorted(CONFIGS)
-ALL_CONFIGS = REAL_CONFIGS
 PTI_CONFIGS = [c for c, spec in CONFIGS.items() if spec.pti]
 PTI_ON_CONFIGS = [c for c, spec in CONFIGS.items() if "pti=on" in spec.append.split()]  # not auto mode
 KASLR_CONFIGS = [c for c, spec in CONFIGS.items() if "nokaslr" not in spec.append.split()]
@@ -91,7 +90,8 @@ def _build_missing() -> None:
         sys.stderr.write(built.stderr)
     for c in missing:
         if not (OUT / c / "meta.json").exists():
-            said = [l for l in built.stderr.splitlines() if f" {c}: " in l or "error:" in l]
+            lines = built.stderr.splitlines()
+            said = [l for l in lines if f" {c}: " in l] or [l for l in lines if "error:" in l]
             _build_errors[c] = (said or [f"build.py exited {built.returncode}"])[-1][-300:]
 
 

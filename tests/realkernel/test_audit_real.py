@@ -11,11 +11,11 @@ from ptilab.compare.views import pages, rights
 from ptilab.linux.kernel import boot
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE
 from ptilab.paging import walk
-from tests.realkernel.conftest import (ALL_CONFIGS, KASLR_CONFIGS, PTI_CONFIGS, PTI_ON_CONFIGS, nokaslr_sibling,
+from tests.realkernel.conftest import (KASLR_CONFIGS, PTI_CONFIGS, PTI_ON_CONFIGS, REAL_CONFIGS, nokaslr_sibling,
                                       real_kernel)
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS)
+@pytest.mark.parametrize("config", REAL_CONFIGS)
 def test_fixture_boots_the_debian_kernel_it_names(config):
     meta = real_kernel(config).meta
     # Debian's `uname -r`: 6.1.0-57-amd64, 6.1.0-57-rt-amd64, 6.12.118+deb13-cloud-amd64
@@ -130,7 +130,7 @@ def test_meltdown_through_the_real_user_tables_recovers_the_kaslr_slide(config):
     assert (result.kaslr_slide != 0) == k.meta["kaslr"]
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS)
+@pytest.mark.parametrize("config", REAL_CONFIGS)
 def test_real_kernels_walk_to_the_same_ranges_summarised_or_not(config):
     """The ESPfix area's aliases are summarised by the walker; expanded, the
     address space is record for record what walking every alias gives."""

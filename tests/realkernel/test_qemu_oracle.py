@@ -4,10 +4,10 @@ import pytest
 
 from ptilab.formats.qemu import format_info_mem, format_info_tlb, parse_info_mem, parse_info_tlb
 from ptilab.paging import walk
-from tests.realkernel.conftest import ALL_CONFIGS, real_kernel
+from tests.realkernel.conftest import REAL_CONFIGS, real_kernel
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS)
+@pytest.mark.parametrize("config", REAL_CONFIGS)
 @pytest.mark.parametrize("cpu", [0, 1])
 def test_dump_equals_qemus_own_walk_line_for_line(config, cpu):
     k = real_kernel(config)

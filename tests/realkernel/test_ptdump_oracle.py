@@ -1,0 +1,43 @@
+"""The kernel's own ptdump as the oracle.
+
+build.py loads oracle/ptilab_oracle.ko in every boot: it stops one busy-loop
+task (SIGSTOP), writes ptdump_walk_pgd_level_debugfs() of that task's user and
+kernel PGD (oracle_user.txt, oracle_kernel.txt) and every task's mm->pgd
+(tasks.txt), then the host freezes the VM and dumps its memory.  ptilab reads
+the core and must print what Linux printed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ptilab.paging.entry import PAGE_SIZE
+from tests.realkernel.conftest import REAL_CONFIGS, real_kernel
+
+PTI_SWITCH = 0x1000  # PTI_PGTABLE_SWITCH_BIT: the user PGD is the page after the kernel PGD
+
+
+def oracle_kernel(config: str):
+    k = real_kernel(config)
+    assert k.meta["oracle"], f"{config}: the oracle module did not run: {k.meta.get('oracle_error')}"
+    return k
+
+
+@pytest.mark.parametrize("config", REAL_CONFIGS)
+def test_tasks_share_the_kernel_half_of_their_pgds(config):
+    """pgd_ctor() copies swapper_pg_dir's kernel entries into every new PGD (and, under PTI, the user
+    PGD's kernel entries from swapper's user PGD): every task's top level agrees with the CPU's there."""
+    k = oracle_kernel(config)
+    tasks = [line.split() for line in (k.path / "tasks.txt").read_text().splitlines()]
+    pgds = {int(pgd, 16) for _, _, pgd in tasks}
+    assert len(tasks) >= 6 and len(pgds) == len(tasks)  # init, busy loops, sleepers, the target: own mms
+    pid, comm, pgd = k.oracle_task()
+    assert [str(pid), comm, f"{pgd:x}"] in tasks
+    halves = [0, PTI_SWITCH] if k.meta["pti"] else [0]
+    cpu_pgd = k.cpu()["cr3"] & ~0xFFF & ~PTI_SWITCH
+    for half in halves:
+        want = k.mem.read_frame((cpu_pgd + half) // PAGE_SIZE)[256:]
+        for pgd in pgds:
+            assert np.array_equal(k.mem.read_frame((pgd + half) // PAGE_SIZE)[256:], want)
+    assert cpu_pgd in pgds  # the CPU in user mode runs one of the listed tasks
