@@ -178,3 +178,30 @@ def test_tables_that_map_no_kernel_code_are_not_clean(kernel):
     u = walk(kernel.ram, kernel.user_cr3(), kernel.geometry).ranges
     data_only = u[(u["eff"] & np.uint64(EFF_NX)) != 0]
     assert "TABLES-NO-ENTRY" in _ids(audit(Views(kernel.geometry, data_only)))
+
+
+# pti_clone_kernel_text() clones [_text, __end_rodata_aligned) read-only; the symbols of a 6.1 image.
+CLONE_SYMBOLS = {"_text": 0xFFFF_FFFF_8100_0000, "__entry_text_start": 0xFFFF_FFFF_81C0_0010,
+                 "__entry_text_end": 0xFFFF_FFFF_81C0_2000, "_etext": 0xFFFF_FFFF_81E0_1D32,
+                 "__end_rodata_aligned": 0xFFFF_FFFF_82A0_0000}
+
+
+@pytest.mark.parametrize("where, flags, expect", [
+    (0xFFFF_FFFF_8100_0000, (e.PAGE_KERNEL_LARGE & ~e.RW & ~e.NX), "clone"),   # text, read-only, executable
+    (0xFFFF_FFFF_8220_0000, e.PAGE_KERNEL_LARGE & ~e.RW, "clone"),        # rodata
+    (0xFFFF_FFFF_8100_0000, e.PAGE_KERNEL_LARGE & ~e.NX, "leak"),            # writable text is no clone
+    (0xFFFF_FFFF_82A0_0000, e.PAGE_KERNEL_LARGE & ~e.RW, "leak"),         # past rodata: data, secrets
+])
+def test_the_kernel_text_clone_is_low_and_anything_else_of_the_image_a_leak(kernel, where, flags, expect):
+    map_page(kernel.ram, kernel.geometry, kernel.user_cr3().pgd, where, 0x100_0000, flags,
+             kernel.table_allocator("test", "clone"), 21)
+    views = _views(kernel)
+    views.symbols = CLONE_SYMBOLS
+    found = audit(views)
+    if expect == "clone":
+        (clone,) = [f for f in found if f.id == "PTI-KERNEL-IMAGE"]
+        assert clone.severity is Severity.LOW and "KASLR is gone" in clone.explanation
+        assert _ids(found, Severity.MEDIUM) == set()
+    else:
+        assert "PTI-KERNEL-IMAGE" not in _ids(found)
+        assert "PTI-LEAK" in _ids(found, Severity.HIGH)

@@ -143,3 +143,14 @@ def test_real_kernels_walk_to_the_same_ranges_summarised_or_not(config):
         assert [r.tolist() for r in w.table_refs] == [r.tolist() for r in full.table_refs]
         assert w.mapped_bytes() == full.mapped_bytes()
         assert len(w.distinct) < len(full.ranges) or not w.alias_count()
+
+
+def test_auto_pti_without_pcid_clones_kernel_text_as_a_low_finding_and_passes():
+    # 5-level, no pti= option, a CPU without PCID: pti_clone_kernel_text() runs.
+    from ptilab.audit.findings import Severity as S
+
+    k = real_kernel("pti-auto-5level")
+    found = audit(views_from_image(k.mem, k.cpu()["cr3"], k.geometry, k.symbols).views)
+    (clone,) = [f for f in found if f.id == "PTI-KERNEL-IMAGE"]
+    assert clone.severity is S.LOW and clone.spans[0].start == k.symbols["_text"]
+    assert {f.id for f in found if f.severity >= S.MEDIUM} == set()  # no USER-VIEW-KERNEL-EXEC, -GLOBAL

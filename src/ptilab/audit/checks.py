@@ -86,12 +86,25 @@ def _entry_text(symbols: dict[str, int]) -> tuple[int, int] | None:
     return start & ~(pmd - 1), (end + pmd - 1) & ~(pmd - 1)
 
 
+def _kernel_text_clone(symbols: dict[str, int]) -> tuple[int, int] | None:
+    """What pti_clone_kernel_text() maps into the user tables when
+    pti_kernel_image_global_ok() (PTI auto, no PCID): [_text,
+    __end_rodata_aligned), "do not clone the areas past rodata, they might
+    contain secrets" (pti.c)."""
+    start = symbols.get("_text")
+    end = symbols.get("__end_rodata_aligned", symbols.get("__end_rodata_hpage_align"))
+    if start is None or end is None:
+        return None
+    return start & ~(e.PAGE_SIZE - 1), end
+
+
 def class_edges(geometry: Geometry, symbols: dict[str, int]) -> np.ndarray:
     """Addresses where classify() may judge a range differently (sorted):
     between two of them, where a range lies changes nothing."""
     edges = [geometry.kernel_half_start(), CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + P4D_SIZE,
              ESPFIX_BASE_ADDR, ESPFIX_BASE_ADDR + P4D_SIZE, START_KERNEL_MAP, MODULES_VADDR,
-             VSYSCALL_ADDR, VSYSCALL_ADDR + e.PAGE_SIZE, *_direct_map(geometry), *(_entry_text(symbols) or ())]
+             VSYSCALL_ADDR, VSYSCALL_ADDR + e.PAGE_SIZE, *_direct_map(geometry), *(_entry_text(symbols) or ()),
+             *(_kernel_text_clone(symbols) or ())]
     return np.unique(np.array([a & 0xFFFF_FFFF_FFFF_FFFF for a in edges], dtype=np.uint64))
 
 
@@ -172,9 +185,15 @@ def classify(views: Views) -> dict[str, np.ndarray]:
     tss = other & small
     if _count(copies, tss) > views.nr_cpus_hint:
         tss[:] = False
-    leak = ~(cea | espfix | entry | vsyscall | tss)
+    # pti_clone_kernel_text(): read-only, and (with symbols) within text and rodata. A writable
+    # page there, or one past rodata, is no part of it and stays a leak.
+    clone = image & ~entry & ((r["eff"] & EFF_RW) == 0)
+    clone_range = _kernel_text_clone(views.symbols)
+    if clone_range is not None:
+        clone &= _within(r, *clone_range) & (r["va"] + r["size"] <= np.uint64(clone_range[1]))
+    leak = ~(cea | espfix | entry | vsyscall | tss | clone)
     return {"cpu_entry_area": cea, "espfix": espfix, "entry text": entry, "vsyscall page": vsyscall,
-            "cpu_tss_rw pages": tss, "leak": leak, "_ranges": r, "_copies": copies}
+            "cpu_tss_rw pages": tss, "kernel text clone": clone, "leak": leak, "_ranges": r, "_copies": copies}
 
 
 def check_pti_off(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
@@ -203,16 +222,8 @@ def check_leaks(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     leak, leak_copies = r[kinds["leak"]], copies[kinds["leak"]]
     if not len(leak) or _bytes(leak, leak_copies) >= PTI_OFF_BYTES:
         return []
-    image = _within(leak, START_KERNEL_MAP, MODULES_VADDR)
+    image = np.zeros(len(leak), bool)  # the kernel text clone is judged apart (check_kernel_text_clone)
     found = []
-    if image.any():
-        found.append(Finding(
-            "PTI-KERNEL-IMAGE", Severity.MEDIUM, "kernel image mapped in the user tables",
-            f"{_bytes(leak, leak_copies, image) >> 10} KiB of the kernel image beyond the entry text is mapped "
-            f"while user code runs. Linux does this on purpose only with pti=auto on CPUs without PCID "
-            f"(pti_clone_kernel_text(): text and rodata, for fewer TLB misses); then Meltdown can read the "
-            f"kernel's code and constants and defeat KASLR, but no secrets. Elsewhere it is a leak.",
-            _spans(leak[image], "user", "kernel image", copies=leak_copies[image])))
     rest = leak[~image]
     if len(rest):
         found.append(Finding(
@@ -222,6 +233,22 @@ def check_leaks(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
             f"stacks, per-CPU cpu_tss_rw). A present translation is all Meltdown needs: the US bit does not "
             f"stop a speculative read.", _spans(rest, "user", "not allowed under PTI", copies=leak_copies[~image])))
     return found
+
+
+def check_kernel_text_clone(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    r, copies = kinds["_ranges"], kinds["_copies"]
+    clone = kinds["kernel text clone"]
+    if not clone.any() or _bytes(r, copies, kinds["leak"]) >= PTI_OFF_BYTES:
+        return []
+    return [Finding(
+        "PTI-KERNEL-IMAGE", Severity.LOW, "kernel text and rodata cloned into the user tables",
+        f"{_bytes(r, copies, clone) >> 10} KiB of the kernel image (read-only: text and rodata) are mapped, global, "
+        f"while user code runs. Linux does this on purpose with PTI in auto mode on a CPU without PCID "
+        f"(pti_clone_kernel_text() when pti_kernel_image_global_ok()): global kernel text saves TLB misses on "
+        f"every entry. The price under Meltdown: the kernel's code and constants are readable, so KASLR is gone; "
+        f"no data is (nothing past __end_rodata_aligned is cloned, and anything writable here would be a PTI-LEAK). "
+        f"pti=on, or a CPU with PCID, keeps it out.",
+        _spans(r[clone], "user", "kernel text clone", copies=copies[clone]))]
 
 
 def check_user_view_summary(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
@@ -290,7 +317,7 @@ def check_user_bit(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
 
 def check_executable(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     r = kinds["_ranges"]
-    x = ((r["eff"] & EFF_NX) == 0) & ~kinds["entry text"]
+    x = ((r["eff"] & EFF_NX) == 0) & ~kinds["entry text"] & ~kinds["kernel text clone"]
     if not x.any():
         return []
     return [Finding("USER-VIEW-KERNEL-EXEC", Severity.HIGH, "executable kernel code in the user tables beyond the entry text",
@@ -304,6 +331,7 @@ def check_global(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     # The cpu_entry_area, the cloned entry-text PMDs and the espfix pages are
     # global on purpose (cea_set_pte(), pti_clone_pgtable(), init_espfix_ap()).
     glb = ((r["prot"] & np.uint64(e.G)) != 0) & ~kinds["cpu_entry_area"] & ~kinds["entry text"] & ~kinds["espfix"]
+    glb &= ~kinds["kernel text clone"]  # set_memory_global() in pti_clone_kernel_text()
     if not glb.any():
         return []
     return [Finding("USER-VIEW-GLOBAL", Severity.MEDIUM, "global kernel pages in the user tables",
@@ -369,7 +397,7 @@ def check_no_entry(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
                     f"nothing else this audit says about them means anything.")]
 
 
-CHECKS = (check_no_entry, check_pti_off, check_leaks, check_user_view_summary, check_wx, check_user_bit, check_executable,
+CHECKS = (check_no_entry, check_pti_off, check_leaks, check_kernel_text_clone, check_user_view_summary, check_wx, check_user_bit, check_executable,
           check_global, check_kernel_pgd_nx, check_cea_fixed, check_anomalies)
 
 
