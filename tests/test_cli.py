@@ -147,7 +147,7 @@ REFUSALS = [
     (["compare", "--cpus", "abc"], "not a valid integer"),
     (["simulate", "--view", "sideways"], "'sideways' is not one of"),
     (["dump", "core.elf", "--format", "yaml"], "'yaml' is not one of"),
-    (["dump"], "Missing argument 'IMAGE'"),
+    (["dump"], "give an IMAGE to dump, or --live"),
     (["report"], "Missing argument 'OUT'"),
     (["completion", "tcsh"], "'tcsh' is not one of"),
     (["--color=maybe"], "does not take a value"),

@@ -418,6 +418,14 @@ def _refuse_text_image(image: str) -> None:
     raise InputError(f"{image}: text ({describe_text(head)}), not a memory image")
 
 
+def _parse_cr3(text: str) -> int:
+    # Hex digits only (int() would also take underscores and non-ASCII digits).
+    value = int(text, 16) if re.fullmatch(r"(0x)?[0-9a-f]{1,16}", text, re.ASCII | re.IGNORECASE) else -1
+    if not 0 <= value < 1 << 64:
+        raise UsageError(f"--cr3 must be a 64-bit hexadecimal number, not {text!r}")
+    return value
+
+
 def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool | None):
     """The image, the CR3 to judge and the paging mode: from the options, or
     from QEMU's per-CPU notes in the core (a CPU in user mode first)."""
@@ -427,10 +435,7 @@ def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool
     if cr3 is not None and cpu is not None:
         raise UsageError("--cpu takes a CPU's CR3 from the core; give --cpu or --cr3, not both")
     if cr3 is not None:
-        # Hex digits only (int() would also take underscores and non-ASCII digits).
-        value = int(cr3, 16) if re.fullmatch(r"(0x)?[0-9a-f]{1,16}", cr3, re.ASCII | re.IGNORECASE) else -1
-        if not 0 <= value < 1 << 64:
-            raise UsageError(f"--cr3 must be a 64-bit hexadecimal number, not {cr3!r}")
+        value = _parse_cr3(cr3)
     _refuse_text_image(image)
     mem = open_image(image)
     if cr3 is None:
@@ -478,6 +483,20 @@ image_options = [
                       "depth at which the tables map the cpu_entry_area; one the dump contradicts is refused."),
 ]
 IMAGE_OPTIONS = ("cr3", "cpu", "la57")
+live_option = click.option(
+    "--live", default=None, is_flag=False, flag_value="/", metavar="[ROOT]",
+    help="The running kernel, through /proc/kcore (root only): init_mm's PGD pair from its VMCOREINFO. "
+         "ROOT is where this machine's /proc and /sys are mounted (default /; e.g. /host in a container).")
+
+
+def _open_live(ctx: click.Context, root: str):
+    """The running kernel under root, with the options that make no sense for it refused."""
+    from pathlib import Path
+
+    from ptilab.audit.live import open_live
+
+    _refuse(ctx, ("cpu", "la57"), "only with an IMAGE: --live takes the paging mode from the kernel's VMCOREINFO")
+    return open_live(Path(root))
 
 
 def _with_image_options(fn):
@@ -511,6 +530,7 @@ def _with_cluster_options(fn):
 @cli.command("audit")
 @click.argument("images", metavar="IMAGE...", nargs=-1, type=click.Path(dir_okay=False))
 @_with_image_options
+@live_option
 @click.option("--ptdump", "ptdump_file", type=click.Path(dir_okay=False), default=None,
               help="Audit Linux ptdump text (current_user, or kernel/current_kernel) instead of an image.")
 @click.option("--system-map", type=click.Path(dir_okay=False), default=None,
@@ -520,7 +540,7 @@ def _with_cluster_options(fn):
 @json_option
 @_with_cluster_options
 @click.pass_context
-def audit_command(ctx, images, cr3, cpu, la57, ptdump_file, system_map, fail_on, as_json, scheduler,
+def audit_command(ctx, images, cr3, cpu, la57, live, ptdump_file, system_map, fail_on, as_json, scheduler,
                   workers) -> None:
     """Check a real kernel's page tables against PTI's promises: what the
     user tables expose of the kernel and with which rights.
@@ -529,11 +549,18 @@ def audit_command(ctx, images, cr3, cpu, la57, ptdump_file, system_map, fail_on,
     kdump-compressed dump (makedumpfile, dump-guest-memory -z), a LiME dump or
     a raw physical image. Several images: one row each (a JSON list), audited on a
     local cluster of worker processes or on --scheduler's.
+
+    With --live, the running kernel (as root): init_mm's PGD pair read
+    through /proc/kcore, held against what the kernel reports
+    (vulnerabilities/meltdown, the pti CPU flag, its log, the command line)
+    and against debugfs's current_user where the kernel has it.
+
     Exit code 0: nothing at or above --fail-on; 1: found; 2: bad input.
 
     \b
     Examples:
       ptilab audit guest.core                     # CR3 of a user-mode CPU from the core
+      sudo ptilab audit --live                    # this machine
       ptilab audit mem.raw --cr3 61d9000 --system-map kallsyms.txt
       ptilab audit --ptdump current_user.txt --json
       ptilab audit guest.core --fail-on low && echo clean
@@ -545,8 +572,8 @@ def audit_command(ctx, images, cr3, cpu, la57, ptdump_file, system_map, fail_on,
 
     threshold = Severity.parse(fail_on)
     if len(images) > 1:
-        if ptdump_file:
-            raise UsageError("give IMAGEs or --ptdump, not both")
+        if ptdump_file or live:
+            raise UsageError(f"give IMAGEs or {'--ptdump' if ptdump_file else '--live'}, not both")
         _refuse(ctx, ("cr3",), "one CR3 cannot fit several images; each image's CPU notes give its own")
         _audit_images(ctx, images, cpu, la57, _symbols(system_map), threshold, as_json, scheduler, workers)
         return
@@ -554,13 +581,17 @@ def audit_command(ctx, images, cr3, cpu, la57, ptdump_file, system_map, fail_on,
     image = images[0] if images else None
     if ptdump_file and image:
         raise UsageError("give an IMAGE or --ptdump, not both")
-    if not ptdump_file and not image:
-        raise UsageError("give an IMAGE to audit, or --ptdump FILE")
+    if live and (image or ptdump_file):
+        raise UsageError(f"give {'an IMAGE' if image else '--ptdump'} or --live, not both")
+    if not ptdump_file and not image and not live:
+        raise UsageError("give an IMAGE to audit, --ptdump FILE, or --live")
     if ptdump_file:
         _refuse(ctx, IMAGE_OPTIONS, "only with an IMAGE, not with --ptdump")
     symbols = _symbols(system_map)
     out = _out()
-    if ptdump_file:
+    if live:
+        views, subject, extra, findings, found = _audit_live(ctx, live, cr3, symbols, out)
+    elif ptdump_file:
         from ptilab.audit.sources import views_from_ptdump
         views, subject = views_from_ptdump(ptdump_file, symbols), ptdump_file
         extra: dict = {}
@@ -574,17 +605,23 @@ def audit_command(ctx, images, cr3, cpu, la57, ptdump_file, system_map, fail_on,
                               "is_pti": found.pair.is_pti, "reasons": list(found.pair.reasons)},
                  "kaslr_slide": None if found.kaslr_slide is None else f"{found.kaslr_slide:#x}",
                  "vmcoreinfo": _vmcoreinfo_facts(mem)}
-    findings = audit(views)
+    if not live:
+        findings = audit(views)
     failed = any(f.severity >= threshold for f in findings)
     # Decided before printing: a reader that stops early (| head) still gets the verdict.
     ctx.meta[EXIT_META] = 1 if failed else 0
     if as_json:
         from ptilab.formats.jsonout import ranges_to_list, walk_to_dict
-        user_view = walk_to_dict(found.user) if image else {"ranges": ranges_to_list(views.user, views.geometry)}
+        user_view = (walk_to_dict(found.user) if image or live
+                     else {"ranges": ranges_to_list(views.user, views.geometry)})
         out.json({"subject": subject, **extra, "findings": [f.as_dict() for f in findings],
                   "user_view": user_view})
     else:
         table = findings_table(findings, f"PTI audit of {subject}")
+        if live:
+            k = extra["live"]
+            out.line(f"running kernel {k['release']}: {k['source']}, init_top_pgt at {k['init_top_pgt']}, "
+                     f"{k['levels']}-level, KERNELOFFSET {k['kernel_offset']}")
         if "pti_pair" in extra:
             pair = extra["pti_pair"]
             verdict = "a Linux PTI pair" if pair["is_pti"] else "not a PTI pair"
@@ -690,9 +727,28 @@ def _scan_summary(s) -> str:
             + f"{s.bytes_scanned / (1 << 30):.1f} GiB in {s.seconds:.2f} s ({rate:.1f} GiB/s)")
 
 
+def _audit_live(ctx: click.Context, root: str, cr3: str | None, symbols: dict[str, int] | None, out: Output):
+    """The views, subject, extra JSON, findings and image views of an audit of the running kernel."""
+    from pathlib import Path
+
+    from ptilab.audit.live import audit_live, live_symbols
+
+    kernel = _open_live(ctx, root)
+    with out.busy("walking the running kernel's page tables"):
+        result = audit_live(kernel, symbols or live_symbols(Path(root)), None if cr3 is None else _parse_cr3(cr3))
+    found = result.found
+    subject = (f"the running kernel {kernel.info.osrelease} ({kernel.kcore.path}, PGD {found.pair.kernel_pgd:#x}, "
+               f"{kernel.geometry.levels}-level)")
+    extra = {"pti_pair": {"kernel_pgd": f"{found.pair.kernel_pgd:#x}", "user_pgd": f"{found.pair.user_pgd:#x}",
+                          "is_pti": found.pair.is_pti, "reasons": list(found.pair.reasons)},
+             "kaslr_slide": f"{found.kaslr_slide:#x}", "live": kernel.as_dict()}
+    return found.views, subject, extra, result.findings, found
+
+
 @cli.command("dump")
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image", required=False, type=click.Path(dir_okay=False))
 @_with_image_options
+@live_option
 @click.option("--format", "fmt", type=click.Choice(["ptdump", "qemu", "json"]), default="ptdump", show_default=True,
               help="Linux ptdump text, QEMU monitor 'info mem' text, or JSON.")
 @click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
@@ -702,7 +758,7 @@ def _scan_summary(s) -> str:
 @click.option("--kaslr-bases", default=None, metavar="PAGE_OFFSET,VMALLOC,VMEMMAP",
               help="ptdump's KASLR markers at these hexadecimal bases instead.")
 @click.pass_context
-def dump(ctx, image, cr3, cpu, la57, fmt, as_json, system_map, kaslr_bases) -> None:
+def dump(ctx, image, cr3, cpu, la57, live, fmt, as_json, system_map, kaslr_bases) -> None:
     """Print the page tables a CR3 points at, as Linux's ptdump or QEMU's
     'info mem' would show them. Tables that are malformed, or that no CPU
     could run on (no executable kernel page: a wrong --cr3), are printed
@@ -713,6 +769,8 @@ def dump(ctx, image, cr3, cpu, la57, fmt, as_json, system_map, kaslr_bases) -> N
       ptilab dump guest.core                      # a user-mode CPU's tables, ptdump style
       ptilab dump guest.core --cpu 1 --format qemu
       ptilab dump mem.raw --cr3 61d9000 --json
+      sudo ptilab dump --live                     # the running kernel's user tables (init_mm's)
+      sudo ptilab dump --live --cr3 2a10000       # any PGD, by physical address
     """
     from ptilab.paging import walk
 
@@ -720,14 +778,29 @@ def dump(ctx, image, cr3, cpu, la57, fmt, as_json, system_map, kaslr_bases) -> N
         if fmt != "json" and _given(ctx, "fmt"):
             raise UsageError(f"--json and --format {fmt}: give one")
         fmt = "json"
-    mem, value, geometry = _open_image_and_cr3(image, cr3, cpu, la57)
+    if bool(image) == bool(live):
+        raise UsageError("give an IMAGE to dump, or --live")
+    symbols = _symbols(system_map)
+    if live:
+        from pathlib import Path
+
+        from ptilab.audit.live import live_symbols
+        kernel = _open_live(ctx, live)
+        mem, geometry = kernel.kcore, kernel.geometry
+        symbols = symbols or live_symbols(Path(live))  # ptdump's markers from the kernel's own bases
+        # Without --cr3: the user half of init_mm's pair, what user mode runs on (the kernel PGD without PTI).
+        from ptilab.linux.pti_pair import find_pti_pair
+        pair = find_pti_pair(mem, kernel.info.kernel_pgd, geometry)
+        value = _parse_cr3(cr3) if cr3 is not None else (pair.user_pgd if pair.is_pti else pair.kernel_pgd)
+    else:
+        mem, value, geometry = _open_image_and_cr3(image, cr3, cpu, la57)
     out = _out()
     with out.busy("walking the page tables"):
         w = walk(mem, value, geometry)
         markers = None
         if fmt == "ptdump":
             from ptilab.formats.ptdump import linux_markers
-            bases, espfix = _image_layout(mem, value, geometry, _symbols(system_map), _kaslr_bases(kaslr_bases))
+            bases, espfix = _image_layout(mem, value, geometry, symbols, _kaslr_bases(kaslr_bases))
             markers = linux_markers(geometry, *bases, espfix=espfix)
     warnings = _dump_warnings(w)
     ctx.meta[EXIT_META] = 1 if warnings else 0

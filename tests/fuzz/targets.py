@@ -639,8 +639,82 @@ def fuzz_vmcoreinfo(data: bytes) -> None:
         pass
 
 
+# -- /proc/kcore ----------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def small_kcore() -> bytes:
+    """A kcore-shaped file (tests/memory/fake_kcore.py) over the small core's tables, with
+    VMCOREINFO naming its PGD as init_top_pgt."""
+    from tests.memory.fake_kcore import write_kcore
+
+    core = small_core()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "small.elf"
+        path.write_bytes(core)
+        mem = open_image(path)
+        frames = {pfn: mem.read_frame(pfn).tobytes() for pfn in (1, 2, 3, 4)}
+        mem.close()
+        info = "OSRELEASE=6.1.0\nSYMBOL(init_top_pgt)=ffffffff80001000\nNUMBER(phys_base)=0\nNUMBER(pgtable_l5_enabled)=0\n"
+        write_kcore(Path(tmp) / "kcore", [(0, 0x8000), (0x100000, 0x300000)], frames, info)
+        return (Path(tmp) / "kcore").read_bytes()
+
+
+KCORE_FIELDS = dict(HEADER_FIELDS, **{f"ph{i}.p_vaddr": (64 + 56 * i + 16, "<Q") for i in range(3)})
+
+
+@st.composite
+def mutated_kcores(draw) -> bytes:
+    """The small kcore with header and program-header fields set to odd values, bytes flipped
+    (headers, notes, VMCOREINFO text) or the file cut short."""
+    data = bytearray(small_kcore())
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["field", "flip", "truncate"]))
+        if kind == "field":
+            off, fmt = KCORE_FIELDS[draw(st.sampled_from(sorted(KCORE_FIELDS)))]
+            value = draw(st.one_of(st.sampled_from(INTERESTING), st.integers(0, (1 << 64) - 1)))
+            if off + struct.calcsize(fmt) <= len(data):
+                struct.pack_into(fmt, data, off, _fit(value, fmt))
+        elif kind == "flip" and data:
+            at = draw(st.integers(0, min(draw(st.sampled_from([0x1000, len(data)])), len(data)) - 1))
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        else:
+            del data[draw(st.integers(0, len(data))):]
+    return bytes(data)
+
+
+def fuzz_kcore(data: bytes) -> None:
+    """Open a (mutated) kcore, find init_top_pgt from its VMCOREINFO and walk it."""
+    from ptilab.memory.kcore import Kcore
+    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
+
+    fd, path = tempfile.mkstemp(prefix="ptilab-fuzz-kcore-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            kcore = Kcore(path)
+        except PtilabError:
+            return
+        try:
+            pfns = np.array([0, 1, 4, 7, 8, 0x100, 0x3FF, 0x400, 1 << 40], np.uint64)
+            present = kcore.frames_present(pfns)
+            try:
+                rows = kcore.read_frames(pfns[present])
+                if rows.shape != (int(present.sum()), 512):
+                    raise Crash(f"read_frames gave shape {rows.shape}")
+                info = parse_vmcoreinfo(kcore.vmcoreinfo_text or "")
+                _check(walk(kcore, info.kernel_pgd, Geometry(info.levels), max_entries=MAX_ENTRIES))
+            except PtilabError:
+                pass
+        finally:
+            kcore.close()
+    finally:
+        os.unlink(path)
+
+
 TARGETS = {  # name: (strategy, target taking the strategy's value)
     "core": (mutated_cores(), fuzz_core),
+    "kcore": (mutated_kcores(), fuzz_kcore),
     "kdump": (mutated_kdumps(), fuzz_dump),
     "lime": (mutated_limes(), fuzz_dump),
     "walk": (table_mutations(), lambda m: fuzz_walk(*m)),

@@ -38,6 +38,32 @@ def test_a_mutated_core_opens_or_is_refused(data):
     targets.fuzz_core(data)
 
 
+@CI
+@given(targets.mutated_kcores())
+def test_a_mutated_kcore_opens_or_is_refused(data):
+    targets.fuzz_kcore(data)
+
+
+def test_the_small_kcore_is_valid():
+    """The seed of the kcore mutations walks from its VMCOREINFO: else the fuzzing exercises only refusals."""
+    import os
+    import tempfile
+
+    from ptilab.memory.kcore import Kcore
+    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
+
+    fd, path = tempfile.mkstemp()
+    os.write(fd, targets.small_kcore())
+    os.close(fd)
+    try:
+        with Kcore(path) as kc:
+            info = parse_vmcoreinfo(kc.vmcoreinfo_text)
+            w = walk(kc, info.kernel_pgd, Geometry(info.levels))
+            assert info.kernel_pgd == 0x1000 and w.mapped_bytes() > 0
+    finally:
+        os.unlink(path)
+
+
 @pytest.mark.usefixtures("needs_fixture")
 @CI
 @given(targets.table_mutations())

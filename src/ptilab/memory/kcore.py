@@ -1,0 +1,180 @@
+"""Physical memory of the running kernel, read through ``/proc/kcore``.
+
+``/proc/kcore`` (fs/proc/kcore.c, read_kcore_iter()) is an ELF64 ``ET_CORE``
+file of kernel *virtual* memory, built afresh on every read:
+
+- one ``PT_LOAD`` per ``kcore_list`` entry: ``p_vaddr`` is the virtual start,
+  ``p_offset`` is ``kc_vaddr_to_offset(vaddr) + data_offset``, i.e. ``vaddr -
+  PAGE_OFFSET`` plus the page-aligned size of the headers and notes. On
+  x86-64 the kernel text (0xffffffff8...) lands ~120 TiB into the file, which
+  is why the file is 128 TiB long and must never be read whole;
+- ``p_paddr`` is ``__pa(vaddr)`` for ``KCORE_RAM`` segments (the direct map
+  of each System RAM range) and ``__pa_symbol(vaddr)`` for ``KCORE_TEXT``,
+  ``-1`` for vmalloc, vmemmap and the rest. Linux sets it since 4.11
+  ("proc/kcore: update physical address for kcore ram and text"); before
+  that it was 0;
+- a ``PT_NOTE`` with ``CORE`` notes (an empty NT_PRSTATUS, NT_PRPSINFO,
+  NT_TASKSTRUCT) and, since 4.19, ``VMCOREINFO``.
+
+A physical frame is therefore read at ``p_offset + (pa - p_paddr)`` of the
+segment holding it: one ``pread`` of 4 KiB, nothing else. Pages the kernel
+may not touch (offline, hwpoisoned, balloon-inflated) read as zeros.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ptilab.errors import FrameOutsideMemory, InputError
+from ptilab.memory.elfcore import CoreNotes
+from ptilab.memory.elfwrite import EHDR, EM_X86_64, ET_CORE, PHDR, PT_LOAD, PT_NOTE
+from ptilab.memory.physical import ENTRY_DTYPE, PhysicalMemory
+from ptilab.paging.entry import PAGE_SHIFT, PAGE_SIZE
+
+NO_PADDR = (1 << 64) - 1  # (elf_addr_t)-1: a segment with no physical address
+MAX_PHNUM = 1 << 16  # one per System RAM range and vmemmap piece, plus a few: thousands at most
+MAX_NOTES = 1 << 20  # task_struct (~10 KiB) and VMCOREINFO (a page) dominate
+
+
+@dataclass(frozen=True)
+class KcoreSegment:
+    """One PT_LOAD of /proc/kcore."""
+
+    vaddr: int
+    paddr: int  # NO_PADDR when the kernel gave none
+    offset: int
+    size: int
+
+
+class Kcore(PhysicalMemory):
+    """Physical memory behind /proc/kcore's segments that carry a physical address.
+
+    Attributes:
+        path: the file read.
+        segments: every PT_LOAD, in file order.
+        vmcoreinfo_text: the ``VMCOREINFO`` note's text, or None (before 4.19).
+    """
+
+    def __init__(self, path: str | os.PathLike[str] = "/proc/kcore", fd: int | None = None):
+        """Read the headers of path; fd, when given, is path already opened (and now owned)."""
+        self.path = os.fspath(path)
+        if fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as ex:
+                raise InputError(f"{self.path}: cannot read: {ex.strerror or ex}") from None
+        self._fd: int | None = fd
+        try:
+            self.segments, self.vmcoreinfo_text = self._read_headers()
+        except BaseException:
+            self.close()
+            raise
+        self._index_physical()
+
+    # -- headers ------------------------------------------------------------------
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        try:
+            return os.pread(self._fd, length, offset)
+        except (OSError, OverflowError) as ex:
+            raise InputError(f"{self.path}: read of {length} bytes at offset {offset:#x} failed: "
+                             f"{getattr(ex, 'strerror', None) or ex}") from None
+
+    def _read_headers(self) -> tuple[tuple[KcoreSegment, ...], str | None]:
+        head = self._pread(EHDR.size, 0)
+        if len(head) < EHDR.size or head[:4] != b"\x7fELF":
+            raise InputError(f"{self.path}: not an ELF file")
+        ident, e_type, e_machine, _v, _entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum, *_ = EHDR.unpack(head)
+        if ident[4] != 2 or ident[5] != 1:
+            raise InputError(f"{self.path}: not an ELFCLASS64 little-endian core (x86-64 kcore is)")
+        if e_type != ET_CORE or e_machine != EM_X86_64:
+            raise InputError(f"{self.path}: ELF type {e_type}, machine {e_machine}: not an x86-64 core "
+                             f"(ET_CORE {ET_CORE}, EM_X86_64 {EM_X86_64})")
+        if phentsize != PHDR.size or not 0 < phnum < MAX_PHNUM:
+            raise InputError(f"{self.path}: {phnum} program headers of {phentsize} bytes: not kcore's "
+                             f"(ELF64 program headers are {PHDR.size} bytes)")
+        table = self._pread(PHDR.size * phnum, phoff)
+        if len(table) < PHDR.size * phnum:
+            raise InputError(f"{self.path}: program headers at {phoff:#x} run past the end of the file")
+        segments, notes = [], None
+        for i in range(phnum):
+            p_type, _f, offset, vaddr, paddr, filesz, memsz, _a = PHDR.unpack_from(table, i * PHDR.size)
+            if p_type == PT_NOTE and notes is None:
+                if filesz > MAX_NOTES:
+                    raise InputError(f"{self.path}: a note segment of {filesz} bytes: more than kcore writes")
+                notes = self._pread(filesz, offset)
+            elif p_type == PT_LOAD and memsz:
+                segments.append(KcoreSegment(vaddr, paddr, offset, min(filesz, memsz)))
+        found = CoreNotes()
+        found.add(notes or b"", self.path)
+        return tuple(segments), found.vmcoreinfo_text or None
+
+    def _index_physical(self) -> None:
+        """Sorted, disjoint physical frame ranges and the file offset of each one's first frame.
+
+        KCORE_TEXT repeats part of a KCORE_RAM range (the kernel image is RAM
+        too): the same frames, so the first segment by address wins."""
+        lo, hi, offsets = [], [], []
+        covered = 0
+        for s in sorted((s for s in self.segments if s.paddr != NO_PADDR), key=lambda s: s.paddr):
+            first = max(-(-s.paddr // PAGE_SIZE), covered)
+            last = min(s.paddr + s.size, 1 << 64) // PAGE_SIZE
+            if last <= first:
+                continue
+            lo.append(first)
+            hi.append(last)
+            offsets.append(s.offset + (first * PAGE_SIZE - s.paddr))
+            covered = last
+        self._lo = np.array(lo, dtype=np.uint64)
+        self._hi = np.array(hi, dtype=np.uint64)
+        self._first_offset = offsets
+
+    # -- PhysicalMemory -----------------------------------------------------------
+
+    @property
+    def end(self) -> int:
+        return int(self._hi[-1]) << PAGE_SHIFT if len(self._hi) else 0
+
+    def _segment_of(self, pfns: np.ndarray) -> np.ndarray:
+        seg = np.searchsorted(self._lo, pfns, side="right").astype(np.int64) - 1
+        if not len(self._lo):
+            return seg
+        return np.where((seg >= 0) & (pfns < self._hi[np.maximum(seg, 0)]), seg, -1)
+
+    def frames_present(self, pfns: np.ndarray) -> np.ndarray:
+        return self._segment_of(np.asarray(pfns, dtype=np.uint64)) >= 0
+
+    def read_frames(self, pfns: np.ndarray) -> np.ndarray:
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        seg = self._segment_of(pfns)
+        if (seg < 0).any():
+            raise FrameOutsideMemory(int(pfns[seg < 0][0]) << PAGE_SHIFT)
+        out = np.empty((len(pfns), 512), dtype=ENTRY_DTYPE)
+        for row, (pfn, s) in enumerate(zip(pfns.tolist(), seg.tolist())):
+            offset = self._first_offset[s] + ((pfn - int(self._lo[s])) << PAGE_SHIFT)
+            data = self._pread(PAGE_SIZE, offset)
+            if len(data) != PAGE_SIZE:
+                raise InputError(f"{self.path}: frame at pa {pfn << PAGE_SHIFT:#x} (file offset {offset:#x}) "
+                                 f"read {len(data)} of {PAGE_SIZE} bytes")
+            out[row] = np.frombuffer(data, dtype=ENTRY_DTYPE)
+        return out
+
+    # -- lifetime -----------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "Kcore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Kcore({self.path!r}, {len(self.segments)} segments, {len(self._lo)} physical ranges)"
+
