@@ -100,7 +100,7 @@ def say(msg: str) -> None:
     print(f"realkernel: live: {msg}", flush=True)
 
 
-def build_initramfs(work: Path, release: str) -> Path:
+def build_initramfs(work: Path, release: str, modules: Path) -> Path:
     root = work / "root"
     for d in ("bin", "dev", "proc", "sys", "modules"):
         (root / d).mkdir(parents=True, exist_ok=True)
@@ -108,9 +108,9 @@ def build_initramfs(work: Path, release: str) -> Path:
     (root / "init").write_text(INIT)
     (root / "init").chmod(0o755)
     for i, rel in enumerate(MODULES):
-        src = Path(f"/lib/modules/{release}/kernel/{rel}")
+        src = modules / "kernel" / rel
         if not src.exists():
-            raise build.Failure(f"{src} missing: the 9p modules come from linux-image-amd64")
+            raise build.Failure(f"{src} missing: the 9p modules come with the kernel's package")
         shutil.copy(src, root / "modules" / f"{i:02d}-{src.name}")
     files = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True).stdout
     archive = subprocess.run(["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"], cwd=root,
@@ -148,8 +148,13 @@ def run(out: Path, force: bool = False) -> Path:
     started = time.time()
     stamp = fingerprint()  # of the code the guest is about to run
     build.ensure_packages()
-    vmlinuz = build.kernel_image()
-    release = vmlinuz.name.removeprefix("vmlinuz-")
+    # The pti-4level fixture's kernel (Debian 6.1 generic), as build.py fetches and unpacks it.
+    spec = build.CONFIGS["pti-4level"]
+    kernel = build.prepare_kernels(["pti-4level"], out / ".cache")[(spec.release, spec.flavour)]
+    if isinstance(kernel, build.Failure):
+        raise kernel
+    vmlinuz, release = kernel.vmlinuz, kernel.uname
+    modules = kernel.root / "lib" / "modules" / release
     stage = out / f".{CONFIG}.partial.{os.getpid()}"  # two test runs at once each boot their own guest
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
@@ -160,7 +165,7 @@ def run(out: Path, force: bool = False) -> Path:
     stage.chmod(0o777)  # the guest writes here through 9p as root and as nobody
     with tempfile.TemporaryDirectory(prefix="ptilab-live-") as tmp:
         work = Path(tmp)
-        initrd = build_initramfs(work, release)
+        initrd = build_initramfs(work, release, modules)
         console, qmp_path = work / "console.log", work / "qmp.sock"
         cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", CPU,
                "-m", MEMORY, "-smp", "2", "-kernel", str(vmlinuz), "-initrd", str(initrd), "-append", APPEND,
