@@ -164,6 +164,8 @@ REFUSALS = [
     (["compare", "--seed", "3"], "--seed: linux-6.1 puts every CPU's cpu_entry_area at a fixed slot"),
     (["simulate", "--kernel", "linux-4.15", "--nokaslr"], "--kaslr: linux-4.15 puts every CPU's"),
     (["compare", "--kernel", "linux-6.12", "--seed", "x"], "not a valid integer"),
+    (["compare", "--kernel", "linux-6.12", "--seed", "-1"], "-1 is not in the range x>=0"),
+    (["layout-change", "--seed", "1"], "--seed: linux-6.1 puts every CPU's"),
     (["layout-change", "--cpus", "0"], "between 1 and 8192"),
     (["layout-change", "--kernel", "kaiser-2017", "--paging", "5"], "no 5-level layout"),
     (["simulate", "--paging", "five"], "--paging must be 4 or 5"),

@@ -99,7 +99,8 @@ paging_option = click.option("--paging", "levels", default="4", show_default=Tru
 
 def cea_options(command):
     """--seed and --kaslr/--nokaslr: init_cea_offsets()'s random cpu_entry_area slots (linux-6.12)."""
-    command = click.option("--seed", default=0, show_default=True, type=int,
+    # Not negative: random.Random(-n) seeds as n would, two seeds for one layout.
+    command = click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
                            help="Seed of the random per-CPU cpu_entry_area slots (profiles with random slots: "
                                 "linux-6.12); one seed, one reproducible layout.")(command)
     return click.option("--kaslr/--nokaslr", default=True, show_default=True,
@@ -262,8 +263,11 @@ def compare(ctx: click.Context, profile: str, cpus: int, levels: str, kaslr: boo
 @kernel_option
 @cpus_option
 @paging_option
+@cea_options
 @json_option
-def layout_change(profile: str, cpus: int, levels: str, as_json: bool) -> None:
+@click.pass_context
+def layout_change(ctx: click.Context, profile: str, cpus: int, levels: str, kaslr: bool, seed: int,
+                  as_json: bool) -> None:
     """Change the kernel's cpu_entry_area layout (a new piece, the TSS's
     rights, guard pages) and report which designs stay correct unmodified.
 
@@ -278,7 +282,8 @@ def layout_change(profile: str, cpus: int, levels: str, as_json: bool) -> None:
     # run() reports a layout that fails to boot as an outcome; one that fails
     # as given is the user's mistake, and an error.
     _check_kernel(profile, cpus, _levels(levels))
-    outcomes = run(profile, cpus, _levels(levels))
+    _check_cea_options(ctx, profile)
+    outcomes = run(profile, cpus, _levels(levels), kaslr, seed)
     if as_json:
         _out().json([o.__dict__ for o in outcomes])
     else:

@@ -179,3 +179,13 @@ def test_shared_pmd_still_needs_no_ap_work_if_random_areas_came_with_the_aps(des
         new = len(pmds - {va >> 21 << 21 for va in cpu0}) + len(gibs - {va >> 30 for va in cpu0})
         preallocated = [a for a in k.alloc.log if a.owner == design and a.purpose.startswith("kernel table")]
         assert len(preallocated) == new > 64
+
+
+@given(st.integers(0, 2**32))
+@settings(max_examples=3, deadline=None)
+def test_layout_changes_at_random_slots_break_only_the_explicit_design(seed):
+    from ptilab.compare.layout_change import run
+
+    outcomes = run("linux-6.12", cpus=3, seed=seed)
+    assert {o.design for o in outcomes if not o.correct} == {"explicit"}
+    assert all(o.correct for o in outcomes if o.design != "explicit")

@@ -55,16 +55,18 @@ class Outcome:
     detail: str
 
 
-def run(profile: str = "linux-6.1", cpus: int = 2, levels: int = 4) -> list[Outcome]:
+def run(profile: str = "linux-6.1", cpus: int = 2, levels: int = 4, kaslr: bool = True,
+        seed: int = 0) -> list[Outcome]:
+    """Every change under every design; kaslr and seed place a linux-6.12 kernel's CPU areas."""
     base = get_profile(profile)
     # A bad NR_CPUS or paging mode is the caller's error, not a design failing under a change.
-    Kernel(base, get_design("linux"), cpus, levels)
+    Kernel(base, get_design("linux"), cpus, levels, kaslr, seed)
     outcomes = []
     for change, edit in CHANGES.items():
         layout = edit(base)
         for name in DESIGNS:
             try:
-                kernel = Kernel(layout, get_design(name), cpus, levels).boot()
+                kernel = Kernel(layout, get_design(name), cpus, levels, kaslr, seed).boot()
                 report = measure(kernel)
             except PtilabError as err:
                 outcomes.append(Outcome(change, name, False, f"fails: {err}"))
