@@ -341,12 +341,6 @@ class ElfCore(PhysicalMemory):
             self._mmap.close()
             self._mmap = None
 
-    def __enter__(self) -> "ElfCore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"ElfCore({self.path!r}, {len(self.segments)} segments, {len(self.cpus)} cpus)"
 

@@ -169,12 +169,6 @@ class Kcore(PhysicalMemory):
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "Kcore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"Kcore({self.path!r}, {len(self.segments)} segments, {len(self._lo)} physical ranges)"
 

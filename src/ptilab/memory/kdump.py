@@ -270,12 +270,6 @@ class KdumpCompressed(PhysicalMemory):
         self._cache.clear()
         self._mmap.close()
 
-    def __enter__(self) -> "KdumpCompressed":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         kind = "flattened " if self.flattened else ""
         return (f"KdumpCompressed({self.path!r}, {kind}version {self.header_version}, "

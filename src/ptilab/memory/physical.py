@@ -7,6 +7,7 @@ these, so the one walker in ptilab.paging serves them all.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Self
 
 import numpy as np
 
@@ -31,6 +32,15 @@ class PhysicalMemory(ABC):
     @abstractmethod
     def end(self) -> int:
         """One past the highest physical address held."""
+
+    def close(self) -> None:
+        """Release the file behind the source; frames already read stay valid. Nothing to release by default."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def read_frame(self, pfn: int) -> np.ndarray:
         pfns = np.array([pfn], dtype=np.uint64)

@@ -67,11 +67,5 @@ class RawImage(PhysicalMemory):
         del self._view
         self._mmap.close()
 
-    def __enter__(self) -> "RawImage":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"RawImage({self.path!r}, base={self.base:#x}, {self.frames} frames)"
