@@ -131,3 +131,16 @@ def test_models_ptdump_of_the_area_is_the_kernels_own_byte_for_byte(kernel_6_12,
     oracle = (kernel_6_12.path / "oracle_user.txt").read_text()
     assert ptdump_section(model) == ptdump_section(oracle)
     assert len(ptdump_section(oracle)) > 30
+
+
+def test_the_audit_calls_the_area_guessable_only_when_a_cpu_sits_at_the_fixed_slot(kernel_6_12):
+    from ptilab.audit import audit
+    from ptilab.audit.sources import views_from_image
+
+    cr3 = kernel_6_12.cpu()["cr3"]
+    fixed = 0 in real_slots(pages(walk(kernel_6_12.mem, cr3, kernel_6_12.geometry), *AREA))
+    findings = audit(views_from_image(kernel_6_12.mem, cr3, kernel_6_12.geometry).views)
+    assert ("PTI-CEA-FIXED" in {f.id for f in findings}) == fixed == (not kernel_6_12.meta["kaslr"])
+    (summary,) = [f.explanation for f in findings if f.id == "PTI-USER-VIEW"]
+    assert ("see PTI-CEA-FIXED" in summary) == fixed
+    assert ("slots are randomised" in summary) == (not fixed)

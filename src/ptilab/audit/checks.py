@@ -278,10 +278,12 @@ def check_user_view_summary(views: Views, kinds: dict[str, np.ndarray]) -> list[
         spans.extend(_spans(sel, "user", kind, limit=16, copies=copies[kinds[kind]]))
     if not parts:
         return []
+    where = ("see PTI-CEA-FIXED for the addresses they reveal" if _cea_fixed_slot(kinds).any() else
+             "the cpu_entry_area is not at the fixed address: its per-CPU slots are randomised")
     return [Finding("PTI-USER-VIEW", Severity.INFO, "what the user tables map of the kernel",
                     "While user code runs, the kernel half maps only " + "; ".join(parts) + ". These are what "
                     "entry and exit need before and after the CR3 switch; each is readable by Meltdown, which is "
-                    "why they hold no secrets (see PTI-CEA-FIXED for the addresses they reveal).", tuple(spans))]
+                    f"why they hold no secrets ({where}).", tuple(spans))]
 
 
 def check_wx(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
@@ -354,10 +356,17 @@ def check_kernel_pgd_nx(views: Views, kinds: dict[str, np.ndarray]) -> list[Find
                     f"execute user code with the kernel's tables; the user PGD's copies carry none.")]
 
 
+def _cea_fixed_slot(kinds: dict[str, np.ndarray]) -> np.ndarray:
+    """Which cpu_entry_area ranges hold CPU 0's GDT page at its pre-6.2, unrandomised address."""
+    r = kinds["_ranges"][kinds["cpu_entry_area"]]
+    gdt0 = np.uint64(CPU_ENTRY_AREA_BASE + 0x1000)
+    return (r["va"] <= gdt0) & (r["va"] + r["size"] > gdt0)
+
+
 def check_cea_fixed(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     r, copies = kinds["_ranges"][kinds["cpu_entry_area"]], kinds["_copies"][kinds["cpu_entry_area"]]
     gdt0 = CPU_ENTRY_AREA_BASE + 0x1000
-    at = (r["va"] <= np.uint64(gdt0)) & (r["va"] + r["size"] > np.uint64(gdt0))
+    at = _cea_fixed_slot(kinds)
     hit = r[at]
     if not len(hit):
         return []
