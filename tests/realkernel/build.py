@@ -940,6 +940,24 @@ def dump_core(config: str, qmp: Qmp, stage: Path) -> None:
     say(f"{config}: core.elf complete, {size} bytes")
 
 
+def quit_qemu(qemu: subprocess.Popen, qmp: Qmp, timeout: float) -> None:
+    """Ask QEMU to quit and wait for it to exit."""
+    try:
+        qmp.execute("quit")
+    except Failure:
+        pass  # QEMU may close the socket before answering
+    qemu.wait(timeout=timeout)
+
+
+def reap_qemu(qemu: subprocess.Popen, qmp: Qmp | None) -> None:
+    """Close the monitor and kill a QEMU that is still running (a run that failed half-way)."""
+    if qmp is not None:
+        qmp.close()
+    if qemu.poll() is None:
+        qemu.kill()
+        qemu.wait()
+
+
 def qemu_version(qmp: Qmp) -> str:
     version = qmp.execute("query-version")
     text = "{major}.{minor}.{micro}".format(**version["qemu"])
@@ -989,11 +1007,7 @@ def boot(config: str, spec: Config, kernel: Kernel, stage: Path, started: float)
             if spec.dumps:
                 dump_formats(qmp, stage, config)
             run_["qemu_version"] = qemu_version(qmp)
-            try:
-                qmp.execute("quit")
-            except Failure:
-                pass  # QEMU may close the socket before answering
-            qemu.wait(timeout=max(1.0, deadline - time.time()))
+            quit_qemu(qemu, qmp, max(1.0, deadline - time.time()))
             if (work / "lime.img").exists():
                 say(f"{config}: lime.dump holds {lime_from_disk(work / 'lime.img', stage / 'lime.dump')} ranges")
         except subprocess.TimeoutExpired:
@@ -1002,11 +1016,7 @@ def boot(config: str, spec: Config, kernel: Kernel, stage: Path, started: float)
             (stage / "core.elf").unlink(missing_ok=True)  # keep the small files of a failed run, not 256 MB
             raise
         finally:
-            if qmp is not None:
-                qmp.close()
-            if qemu.poll() is None:
-                qemu.kill()
-                qemu.wait()
+            reap_qemu(qemu, qmp)
             with _qemus_lock:
                 _qemus.discard(qemu)
             if run_["console"].exists():

@@ -200,17 +200,9 @@ def run(out: Path, force: bool = False) -> Path:
             qmp.execute("stop")
             qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{stage / 'guest.elf'}")
             build.check_core(stage / "guest.elf")
-            try:
-                qmp.execute("quit")
-            except build.Failure:
-                pass
-            qemu.wait(timeout=30)
+            build.quit_qemu(qemu, qmp, 30)
         finally:
-            if qmp is not None:
-                qmp.close()
-            if qemu.poll() is None:
-                qemu.kill()
-                qemu.wait()
+            build.reap_qemu(qemu, qmp)
             if console.exists():
                 (stage / "console.txt").write_text(console.read_text(errors="replace"))
     meta = {"config": CONFIG, "fingerprint": stamp, "append": APPEND, "cpu": CPU, "memory": MEMORY,
