@@ -390,188 +390,258 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
     root = np.array([cr3.pgd >> e.PAGE_SHIFT], dtype=np.uint64)
     if not mem.frames_present(root)[0]:
         raise FrameOutsideMemory(cr3.pgd)
-
-    u64 = np.uint64
-    row_va = np.zeros(1, dtype=u64)
-    row_table = root
-    row_eff = np.array([EFF_RW | EFF_US], dtype=np.uint8)
-    row_weight = np.ones(1, dtype=np.int64)  # rows of the expanded tree each row stands for
-    row_halves = np.array([HALF_USER | HALF_KERNEL], dtype=np.uint8)
-    table_halves: list[np.ndarray] = []
+    rows = _Rows(np.zeros(1, np.uint64), root, np.array([EFF_RW | EFF_US], np.uint8),
+                 np.ones(1, np.int64), np.array([HALF_USER | HALF_KERNEL], np.uint8))
+    found = _Found(barriers=_hole(geometry))
     decoded = 0
-    per_depth: list[np.ndarray] = []
-    alias_parts: list[np.ndarray] = []
-    barriers = _hole(geometry)  # and, as the walk goes, the edges of source reaches
-    tables: list[np.ndarray] = []
-    table_refs: list[np.ndarray] = []
-    anomalies: list[Anomaly] = []
-    index = np.arange(512, dtype=u64)
-    last_depth = geometry.levels - 1
-
     for depth in range(geometry.levels):
-        name = geometry.names[depth]
-        if len(row_table) == 0:
+        if not len(rows):
             break
-        distinct, inverse = np.unique(row_table, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        refs = np.bincount(inverse, weights=row_weight, minlength=len(distinct)).astype(np.int64)
-        inside = mem.frames_present(distinct)
-        if not inside.all():
-            bad = distinct[~inside]
-            anomalies.append(Anomaly("table-outside-memory", name, tuple(int(b) for b in bad[:16]),
-                                     int(refs[~inside].sum()),
-                                     f"{len(bad)} {name} table(s) lie past the end of physical memory "
-                                     f"(first at {int(bad[0]) << 12:#x}); what they would map is unknown"))
-            keep = inside[inverse]
-            row_va, row_eff, row_weight, inverse = row_va[keep], row_eff[keep], row_weight[keep], inverse[keep]
-            row_halves = row_halves[keep]
-            remap = np.cumsum(inside) - 1
-            inverse = remap[inverse]
-            distinct, refs = distinct[inside], refs[inside]
-        tables.append(distinct)
-        table_refs.append(refs)
-        halves = np.zeros(len(distinct), dtype=np.uint8)
-        np.bitwise_or.at(halves, inverse, row_halves)
-        table_halves.append(halves)
+        bits = _LevelBits.of(geometry, depth, maxphyaddr)
+        rows, distinct = found.visit_tables(mem, rows, bits.name)
         data = mem.read_frames(distinct)
-        shift = geometry.shift(depth)
-        step = index << u64(shift)
-        records: list[np.ndarray] = []
-        next_va: list[np.ndarray] = []
-        next_table: list[np.ndarray] = []
-        next_eff: list[np.ndarray] = []
-        next_weight: list[np.ndarray] = []
-        next_halves: list[np.ndarray] = []
-        leaf_mask = _addr_mask(shift, maxphyaddr)
-        table_mask = _addr_mask(e.PAGE_SHIFT, maxphyaddr)
-        reserved_high = u64(((1 << e.PHYS_ADDR_BITS_MAX) - 1) & ~((1 << maxphyaddr) - 1))
-        large_low = u64(((1 << shift) - 1) & ~((1 << 13) - 1))
-        if depth > 0 and (depth == last_depth or geometry.leaf_allowed(depth)):
-            run = _run_tables(data, shift, depth == last_depth, reserved_high)
-            if run.any():
-                # Rows whose table is one physically contiguous run of leaves
-                # become one record each, exactly what expanding and
-                # coalescing their 512 entries would give (a direct map in
-                # 4 KiB pages is thousands of such tables).
-                whole = run[inverse]
-                first = data[inverse[whole], 0]
-                records.append(_run_records(row_va[whole], row_eff[whole], first, shift, depth, leaf_mask))
-                row_va, row_eff, row_weight, inverse = \
-                    row_va[~whole], row_eff[~whole], row_weight[~whole], inverse[~whole]
-                row_halves = row_halves[~whole]
-        if _summarise and depth > 0 and len(inverse) > 1:
-            # Rows that share a table and the rights above it expand alike
-            # (ESPfix points thousands of entries at a handful of tables):
-            # walk the first, and let the others name it as their source.
-            key = inverse.astype(np.int64) * 8 + row_eff
-            _, source, of_row, members = np.unique(key, return_index=True, return_inverse=True,
-                                                   return_counts=True)
-            of_row = of_row.reshape(-1)
-            if len(source) < len(key):
-                alias = np.ones(len(key), dtype=bool)
-                alias[source] = False
-                reach = u64(1 << (shift + 9))
-                out = np.empty(int(alias.sum()), dtype=ALIAS_DTYPE)
-                out["va"] = row_va[alias]
-                out["size"] = reach
-                out["source"] = row_va[source[of_row[alias]]]
-                out["level"] = depth - 1
-                alias_parts.append(out)
-                shared = source[members > 1]
-                barriers = np.union1d(barriers, _edges(row_va[shared], np.full(len(shared), reach)))
-                weight = np.bincount(of_row, weights=row_weight, minlength=len(source)).astype(np.int64)
-                halves = np.zeros(len(source), dtype=np.uint8)
-                np.bitwise_or.at(halves, of_row, row_halves)
-                # Back to address order: the next level's first row of a group must be its lowest.
-                order = np.argsort(source)
-                source = source[order]
-                row_va, row_eff, inverse, row_weight = row_va[source], row_eff[source], inverse[source], weight[order]
-                row_halves = halves[order]
-        decoded += len(inverse) * 512
+        records = []
+        if depth > 0 and (bits.last or geometry.leaf_allowed(depth)):
+            rows, runs = _contiguous_rows(data, rows, bits)
+            records += runs
+        if _summarise and depth > 0 and len(rows) > 1:
+            rows = found.summarise(rows, bits)
+        decoded += len(rows) * 512
         if decoded > max_entries:
             raise WalkTooLarge(
-                f"the tables reference {len(inverse)} distinct {name} tables-with-rights "
+                f"the tables reference {len(rows)} distinct {bits.name} tables-with-rights "
                 f"({len(distinct)} frames): decoding over {max_entries} entries; "
                 f"the tables alias far beyond any real kernel")
-        reserved_count = 0
-        reserved_values: list[np.ndarray] = []
-        for start in range(0, len(inverse), BATCH_ROWS):
-            sl = slice(start, start + BATCH_ROWS)
-            ent = data[inverse[sl]]  # (rows, 512)
-            if depth == 0 and top_slots != (0, 512):
-                ent = ent.copy()
-                ent[:, :top_slots[0]] = 0
-                ent[:, top_slots[1]:] = 0
-            va = row_va[sl, None] + step
-            present = (ent & u64(e.P)) != 0
-            ps = (ent & u64(e.PS)) != 0
-            bad = present & ((ent & reserved_high) != 0)
-            if depth == last_depth:
-                leaf = present
-            elif geometry.leaf_allowed(depth):
-                leaf = present & ps
-                bad |= leaf & ((ent & large_low) != 0)
-            else:
-                bad |= present & ps
-                leaf = np.zeros_like(present)
-            if bad.any():
-                reserved_count += int((bad.sum(axis=1) * row_weight[sl]).sum())
-                reserved_values.append(np.unique(ent[bad]))
-                leaf &= ~bad
-            parent_eff = row_eff[sl, None]
-            rw_us = ((ent & u64(e.RW)) != 0) * np.uint8(EFF_RW) | ((ent & u64(e.US)) != 0) * np.uint8(EFF_US)
-            eff = (parent_eff & rw_us) | (parent_eff & np.uint8(EFF_NX)) | ((ent >> u64(63)).astype(np.uint8) * np.uint8(EFF_NX))
-            emit = leaf | ~present | bad
-            if emit.any():
-                rec = np.empty(int(emit.sum()), dtype=RANGE_DTYPE)
-                ent_e = ent[emit]
-                is_leaf = leaf[emit]
-                rec["va"] = va[emit]
-                rec["size"] = u64(1 << shift)
-                rec["pa"] = np.where(is_leaf, ent_e & leaf_mask, u64(0))
-                rec["level"] = depth
-                # A faulting entry shows as a hole: hardware maps nothing there.
-                rec["prot"] = np.where(bad[emit], u64(0), ent_e & u64(e.FLAGS_MASK))
-                rec["eff"] = np.where(ent_e == 0, np.uint8(0), eff[emit])
-                records.append(_coalesce_within(rec, barriers))
-            descend = present & ~leaf & ~bad
-            if depth < last_depth and descend.any():
-                next_va.append(va[descend])
-                next_table.append((ent[descend] & table_mask) >> u64(e.PAGE_SHIFT))
-                next_eff.append(eff[descend])
-                next_weight.append(np.broadcast_to(row_weight[sl, None], descend.shape)[descend])
-                if depth == 0:
-                    half = np.where(index < u64(256), np.uint8(HALF_USER), np.uint8(HALF_KERNEL))
-                    next_halves.append(np.broadcast_to(half, descend.shape)[descend])
-                else:
-                    next_halves.append(np.broadcast_to(row_halves[sl, None], descend.shape)[descend])
-        if reserved_count:
-            values = np.unique(np.concatenate(reserved_values))
-            anomalies.append(Anomaly("reserved-bits", name, tuple(int(x) for x in values[:16]), reserved_count,
-                                     f"{reserved_count} {name} entr(ies) have reserved bits set "
-                                     f"(a real MMU faults with PFEC.RSVD); not followed"))
+        rows, decoded_records = found.decode_level(data, rows, bits, geometry, top_slots)
+        records += decoded_records
         if records:
             joined = np.concatenate(records)
             if len(records) > 1:
                 joined = joined[np.argsort(joined["va"], kind="stable")]
-            per_depth.append(_coalesce_within(joined, barriers))
-        if depth < last_depth:
-            row_va = np.concatenate(next_va) if next_va else np.zeros(0, u64)
-            row_table = np.concatenate(next_table) if next_table else np.zeros(0, u64)
-            row_eff = np.concatenate(next_eff) if next_eff else np.zeros(0, np.uint8)
-            row_weight = np.concatenate(next_weight) if next_weight else np.zeros(0, np.int64)
-            row_halves = np.concatenate(next_halves) if next_halves else np.zeros(0, np.uint8)
+            found.per_depth.append(_coalesce_within(joined, found.barriers))
+    return found.walk(geometry, cr3, max_entries)
 
-    ranges = np.concatenate(per_depth) if per_depth else np.zeros(0, RANGE_DTYPE)
-    ranges = ranges[np.argsort(ranges["va"], kind="stable")]
-    ranges["va"] = _canonical(ranges["va"], geometry)
-    aliases = np.concatenate(alias_parts) if alias_parts else np.zeros(0, ALIAS_DTYPE)
-    aliases = aliases[np.argsort(aliases["va"], kind="stable")]
-    aliases["va"] = _canonical(aliases["va"], geometry)
-    aliases["source"] = _canonical(aliases["source"], geometry)
-    anomalies.extend(_tables_at_several_levels(geometry, tables))
-    return Walk(geometry, cr3, ranges, aliases, tables, table_refs, anomalies,
-                min(max_entries, DEFAULT_MAX_RECORDS), table_halves)
+
+@dataclass
+class _Rows:
+    """One level's table references, in address order. table holds frame
+    numbers until the level's tables are read, then each row's index into
+    the level's distinct frames; weight is how many rows of the fully
+    expanded tree a row stands for; halves says through which half of the
+    top-level table it is reached."""
+
+    va: np.ndarray  # raw virtual start of the reach
+    table: np.ndarray
+    eff: np.ndarray  # effective rights above the table: EFF_*
+    weight: np.ndarray
+    halves: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.va)
+
+    def take(self, sel: np.ndarray) -> "_Rows":
+        return _Rows(self.va[sel], self.table[sel], self.eff[sel], self.weight[sel], self.halves[sel])
+
+    @staticmethod
+    def concat(parts: list["_Rows"]) -> "_Rows":
+        if not parts:
+            return _Rows(np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.uint8),
+                         np.zeros(0, np.int64), np.zeros(0, np.uint8))
+        return _Rows(*(np.concatenate([getattr(p, f) for p in parts])
+                       for f in ("va", "table", "eff", "weight", "halves")))
+
+
+@dataclass(frozen=True)
+class _LevelBits:
+    """What an entry at one depth may hold (SDM Vol. 3A 4.5: the address bits
+    up to MAXPHYADDR, reserved bits above it, PS and the large-page low bits)."""
+
+    depth: int
+    name: str
+    shift: int
+    last: bool
+    leaf_allowed: bool
+    leaf_mask: np.uint64
+    table_mask: np.uint64
+    reserved_high: np.uint64
+    large_low: np.uint64
+
+    @staticmethod
+    def of(geometry: Geometry, depth: int, maxphyaddr: int) -> "_LevelBits":
+        shift, last = geometry.shift(depth), depth == geometry.levels - 1
+        return _LevelBits(depth, geometry.names[depth], shift, last, not last and geometry.leaf_allowed(depth),
+                          _addr_mask(shift, maxphyaddr), _addr_mask(e.PAGE_SHIFT, maxphyaddr),
+                          np.uint64(((1 << e.PHYS_ADDR_BITS_MAX) - 1) & ~((1 << maxphyaddr) - 1)),
+                          np.uint64(((1 << shift) - 1) & ~((1 << 13) - 1)))
+
+
+@dataclass
+class _Found:
+    """What the walk has found so far, level by level."""
+
+    barriers: np.ndarray  # the hole between the halves and the edges of source reaches: never coalesce across
+    tables: list[np.ndarray] = field(default_factory=list)
+    table_refs: list[np.ndarray] = field(default_factory=list)
+    table_halves: list[np.ndarray] = field(default_factory=list)
+    per_depth: list[np.ndarray] = field(default_factory=list)
+    alias_parts: list[np.ndarray] = field(default_factory=list)
+    anomalies: list[Anomaly] = field(default_factory=list)
+
+    def visit_tables(self, mem: PhysicalMemory, rows: _Rows, name: str) -> tuple[_Rows, np.ndarray]:
+        """Note the level's distinct tables and drop the rows whose table lies
+        outside memory; rows' table becomes an index into the distinct frames."""
+        distinct, inverse = np.unique(rows.table, return_inverse=True)
+        rows = _Rows(rows.va, inverse.reshape(-1), rows.eff, rows.weight, rows.halves)
+        refs = np.bincount(rows.table, weights=rows.weight, minlength=len(distinct)).astype(np.int64)
+        inside = mem.frames_present(distinct)
+        if not inside.all():
+            bad = distinct[~inside]
+            self.anomalies.append(Anomaly(
+                "table-outside-memory", name, tuple(int(b) for b in bad[:16]), int(refs[~inside].sum()),
+                f"{len(bad)} {name} table(s) lie past the end of physical memory "
+                f"(first at {int(bad[0]) << 12:#x}); what they would map is unknown"))
+            rows = rows.take(inside[rows.table])
+            rows.table = (np.cumsum(inside) - 1)[rows.table]
+            distinct, refs = distinct[inside], refs[inside]
+        halves = np.zeros(len(distinct), dtype=np.uint8)
+        np.bitwise_or.at(halves, rows.table, rows.halves)
+        self.tables.append(distinct)
+        self.table_refs.append(refs)
+        self.table_halves.append(halves)
+        return rows, distinct
+
+    def summarise(self, rows: _Rows, bits: _LevelBits) -> _Rows:
+        """Rows that share a table and the rights above it expand alike
+        (ESPfix points thousands of entries at a handful of tables): keep
+        the first, and record the others as aliases naming it as source."""
+        key = rows.table.astype(np.int64) * 8 + rows.eff
+        _, source, of_row, members = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
+        of_row = of_row.reshape(-1)
+        if len(source) == len(key):
+            return rows
+        alias = np.ones(len(key), dtype=bool)
+        alias[source] = False
+        reach = np.uint64(1 << (bits.shift + 9))
+        out = np.empty(int(alias.sum()), dtype=ALIAS_DTYPE)
+        out["va"] = rows.va[alias]
+        out["size"] = reach
+        out["source"] = rows.va[source[of_row[alias]]]
+        out["level"] = bits.depth - 1
+        self.alias_parts.append(out)
+        shared = source[members > 1]
+        self.barriers = np.union1d(self.barriers, _edges(rows.va[shared], np.full(len(shared), reach)))
+        weight = np.bincount(of_row, weights=rows.weight, minlength=len(source)).astype(np.int64)
+        halves = np.zeros(len(source), dtype=np.uint8)
+        np.bitwise_or.at(halves, of_row, rows.halves)
+        # Back to address order: the next level's first row of a group must be its lowest.
+        order = np.argsort(source)
+        kept = rows.take(source[order])
+        kept.weight, kept.halves = weight[order], halves[order]
+        return kept
+
+    def decode_level(self, data: np.ndarray, rows: _Rows, bits: _LevelBits, geometry: Geometry,
+                     top_slots: tuple[int, int]) -> tuple[_Rows, list[np.ndarray]]:
+        """Decode the rows' tables batch by batch: the records (leaves, holes,
+        faulting entries) and the next level's rows."""
+        records, below, bad_count, bad_values = [], [], 0, []
+        for start in range(0, len(rows), BATCH_ROWS):
+            batch = rows.take(slice(start, start + BATCH_ROWS))
+            ent = data[batch.table]  # (rows, 512)
+            if bits.depth == 0 and top_slots != (0, 512):
+                ent = ent.copy()
+                ent[:, :top_slots[0]] = 0
+                ent[:, top_slots[1]:] = 0
+            rec, next_rows, bad = _decode_batch(ent, batch, bits, self.barriers)
+            if rec is not None:
+                records.append(rec)
+            if next_rows is not None:
+                below.append(next_rows)
+            if bad.any():
+                bad_count += int((bad.sum(axis=1) * batch.weight).sum())
+                bad_values.append(np.unique(ent[bad]))
+        if bad_count:
+            values = np.unique(np.concatenate(bad_values))
+            self.anomalies.append(Anomaly("reserved-bits", bits.name, tuple(int(x) for x in values[:16]), bad_count,
+                                          f"{bad_count} {bits.name} entr(ies) have reserved bits set "
+                                          f"(a real MMU faults with PFEC.RSVD); not followed"))
+        return _Rows.concat(below), records
+
+    def walk(self, geometry: Geometry, cr3: CR3, max_entries: int) -> Walk:
+        ranges = np.concatenate(self.per_depth) if self.per_depth else np.zeros(0, RANGE_DTYPE)
+        ranges = ranges[np.argsort(ranges["va"], kind="stable")]
+        ranges["va"] = _canonical(ranges["va"], geometry)
+        aliases = np.concatenate(self.alias_parts) if self.alias_parts else np.zeros(0, ALIAS_DTYPE)
+        aliases = aliases[np.argsort(aliases["va"], kind="stable")]
+        aliases["va"] = _canonical(aliases["va"], geometry)
+        aliases["source"] = _canonical(aliases["source"], geometry)
+        self.anomalies.extend(_tables_at_several_levels(geometry, self.tables))
+        return Walk(geometry, cr3, ranges, aliases, self.tables, self.table_refs, self.anomalies,
+                    min(max_entries, DEFAULT_MAX_RECORDS), self.table_halves)
+
+
+def _decode_batch(ent: np.ndarray, rows: _Rows, bits: _LevelBits,
+                  barriers: np.ndarray) -> tuple[np.ndarray | None, _Rows | None, np.ndarray]:
+    """One batch of tables (rows x 512 entries): its records, the rows one
+    level down, and which entries fault on reserved bits (not followed)."""
+    u64 = np.uint64
+    va = rows.va[:, None] + (np.arange(512, dtype=u64) << u64(bits.shift))
+    present = (ent & u64(e.P)) != 0
+    bad = present & ((ent & bits.reserved_high) != 0)
+    if bits.last:
+        leaf = present
+    elif bits.leaf_allowed:
+        leaf = present & ((ent & u64(e.PS)) != 0)
+        bad |= leaf & ((ent & bits.large_low) != 0)
+    else:
+        bad |= present & ((ent & u64(e.PS)) != 0)
+        leaf = np.zeros_like(present)
+    leaf &= ~bad
+    eff = _effective(rows.eff[:, None], ent)
+    records = None
+    emit = leaf | ~present | bad
+    if emit.any():
+        rec = np.empty(int(emit.sum()), dtype=RANGE_DTYPE)
+        ent_e = ent[emit]
+        rec["va"] = va[emit]
+        rec["size"] = u64(1 << bits.shift)
+        rec["pa"] = np.where(leaf[emit], ent_e & bits.leaf_mask, u64(0))
+        rec["level"] = bits.depth
+        # A faulting entry shows as a hole: hardware maps nothing there.
+        rec["prot"] = np.where(bad[emit], u64(0), ent_e & u64(e.FLAGS_MASK))
+        rec["eff"] = np.where(ent_e == 0, np.uint8(0), eff[emit])
+        records = _coalesce_within(rec, barriers)
+    descend = present & ~leaf & ~bad
+    if bits.last or not descend.any():
+        return records, None, bad
+    if bits.depth == 0:
+        halves = np.where(np.arange(512) < 256, np.uint8(HALF_USER), np.uint8(HALF_KERNEL))[None, :]
+    else:
+        halves = rows.halves[:, None]
+    below = _Rows(va[descend], (ent[descend] & bits.table_mask) >> u64(e.PAGE_SHIFT), eff[descend],
+                  np.broadcast_to(rows.weight[:, None], descend.shape)[descend],
+                  np.broadcast_to(halves, descend.shape)[descend])
+    return records, below, bad
+
+
+def _effective(parent_eff: np.ndarray, ent: np.ndarray) -> np.ndarray:
+    """Rights along the walk (SDM 4.6): R/W and U/S must be set at every level, NX at any one."""
+    u64 = np.uint64
+    rw_us = ((ent & u64(e.RW)) != 0) * np.uint8(EFF_RW) | ((ent & u64(e.US)) != 0) * np.uint8(EFF_US)
+    return (parent_eff & rw_us) | (parent_eff & np.uint8(EFF_NX)) | ((ent >> u64(63)).astype(np.uint8) * np.uint8(EFF_NX))
+
+
+def _contiguous_rows(data: np.ndarray, rows: _Rows, bits: _LevelBits) -> tuple[_Rows, list[np.ndarray]]:
+    """Rows whose table is one physically contiguous run of leaves become one
+    record each, exactly what expanding and coalescing their 512 entries
+    would give (a direct map in 4 KiB pages is thousands of such tables);
+    the other rows are returned to be decoded."""
+    run = _run_tables(data, bits.shift, bits.last, bits.reserved_high)
+    if not run.any():
+        return rows, []
+    whole = run[rows.table]
+    first = data[rows.table[whole], 0]
+    records = _run_records(rows.va[whole], rows.eff[whole], first, bits)
+    return rows.take(~whole), [records]
 
 
 def _run_tables(data: np.ndarray, shift: int, last: bool, reserved_high: np.uint64) -> np.ndarray:
@@ -598,19 +668,15 @@ def _run_tables(data: np.ndarray, shift: int, last: bool, reserved_high: np.uint
     return out
 
 
-def _run_records(va: np.ndarray, parent_eff: np.ndarray, first: np.ndarray, shift: int, depth: int,
-                 leaf_mask: np.uint64) -> np.ndarray:
+def _run_records(va: np.ndarray, parent_eff: np.ndarray, first: np.ndarray, bits: _LevelBits) -> np.ndarray:
     """One record per row whose table is a contiguous run (see _run_tables)."""
-    u64 = np.uint64
     rec = np.empty(len(va), dtype=RANGE_DTYPE)
     rec["va"] = va
-    rec["size"] = u64(512 << shift)
-    rec["pa"] = first & leaf_mask
-    rec["level"] = depth
-    rec["prot"] = first & u64(e.FLAGS_MASK)
-    rw_us = ((first & u64(e.RW)) != 0) * np.uint8(EFF_RW) | ((first & u64(e.US)) != 0) * np.uint8(EFF_US)
-    rec["eff"] = (parent_eff & rw_us) | (parent_eff & np.uint8(EFF_NX)) | \
-        ((first >> u64(63)).astype(np.uint8) * np.uint8(EFF_NX))
+    rec["size"] = np.uint64(512 << bits.shift)
+    rec["pa"] = first & bits.leaf_mask
+    rec["level"] = bits.depth
+    rec["prot"] = first & np.uint64(e.FLAGS_MASK)
+    rec["eff"] = _effective(parent_eff, first)
     return coalesce(rec)
 
 
