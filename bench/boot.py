@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def child(kernel: str, design: str, cpus: int, paging: int) -> None:
     """In the measured process: boot, walk, print what was measured as JSON."""
     sys.path.insert(0, str(ROOT / "src"))
-    from ptilab.linux.kernel import boot
+    from ptilab.pti import boot
     from ptilab.paging import walk
 
     def rss() -> int:

@@ -36,7 +36,7 @@ TARGET_MISSES = 2_000_000
 
 
 def trace(accesses: int, seed: int) -> tuple[np.ndarray, object]:
-    from ptilab.linux.kernel import boot
+    from ptilab.pti import boot
     from ptilab.mmu.workload import processes, symbols
 
     kernel = boot("linux-6.1", "linux", cpus=4)

@@ -2,7 +2,7 @@
 
 from ptilab import progress
 from ptilab.compare.metrics import compare
-from ptilab.linux.kernel import boot
+from ptilab.pti import boot
 from ptilab.mmu.cost import sweep
 
 

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from ptilab import progress
 from ptilab.errors import InputError
-from ptilab.linux.kernel import boot
+from ptilab.pti import boot
 from ptilab.terminal import Output, ProgressBars, atomic_file
 
 

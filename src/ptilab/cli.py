@@ -312,7 +312,7 @@ def simulate(ctx: click.Context, design: str, profile: str, cpus: int, levels: s
       ptilab simulate --design linux --paging 5 --view user --json
     """
     from ptilab.formats.ptdump import format_walk, linux_markers
-    from ptilab.linux.kernel import boot
+    from ptilab.pti import boot
     from ptilab.paging import walk
 
     _check_cea_options(ctx, profile)
@@ -971,7 +971,7 @@ def meltdown(ctx, image, cr3, cpu, la57, system_map, design, profile, cpus, leve
             result = exposure(mem, found.user, symbols)
     else:
         _refuse(ctx, (*IMAGE_OPTIONS, "system_map"), "only with an IMAGE")
-        from ptilab.linux.kernel import boot
+        from ptilab.pti import boot
         result = kernel_exposure(boot(profile, design, cpus, _levels(levels)))
     if as_json:
         out.json(result.as_dict())

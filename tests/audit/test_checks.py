@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from ptilab.audit import Severity, Views, audit
-from ptilab.linux.kernel import boot
+from ptilab.pti import boot
 from ptilab.paging import entry as e
 from ptilab.paging import walk
 from ptilab.paging.install import map_page

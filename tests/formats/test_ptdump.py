@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from ptilab.errors import InputError, UsageError
 from ptilab.formats.ptdump import (LINUX_X86_64_MARKERS, Marker, format_prot, format_ranges, format_size,
                                    format_walk, linux_markers, parse_ptdump)
-from ptilab.linux.kernel import boot
+from ptilab.pti import boot
 from ptilab.paging import EFF_NX, EFF_RW, FIVE_LEVEL, FOUR_LEVEL, RANGE_DTYPE, walk
 from ptilab.paging import entry as e
 from ptilab.paging.install import map_page, set_entry

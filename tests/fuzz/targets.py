@@ -611,7 +611,7 @@ def fuzz_workload(data: bytes) -> None:
             return
         if sum(s.count for s in w.steps) > 2000:
             return  # valid and only slow: the schema's bound is MAX_ACCESSES
-        from ptilab.linux.kernel import boot
+        from ptilab.pti import boot
         try:  # a fresh kernel each time (3 ms): measure() spawns the workload's processes in it
             measure(boot("linux-6.1", "linux", cpus=2), path, pcid=True)
         except PtilabError:

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from ptilab.compare.metrics import measure
 from ptilab.compare.views import pages, rights
-from ptilab.linux.kernel import boot, init_cea_offsets
+from ptilab.linux.kernel import init_cea_offsets
+from ptilab.pti import boot
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, LINUX_6_1, LINUX_6_12
 from ptilab.paging import walk
 

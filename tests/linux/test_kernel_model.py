@@ -2,7 +2,7 @@ import pytest
 
 from ptilab.compare.views import pages, rights
 from ptilab.errors import UsageError
-from ptilab.linux.kernel import boot
+from ptilab.pti import boot
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE
 from ptilab.paging import walk
 

@@ -3,7 +3,7 @@
 import pytest
 
 from ptilab.errors import InputError, UsageError
-from ptilab.linux.kernel import boot
+from ptilab.pti import boot
 from ptilab.linux.paging_mode import CEA_RO_IDT, maps_cpu_entry_area, paging_mode
 from ptilab.memory.elfcore import CR4_LA57, ElfCore
 from ptilab.memory.elfwrite import qemu_cpu_note, write_memory_core

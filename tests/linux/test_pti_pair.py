@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ptilab.linux.kernel import boot
+from ptilab.pti import boot
 from ptilab.linux.pti_pair import find_pti_pair
 from ptilab.memory.images import open_image
 from ptilab.memory.simulated import SimulatedRAM

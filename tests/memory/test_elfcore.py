@@ -172,7 +172,7 @@ def test_walk_sees_the_same_ranges_in_simulated_ram_and_its_core(tmp_path):
 
 @pytest.mark.parametrize("levels", [4, 5])
 def test_walk_of_a_modelled_kernel_is_the_same_from_its_core(tmp_path, levels):
-    from ptilab.linux.kernel import boot
+    from ptilab.pti import boot
 
     k = boot("linux-6.1", "linux", cpus=2, levels=levels)
     path = tmp_path / "kernel.elf"

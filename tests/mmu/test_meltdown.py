@@ -1,6 +1,7 @@
 """The Meltdown attacker model: what user mode reads through the user tables."""
 
-from ptilab.linux.kernel import TEXT_START, boot
+from ptilab.linux.kernel import TEXT_START
+from ptilab.pti import boot
 from ptilab.mmu.meltdown import MODEL_SYMBOLS, kernel_exposure
 
 

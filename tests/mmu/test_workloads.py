@@ -3,7 +3,7 @@
 import pytest
 
 from ptilab.errors import InputError, UsageError
-from ptilab.linux.kernel import boot
+from ptilab.pti import boot
 from ptilab.linux.profiles import PROFILES
 from ptilab.mmu.cost import PTI_OFF, cost, measure, sweep
 from ptilab.mmu.workload import available, load, processes, resolve, symbols

@@ -256,7 +256,7 @@ def test_espfix_of_8192_cpus_is_summarised_not_expanded():
     16 of them every 64 KiB (32 clones each), all 512 entries of a PMD table
     point at that PTE table and 4 PUD entries at the PMD table: each page
     appears 32 * 512 * 4 = 65536 times."""
-    from ptilab.linux.kernel import boot
+    from ptilab.pti import boot
     from ptilab.linux.profiles import ESPFIX_BASE_ADDR
 
     k = boot("linux-6.1", "linux", cpus=8192, levels=5)

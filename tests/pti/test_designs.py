@@ -5,7 +5,8 @@ from ptilab.compare.layout_change import run as layout_change
 from ptilab.compare.metrics import measure
 from ptilab.compare.views import pages
 from ptilab.errors import UsageError
-from ptilab.linux.kernel import Kernel, boot
+from ptilab.linux.kernel import Kernel
+from ptilab.pti import boot
 from ptilab.linux.profiles import PROFILES, get_profile
 from ptilab.memory.allocators import Allocator
 from ptilab.paging import walk

@@ -8,7 +8,7 @@ import pytest
 from ptilab.audit import Severity, audit
 from ptilab.audit.sources import views_from_image
 from ptilab.compare.views import pages, rights
-from ptilab.linux.kernel import boot
+from ptilab.pti import boot
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE
 from ptilab.paging import walk
 from tests.realkernel.conftest import (KASLR_CONFIGS, PTI_CONFIGS, PTI_ON_CONFIGS, REAL_CONFIGS, nokaslr_sibling,

@@ -11,7 +11,7 @@ import pytest
 
 from ptilab.compare.views import pages, rights
 from ptilab.linux import kernel as kernel_module
-from ptilab.linux.kernel import boot
+from ptilab.pti import boot
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_MAP_SIZE, LINUX_6_12
 from ptilab.paging import walk
 from ptilab.paging.cr3 import CR3

@@ -9,7 +9,8 @@ import numpy as np
 
 from ptilab import progress
 from ptilab.compare.views import Divergence, diff, rights
-from ptilab.linux.kernel import CEA_TABLE_PURPOSE, Kernel, boot
+from ptilab.linux.kernel import CEA_TABLE_PURPOSE, Kernel
+from ptilab.pti import boot
 from ptilab.linux.regions import REGIONS, region_of
 from ptilab.memory.allocators import Phase
 from ptilab.paging import Walk, walk

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -26,8 +26,18 @@ from ptilab.paging.geometry import Geometry
 from ptilab.paging.install import entry_address, map_page, table_runs
 from ptilab.linux.profiles import CPU_ENTRY_AREA_MAP_SIZE, ESPFIX_BASE_ADDR, RIGHTS, START_KERNEL_MAP, Piece, Profile
 
-if TYPE_CHECKING:
-    from ptilab.pti.design import Design
+
+
+class PtiHooks(Protocol):
+    """What the boot calls of a PTI design, in boot order (ptilab.pti.design.Design
+    implements it; the kernel knows no design, as Linux's own pti_init() and
+    cpu_entry_area setup call into pti.c, not the reverse)."""
+
+    def attach(self, kernel: "Kernel") -> None: ...
+    def on_area_ready(self, cpu: int | None, start: int, end: int) -> None: ...
+    def on_pti_init(self) -> None: ...
+    def on_ap_online(self, cpu: int) -> None: ...
+    def on_ap_offline(self, cpu: int) -> None: ...
 
 NR_CPUS_MAX = 8192
 PAGE_OFFSET = {4: 0xFFFF_8880_0000_0000, 5: 0xFF11_0000_0000_0000}
@@ -69,7 +79,7 @@ class Event:
 class Kernel:
     """One booted (or booting) kernel: RAM, allocators, the init PGD pair and a process."""
 
-    def __init__(self, profile: Profile, design: "Design", nr_cpus: int = 4, levels: int = 4,
+    def __init__(self, profile: Profile, design: PtiHooks, nr_cpus: int = 4, levels: int = 4,
                  kaslr: bool = True, seed: int = 0):
         if not 1 <= nr_cpus <= NR_CPUS_MAX:
             raise UsageError(f"NR_CPUS must be between 1 and {NR_CPUS_MAX}, not {nr_cpus}")
@@ -423,23 +433,3 @@ def _percpu_layout(profile: Profile) -> dict[str, int]:
     if at > profile.percpu_unit_pages * e.PAGE_SIZE:
         raise ValueError(f"{profile.name}: per-CPU variables overflow the percpu unit")
     return offsets
-
-
-def boot(profile: str | Profile = "linux-6.1", design: "str | Design" = "linux", cpus: int = 4,
-         levels: int = 4, kaslr: bool = True, seed: int = 0) -> Kernel:
-    """Boot a modelled kernel with a PTI design; the public entry point.
-
-    kaslr and seed matter only to a profile with random cpu_entry_area slots
-    (linux-6.12): the model randomises those slots, nothing else.
-
-    >>> k = boot("linux-6.1", "shared-pmd", cpus=2)
-    >>> k.user_cr3()
-    """
-    from ptilab.linux.profiles import get_profile
-    from ptilab.pti import get_design
-
-    if isinstance(profile, str):
-        profile = get_profile(profile)
-    if isinstance(design, str):
-        design = get_design(design)
-    return Kernel(profile, design, cpus, levels, kaslr, seed).boot()

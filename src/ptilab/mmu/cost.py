@@ -19,7 +19,8 @@ from typing import Iterable
 
 from ptilab import progress
 from ptilab.errors import UsageError
-from ptilab.linux.kernel import Kernel, boot
+from ptilab.linux.kernel import Kernel
+from ptilab.pti import boot
 from ptilab.mmu.mmu import MMU
 from ptilab.mmu.tlb import TLB, get_core
 from ptilab.mmu.workload import Miss, PTIState, Workload, available, load, play, processes, symbols

@@ -421,7 +421,8 @@ def comparison_report(profile: str = "linux-6.1", cpus: int = 4, levels: int = 4
                       designs: list[str] | None = None) -> str:
     """HTML comparing every design on one modelled kernel."""
     from ptilab.compare.metrics import measure
-    from ptilab.linux.kernel import ENTRY_TEXT, boot
+    from ptilab.linux.kernel import ENTRY_TEXT
+    from ptilab.pti import boot
     from ptilab.paging import walk
     from ptilab.pti import DESIGNS
 
