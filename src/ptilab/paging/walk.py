@@ -220,49 +220,14 @@ class Walk:
         # The walk's own (raw) addresses: sign extension would break the order at the top of the user half.
         lo = int(self._raw(np.array([start], u64))[0])
         hi = 1 << self.geometry.va_bits if end >= 1 << 64 else int(self._raw(np.array([end - 1], u64))[0]) + 1
-        a_va, a_src = self._raw(a["va"]), self._raw(a["source"])
-        # Shallow first: an alias is needed if it reaches the window or the
-        # source reach of a needed shallower alias.
-        need = np.zeros(len(a), dtype=bool)
-        want_lo, want_hi = np.array([lo], u64), np.array([hi], u64)
-        for level in np.unique(a["level"]):
-            at = a["level"] == level
-            hit = at & _overlaps(a_va, a_va + a["size"], want_lo, want_hi)
-            need |= hit
-            want_lo = np.concatenate((want_lo, a_src[hit]))
-            want_hi = np.concatenate((want_hi, a_src[hit] + a["size"][hit]))
+        a_src = self._raw(a["source"])
+        need = self._aliases_reaching(lo, hi)
         if by_pa is False:
             records = _coalesce_within(records, np.union1d(half, _edges(a_src[need], a["size"][need])), by_pa=False)
         for level in np.unique(a["level"][need])[::-1]:
             at = need & (a["level"] == level)
-            src, dst, size = a_src[at], a_va[at], a["size"][at]
-            first = np.searchsorted(records["va"], src)
-            n = np.searchsorted(records["va"], src + size) - first
-            if len(records) + int(n.sum()) > self.max_entries:
-                raise WalkTooLarge(
-                    f"the tables repeat {len(self.aliases)} shared tables' reaches into over {self.max_entries} "
-                    f"ranges, beyond any real kernel (from Python, Walk.multiplicity() counts them and "
-                    f"Walk.runs() lists them as ptdump would)")
-            ends = np.cumsum(n)
-            idx = np.repeat(first - (ends - n), n) + np.arange(int(ends[-1]) if len(ends) else 0)
-            copies = _whole(records)[idx].view(RANGE_DTYPE)
-            copies["va"] = copies["va"] - np.repeat(src, n) + np.repeat(dst, n)
-            # The aliases' reaches are empty in records and copies come in
-            # address order: merge by position instead of sorting it all again.
-            into = np.searchsorted(records["va"], copies["va"]) + np.arange(len(copies))
-            held = np.ones(len(records) + len(copies), dtype=bool)
-            held[into] = False
-            merged = np.empty(len(held), RANGE_DTYPE)
-            _whole(merged)[into] = _whole(copies)
-            _whole(merged)[held] = _whole(records)
-            records = merged
-            del copies, merged
-            if origin is not None:
-                moved = np.empty(len(held), np.intp)
-                moved[into] = origin[idx]
-                moved[held] = origin
-                origin = moved
-            else:
+            records, origin = self._copy_reaches(records, origin, a_src[at], self._raw(a["va"][at]), a["size"][at])
+            if origin is None:
                 # Keep the source reaches still to copy whole: coalesce up to their edges only.
                 later = need & (a["level"] < level)
                 records = _coalesce_within(records, np.union1d(half, _edges(a_src[later], a["size"][later])),
@@ -274,6 +239,49 @@ class Walk:
         records = records[keep]
         records["va"] = self._canonical(records["va"])
         return records, (origin[keep] if origin is not None else None)
+
+    def _aliases_reaching(self, lo: int, hi: int) -> np.ndarray:
+        """Which aliases an expansion of raw [lo, hi) needs: those reaching the
+        window or the source reach of a needed shallower alias (shallow first)."""
+        a = self.aliases
+        a_va, a_src = self._raw(a["va"]), self._raw(a["source"])
+        need = np.zeros(len(a), dtype=bool)
+        want_lo, want_hi = np.array([lo], np.uint64), np.array([hi], np.uint64)
+        for level in np.unique(a["level"]):
+            hit = (a["level"] == level) & _overlaps(a_va, a_va + a["size"], want_lo, want_hi)
+            need |= hit
+            want_lo = np.concatenate((want_lo, a_src[hit]))
+            want_hi = np.concatenate((want_hi, a_src[hit] + a["size"][hit]))
+        return need
+
+    def _copy_reaches(self, records: np.ndarray, origin: np.ndarray | None, src: np.ndarray, dst: np.ndarray,
+                      size: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Records with the records of each reach [src, src + size) copied to dst (raw addresses)."""
+        first = np.searchsorted(records["va"], src)
+        n = np.searchsorted(records["va"], src + size) - first
+        if len(records) + int(n.sum()) > self.max_entries:
+            raise WalkTooLarge(
+                f"the tables repeat {len(self.aliases)} shared tables' reaches into over {self.max_entries} "
+                f"ranges, beyond any real kernel (from Python, Walk.multiplicity() counts them and "
+                f"Walk.runs() lists them as ptdump would)")
+        ends = np.cumsum(n)
+        idx = np.repeat(first - (ends - n), n) + np.arange(int(ends[-1]) if len(ends) else 0)
+        copies = _whole(records)[idx].view(RANGE_DTYPE)
+        copies["va"] = copies["va"] - np.repeat(src, n) + np.repeat(dst, n)
+        # The aliases' reaches are empty in records and copies come in
+        # address order: merge by position instead of sorting it all again.
+        into = np.searchsorted(records["va"], copies["va"]) + np.arange(len(copies))
+        held = np.ones(len(records) + len(copies), dtype=bool)
+        held[into] = False
+        merged = np.empty(len(held), RANGE_DTYPE)
+        _whole(merged)[into] = _whole(copies)
+        _whole(merged)[held] = _whole(records)
+        if origin is not None:
+            moved = np.empty(len(held), np.intp)
+            moved[into] = origin[idx]
+            moved[held] = origin
+            origin = moved
+        return merged, origin
 
 
 def split_at(r: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
