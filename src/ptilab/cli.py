@@ -584,6 +584,35 @@ def audit_command(ctx, images, cr3, cpu, la57, live, ptdump_file, system_map, fa
         return
     _refuse(ctx, ("scheduler", "workers"), "only with several IMAGEs")
     image = images[0] if images else None
+    _one_audit_source(ctx, image, ptdump_file, live)
+    symbols = _symbols(system_map)
+    out = _out()
+    if live:
+        views, subject, extra, findings, found = _audit_live(ctx, live, cr3, symbols, out)
+    elif ptdump_file:
+        from ptilab.audit.sources import views_from_ptdump
+        views, subject, extra, found = views_from_ptdump(ptdump_file, symbols), ptdump_file, {}, None
+    else:
+        views, subject, extra, found = _image_views(image, cr3, cpu, la57, symbols, out)
+    if not live:
+        findings = audit(views)
+    failed = any(f.severity >= threshold for f in findings)
+    # Decided before printing: a reader that stops early (| head) still gets the verdict.
+    ctx.meta[EXIT_META] = 1 if failed else 0
+    if as_json:
+        from ptilab.formats.jsonout import ranges_to_list, walk_to_dict
+        user_view = (walk_to_dict(found.user) if found is not None
+                     else {"ranges": ranges_to_list(views.user, views.geometry)})
+        out.json({"subject": subject, **extra, "findings": [f.as_dict() for f in findings],
+                  "user_view": user_view})
+    else:
+        _say_where_the_views_came_from(out, extra)
+        out.table(findings_table(findings, f"PTI audit of {subject}"))
+    if failed:
+        ctx.exit(1)
+
+
+def _one_audit_source(ctx, image: str | None, ptdump_file: str | None, live: bool) -> None:
     if ptdump_file and image:
         raise UsageError("give an IMAGE or --ptdump, not both")
     if live and (image or ptdump_file):
@@ -592,54 +621,42 @@ def audit_command(ctx, images, cr3, cpu, la57, live, ptdump_file, system_map, fa
         raise UsageError("give an IMAGE to audit, --ptdump FILE, or --live")
     if ptdump_file:
         _refuse(ctx, IMAGE_OPTIONS, "only with an IMAGE, not with --ptdump")
-    symbols = _symbols(system_map)
-    out = _out()
-    if live:
-        views, subject, extra, findings, found = _audit_live(ctx, live, cr3, symbols, out)
-    elif ptdump_file:
-        from ptilab.audit.sources import views_from_ptdump
-        views, subject = views_from_ptdump(ptdump_file, symbols), ptdump_file
-        extra: dict = {}
-    else:
-        from ptilab.audit.sources import views_from_image
-        mem, value, geometry = _open_image_and_cr3(image, cr3, cpu, la57)
-        with out.busy("walking the page tables"):
-            found = views_from_image(mem, value, geometry, symbols)
-        views, subject = found.views, f"{image} (CR3 {value:#x}, {geometry.levels}-level)"
-        extra = {"pti_pair": {"kernel_pgd": f"{found.pair.kernel_pgd:#x}", "user_pgd": f"{found.pair.user_pgd:#x}",
-                              "is_pti": found.pair.is_pti, "reasons": list(found.pair.reasons)},
-                 "kaslr_slide": None if found.kaslr_slide is None else f"{found.kaslr_slide:#x}",
-                 "vmcoreinfo": _vmcoreinfo_facts(mem)}
-    if not live:
-        findings = audit(views)
-    failed = any(f.severity >= threshold for f in findings)
-    # Decided before printing: a reader that stops early (| head) still gets the verdict.
-    ctx.meta[EXIT_META] = 1 if failed else 0
-    if as_json:
-        from ptilab.formats.jsonout import ranges_to_list, walk_to_dict
-        user_view = (walk_to_dict(found.user) if image or live
-                     else {"ranges": ranges_to_list(views.user, views.geometry)})
-        out.json({"subject": subject, **extra, "findings": [f.as_dict() for f in findings],
-                  "user_view": user_view})
-    else:
-        table = findings_table(findings, f"PTI audit of {subject}")
-        if live:
-            k = extra["live"]
-            out.line(f"running kernel {k['release']}: {k['source']}, init_top_pgt at {k['init_top_pgt']}, "
-                     f"{k['levels']}-level, KERNELOFFSET {k['kernel_offset']}")
-        if "pti_pair" in extra:
-            pair = extra["pti_pair"]
-            verdict = "a Linux PTI pair" if pair["is_pti"] else "not a PTI pair"
-            out.line(f"PGD pair: kernel {pair['kernel_pgd']}, user {pair['user_pgd']}: {verdict}"
-                     + (f"; KASLR slide {extra['kaslr_slide']}" if extra.get("kaslr_slide") else ""))
-        if extra.get("vmcoreinfo"):
-            facts = extra["vmcoreinfo"]
-            out.line(f"VMCOREINFO: {facts['osrelease']}, KERNELOFFSET {facts['kernel_offset']} (the KASLR slide), "
-                     f"init_top_pgt at {facts['init_top_pgt']}, {facts['levels']}-level, "
-                     f"{facts['prstatus_cpus']} CPU(s) in NT_PRSTATUS notes")
-        out.table(table)
-    if failed:
-        ctx.exit(1)
+
+
+def _image_views(image: str, cr3: str | None, cpu: int | None, la57: bool | None, symbols, out):
+    """An image's two views, the subject line and what the image says of itself."""
+    from ptilab.audit.sources import views_from_image
+
+    mem, value, geometry = _open_image_and_cr3(image, cr3, cpu, la57)
+    with out.busy("walking the page tables"):
+        found = views_from_image(mem, value, geometry, symbols)
+    extra = {**_pair_facts(found), "vmcoreinfo": _vmcoreinfo_facts(mem)}
+    return found.views, f"{image} (CR3 {value:#x}, {geometry.levels}-level)", extra, found
+
+
+def _pair_facts(found) -> dict:
+    """The PGD pair an audit judged and the KASLR slide it inferred, for JSON and the text's header."""
+    return {"pti_pair": {"kernel_pgd": f"{found.pair.kernel_pgd:#x}", "user_pgd": f"{found.pair.user_pgd:#x}",
+                         "is_pti": found.pair.is_pti, "reasons": list(found.pair.reasons)},
+            "kaslr_slide": None if found.kaslr_slide is None else f"{found.kaslr_slide:#x}"}
+
+
+def _say_where_the_views_came_from(out, extra: dict) -> None:
+    """The lines above the findings: the live kernel, the PGD pair, VMCOREINFO's facts."""
+    if "live" in extra:
+        k = extra["live"]
+        out.line(f"running kernel {k['release']}: {k['source']}, init_top_pgt at {k['init_top_pgt']}, "
+                 f"{k['levels']}-level, KERNELOFFSET {k['kernel_offset']}")
+    if "pti_pair" in extra:
+        pair = extra["pti_pair"]
+        verdict = "a Linux PTI pair" if pair["is_pti"] else "not a PTI pair"
+        out.line(f"PGD pair: kernel {pair['kernel_pgd']}, user {pair['user_pgd']}: {verdict}"
+                 + (f"; KASLR slide {extra['kaslr_slide']}" if extra.get("kaslr_slide") else ""))
+    if extra.get("vmcoreinfo"):
+        facts = extra["vmcoreinfo"]
+        out.line(f"VMCOREINFO: {facts['osrelease']}, KERNELOFFSET {facts['kernel_offset']} (the KASLR slide), "
+                 f"init_top_pgt at {facts['init_top_pgt']}, {facts['levels']}-level, "
+                 f"{facts['prstatus_cpus']} CPU(s) in NT_PRSTATUS notes")
 
 
 def _audit_images(ctx, images, cpu, la57, symbols, threshold, as_json, scheduler, workers) -> None:
@@ -744,9 +761,7 @@ def _audit_live(ctx: click.Context, root: str, cr3: str | None, symbols: dict[st
     found = result.found
     subject = (f"the running kernel {kernel.info.osrelease} ({kernel.kcore.path}, PGD {found.pair.kernel_pgd:#x}, "
                f"{kernel.geometry.levels}-level)")
-    extra = {"pti_pair": {"kernel_pgd": f"{found.pair.kernel_pgd:#x}", "user_pgd": f"{found.pair.user_pgd:#x}",
-                          "is_pti": found.pair.is_pti, "reasons": list(found.pair.reasons)},
-             "kaslr_slide": f"{found.kaslr_slide:#x}", "live": kernel.as_dict()}
+    extra = {**_pair_facts(found), "live": kernel.as_dict()}
     return found.views, subject, extra, result.findings, found
 
 
