@@ -88,40 +88,52 @@ def find_pti_pair(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry = FOUR
 
 
 def _judge(kern: np.ndarray, user: np.ndarray, cr3: CR3, geometry: Geometry) -> tuple[bool, tuple[str, ...]]:
+    """Whether two PGDs are a PTI pair, and the reasons against and for it."""
     names = slot_names(geometry)
     against: list[str] = []
     evidence: list[str] = []
     if cr3.is_user_half_of_pair:
         evidence.append("CR3 selects the upper table of the pair (bit 12 set), as PTI's exit path does")
+    _judge_kernel_half(kern, user, names, against, evidence)
+    _judge_user_half(kern, user, names, against, evidence)
+    return not against, tuple(against + evidence)
 
+
+def _judge_kernel_half(kern: np.ndarray, user: np.ndarray, names: dict[int, str], against: list[str],
+                       evidence: list[str]) -> None:
+    """PTI's user PGD maps a few of the kernel PGD's kernel-half slots, some shared, some its own."""
     p = np.uint64(e.P)
     k_kernel = np.flatnonzero(kern[HALF:] & p) + HALF
     u_kernel = np.flatnonzero(user[HALF:] & p) + HALF
     if len(u_kernel) == 0:
         against.append("user PGD maps nothing of the kernel half, so no entry path could run on it"
                        + (" (it is all zero, as pti=off leaves it)" if not user.any() else ""))
+        return
+    extra = np.setdiff1d(u_kernel, k_kernel)
+    if len(extra):
+        against.append(f"user PGD maps kernel-half slots the kernel PGD lacks: {_slots(extra, names)}")
+    no_a = ~np.uint64(e.A)
+    same = (user[u_kernel] & no_a) == (kern[u_kernel] & no_a)
+    own, shared = u_kernel[~same], u_kernel[same]
+    if len(u_kernel) > MAX_USER_KERNEL_SLOTS:
+        against.append(f"user PGD maps {len(u_kernel)} kernel-half slots: more than "
+                       f"an entry-only view needs")
+    if len(u_kernel) == len(k_kernel) and not len(own):
+        against.append(f"user PGD's kernel half equals the kernel PGD's ({len(k_kernel)} slots): "
+                       f"a full copy, not PTI's reduced view")
     else:
-        extra = np.setdiff1d(u_kernel, k_kernel)
-        if len(extra):
-            against.append(f"user PGD maps kernel-half slots the kernel PGD lacks: {_slots(extra, names)}")
-        no_a = ~np.uint64(e.A)
-        same = (user[u_kernel] & no_a) == (kern[u_kernel] & no_a)
-        own, shared = u_kernel[~same], u_kernel[same]
-        if len(u_kernel) > MAX_USER_KERNEL_SLOTS:
-            against.append(f"user PGD maps {len(u_kernel)} kernel-half slots: more than "
-                           f"an entry-only view needs")
-        if len(u_kernel) == len(k_kernel) and not len(own):
-            against.append(f"user PGD's kernel half equals the kernel PGD's ({len(k_kernel)} slots): "
-                           f"a full copy, not PTI's reduced view")
-        else:
-            evidence.append(f"user PGD maps {len(u_kernel)} of the kernel PGD's {len(k_kernel)} "
-                            f"kernel-half slots: {_slots(u_kernel, names)}")
-        if len(own):
-            evidence.append(f"slots {_slots(own, names)} point to user-only tables (clones of a few "
-                            f"kernel pieces)")
-        if len(shared):
-            evidence.append(f"slots {_slots(shared, names)} hold the same entry in both: shared lower tables")
+        evidence.append(f"user PGD maps {len(u_kernel)} of the kernel PGD's {len(k_kernel)} "
+                        f"kernel-half slots: {_slots(u_kernel, names)}")
+    if len(own):
+        evidence.append(f"slots {_slots(own, names)} point to user-only tables (clones of a few "
+                        f"kernel pieces)")
+    if len(shared):
+        evidence.append(f"slots {_slots(shared, names)} hold the same entry in both: shared lower tables")
 
+
+def _judge_user_half(kern: np.ndarray, user: np.ndarray, names: dict[int, str], against: list[str],
+                     evidence: list[str]) -> None:
+    """Both PGDs carry the user half; the kernel's copies have NX (__pti_set_user_pgtbl())."""
     mask = ~np.uint64(IGNORED)
     differ = np.flatnonzero((kern[:HALF] & mask) != (user[:HALF] & mask))
     if len(differ):
@@ -133,13 +145,12 @@ def _judge(kern: np.ndarray, user: np.ndarray, cr3: CR3, geometry: Geometry) -> 
     if len(in_kernel) == 0 and len(in_user) == 0:
         evidence.append("user half empty in both (a kernel thread's or init_mm's pair): "
                         "the NX marking cannot be observed")
-    else:
-        lacking = in_kernel[(kern[in_kernel] & np.uint64(e.NX)) == 0]
-        if len(lacking):
-            against.append(f"kernel copies of user-half slots {_slots(lacking[:8], names)} lack NX, "
-                           f"which __pti_set_user_pgtbl() sets (unless the CPU has no NX)")
-        elif len(in_kernel):
-            user_nx = (user[in_user] & np.uint64(e.NX)).any()
-            evidence.append(f"{len(in_kernel)} user-half slot(s): the kernel copies carry NX, "
-                            f"the user copies {'do too' if user_nx else 'do not'}")
-    return not against, tuple(against + evidence)
+        return
+    lacking = in_kernel[(kern[in_kernel] & np.uint64(e.NX)) == 0]
+    if len(lacking):
+        against.append(f"kernel copies of user-half slots {_slots(lacking[:8], names)} lack NX, "
+                       f"which __pti_set_user_pgtbl() sets (unless the CPU has no NX)")
+    elif len(in_kernel):
+        user_nx = (user[in_user] & np.uint64(e.NX)).any()
+        evidence.append(f"{len(in_kernel)} user-half slot(s): the kernel copies carry NX, "
+                        f"the user copies {'do too' if user_nx else 'do not'}")
