@@ -39,7 +39,7 @@ also saves the same memory as users hold it (about 3 s more):
   kdump-zlib.dump               dump-guest-memory -z (and kdump-lzo/-snappy/-zstd where QEMU has them)
   kdump.elf                     core.elf as kdump's vmcore: NT_PRSTATUS + VMCOREINFO notes, no CR3
   makedumpfile-{zlib,lzo}.dump  makedumpfile -c / -l -d 31 of kdump.elf (Debian's build lacks snappy, zstd)
-  lime.dump                     Debian's LiME (lime-forensics-dkms, built by DKMS for the fixture kernel)
+  lime.dump                     Debian's LiME (lime-forensics-dkms's source, built against the kernel's headers)
                                 run in the guest at boot, writing to a virtio disk: an earlier moment
                                 than the other dumps of the same boot
 
@@ -385,6 +385,7 @@ class Kernel:
     root: Path                  # image, headers, kbuild unpacked here
     module: Path | None = None
     module_error: str = ""
+    lime: Path | None = None   # Debian's LiME built for it (configs with dumps)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -459,44 +460,63 @@ def vermagic(ko: Path) -> str:
     return data[at + 9:data.index(b"\0", at)].decode()
 
 
+def make_module(kernel: Kernel, archive: Archive, cache: Path, source: Path, name: str) -> Path:
+    """An out-of-tree module built from source against the kernel's own headers package
+    (Kbuild's `make -C headers M=dir`, what DKMS runs); returns its .ko."""
+    work = kernel.root / name
+    ko = work / f"{name}.ko"
+    if ko.exists() and ko.stat().st_mtime > max(f.stat().st_mtime for f in source.iterdir()):
+        return ko
+    makefile = kernel.headers / "Makefile"  # Debian's includes /usr/src/linux-headers-*-common by absolute path
+    text = makefile.read_text()
+    if "include /usr/src/" in text:
+        makefile.write_text(text.replace("include /usr/src/", f"include {kernel.root}/usr/src/"))
+    gcc = cache / "gcc-wrapper"
+    if not gcc.exists() or gcc.read_text() != GCC_WRAPPER:
+        gcc.write_text(GCC_WRAPPER)
+        gcc.chmod(0o755)
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(source, work)
+    # No BTF for the module: pahole is not needed and the module loads without it.
+    run(["make", "-C", str(kernel.headers), f"M={work}", f"CC={gcc}", "CONFIG_DEBUG_INFO_BTF_MODULES=",
+         *kbuild_tool_overrides(kernel, archive, cache), "modules"], f"make {name} module for {kernel.uname}")
+    magic = vermagic(ko)
+    if magic.split()[0] != kernel.uname:
+        raise Failure(f"{name}.ko's vermagic {magic!r} does not name {kernel.uname}")
+    return ko
+
+
 def build_module(kernel: Kernel, archive: Archive, cache: Path) -> None:
-    """oracle/ptilab_oracle.c built against the kernel's own headers package (out of tree, Kbuild)."""
-    work = kernel.root / "ptilab_oracle"
-    ko = work / "ptilab_oracle.ko"
-    newest_source = max(f.stat().st_mtime for f in ORACLE_SOURCE.iterdir())
-    if ko.exists() and ko.stat().st_mtime > newest_source:
-        kernel.module = ko
-        return
+    """oracle/ptilab_oracle.c built against the kernel's own headers (a kernel without it still boots)."""
     t0 = time.time()
     try:
-        makefile = kernel.headers / "Makefile"  # Debian's includes /usr/src/linux-headers-*-common by absolute path
-        text = makefile.read_text()
-        if "include /usr/src/" in text:
-            makefile.write_text(text.replace("include /usr/src/", f"include {kernel.root}/usr/src/"))
-        gcc = cache / "gcc-wrapper"
-        if not gcc.exists() or gcc.read_text() != GCC_WRAPPER:
-            gcc.write_text(GCC_WRAPPER)
-            gcc.chmod(0o755)
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(ORACLE_SOURCE, work)
-        # No BTF for the module: pahole is not needed and the module loads without it.
-        run(["make", "-C", str(kernel.headers), f"M={work}", f"CC={gcc}", "CONFIG_DEBUG_INFO_BTF_MODULES=",
-             *kbuild_tool_overrides(kernel, archive, cache), "modules"], f"make oracle module for {kernel.uname}")
-        magic = vermagic(ko)
-        if magic.split()[0] != kernel.uname:
-            raise Failure(f"vermagic {magic!r} does not name {kernel.uname}")
+        kernel.module = make_module(kernel, archive, cache, ORACLE_SOURCE, "ptilab_oracle")
     except Failure as e:
         kernel.module_error = str(e)
         say(f"{kernel.uname}: oracle module not built: {e}")
         return
-    kernel.module = ko
-    say(f"{kernel.uname}: oracle module built in {time.time() - t0:.1f} s (vermagic {magic})")
+    say(f"{kernel.uname}: oracle module ready in {time.time() - t0:.1f} s (vermagic {vermagic(kernel.module)})")
+
+
+def build_lime(kernel: Kernel, archive: Archive, cache: Path) -> None:
+    """Debian's LiME: lime-forensics-dkms's source, fetched with the kernel's suite
+    and built against its headers as DKMS would, installing nothing on this machine."""
+    t0 = time.time()
+    root = cache / "lime" / archive.suite
+    for deb in archive.download(["lime-forensics-dkms"]):
+        extract(deb, root)
+    source = next(root.glob("usr/src/lime-forensics-*"), None)
+    if source is None:
+        raise Failure(f"lime-forensics-dkms of {archive.suite} holds no usr/src/lime-forensics-*")
+    kernel.lime = make_module(kernel, archive, cache, source, "lime")
+    say(f"{kernel.uname}: LiME {source.name.removeprefix('lime-forensics-')} ready in {time.time() - t0:.1f} s")
 
 
 def prepare_kernels(configs: list[str], cache: Path) -> dict[tuple[str, str], Kernel | Failure]:
     """Each needed (release, flavour): fetched, unpacked, its oracle module built; suites in parallel."""
     wanted = sorted({(CONFIGS[c].release, CONFIGS[c].flavour) for c in configs})
     archives = {r: Archive(cache, SUITES[r]) for r, _ in wanted}
+    with_dumps = {(CONFIGS[c].release, CONFIGS[c].flavour) for c in configs if CONFIGS[c].dumps}
 
     def one(key: tuple[str, str]) -> Kernel | Failure:
         release, flavour = key
@@ -506,6 +526,11 @@ def prepare_kernels(configs: list[str], cache: Path) -> dict[tuple[str, str], Ke
             say(f"{release} {flavour}: kernel not fetched: {e}")
             return e
         build_module(kernel, archives[release], cache)
+        if key in with_dumps:
+            try:
+                build_lime(kernel, archives[release], cache)
+            except Failure as e:
+                return Failure(f"LiME not built for {kernel.uname}: {e}")
         return kernel
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
@@ -689,32 +714,15 @@ def add_fw_cfg_module(lib: Path, kernel: Kernel) -> None:
     (lib / "qemu_fw_cfg.ko").write_bytes(lzma.decompress(data) if found[0].suffix == ".xz" else data)
 
 
-LIME_PACKAGES = ["lime-forensics-dkms"]  # plus linux-headers-RELEASE, which DKMS builds it against
 VIRTIO_BLK = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk"]
-
-
-def ensure_lime(release: str) -> None:
-    """Debian's LiME (lime-forensics-dkms), built by DKMS for this release (the machine's own 6.1)."""
-    packages = LIME_PACKAGES + [f"linux-headers-{release}"]
-    if all(installed(p) for p in packages) and lime_module(release).exists():
-        return
-    t0 = time.time()
-    apt_install(packages)
-    if not lime_module(release).exists():
-        raise Failure(f"lime-forensics-dkms installed but DKMS built no {lime_module(release)}")
-    say(f"LiME built for {release} in {time.time() - t0:.0f} s")
-
-
-def lime_module(release: str) -> Path:
-    return Path(f"/lib/modules/{release}/updates/dkms/lime.ko")
 
 
 def add_lime_modules(lib: Path, kernel: Kernel) -> None:
     """lime.ko and the virtio-blk driver it writes through, when LiME was built."""
-    if not lime_module(kernel.uname).exists():
+    if kernel.lime is None:
         return
     lib.mkdir(parents=True, exist_ok=True)
-    shutil.copy(lime_module(kernel.uname), lib / "lime.ko")
+    shutil.copy(kernel.lime, lib / "lime.ko")
     for name in VIRTIO_BLK:
         found = [m for d in ("lib", "usr/lib")
                  for m in sorted(kernel.root.glob(f"{d}/modules/{kernel.uname}/kernel/drivers/*/{name}.ko"))]
@@ -749,7 +757,7 @@ def lime_from_disk(disk: Path, out: Path) -> int:
 
 def add_lime_disk(cmd: list[str], work: Path, kernel: Kernel) -> bool:
     """A sparse virtio disk the size of RAM and more, for LiME to write to (if LiME is in the initramfs)."""
-    if not lime_module(kernel.uname).exists():
+    if kernel.lime is None:
         return False
     disk = work / "lime.img"
     with disk.open("wb") as f:
@@ -1055,6 +1063,7 @@ def write_fixture(config: str, spec: Config, kernel: Kernel, stage: Path, out: P
         "kaslr": "nokaslr" not in run_["append"].split(),
         "oracle": oracle,
         "oracle_error": oracle_error,
+        "lime": vermagic(kernel.lime) if spec.dumps and kernel.lime else None,  # the LiME module lime.dump came from
         "ptdump_available": bool(ptdump),
         "ptdump_files": ptdump,
         "cpu_model": run_["cpu_model"],
@@ -1096,9 +1105,6 @@ def build_all(configs: list[str], out_root: Path, cache: Path, jobs: int) -> lis
     """Fetch the kernels, build the modules, boot the configs `jobs` at a time.  Returns the failures."""
     t0 = time.time()
     kernels = prepare_kernels(configs, cache)
-    for release in sorted({k.uname for c in configs if CONFIGS[c].dumps
-                           for k in [kernels[CONFIGS[c].release, CONFIGS[c].flavour]] if isinstance(k, Kernel)}):
-        ensure_lime(release)
     say(f"kernels ready in {time.time() - t0:.1f} s: " + ", ".join(
         f"{k.uname} ({k.version}; oracle {'built' if k.module else 'not built'})"
         for k in kernels.values() if isinstance(k, Kernel)))

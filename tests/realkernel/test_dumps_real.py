@@ -99,6 +99,8 @@ def test_real_lime_module_dumps_the_system_ram_ranges(kaslr):
     # /proc/iomem's "System RAM" of a 256 MiB q35 guest: below 640 KiB, then from 1 MiB.
     assert [start for start, _ in dump.segments] == [0x1000, 0x100000]
     assert dump.segments[-1][1] <= 256 << 20
+    # lime.ko was built for the very kernel the guest ran (its vermagic names that release)
+    assert kaslr.meta["lime"].split()[0] == kaslr.meta["kernel_release"]
 
 
 def test_a_lime_file_of_the_cores_ranges_audits_like_the_core(kaslr, tmp_path):
