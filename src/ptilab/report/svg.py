@@ -167,69 +167,80 @@ class TreeEdge:
     views: set[str] = field(default_factory=set)
 
 
+TREE_BOX_W, TREE_LEAF_W, TREE_BOX_H, TREE_COL_W, TREE_ROW_H, TREE_TOP = 156, 236, 50, 214, 62, 26
+
+
 def table_tree_svg(nodes: list[TreeNode], edges: list[TreeEdge], columns: list[str], svg_id: str) -> str:
     """Tables as boxes in a column per level, entries as edges labelled with
     their slot; a table both roots reach is drawn shared (green, thick)."""
-    box_w, leaf_w, box_h, col_w, row_h, top = 156, 236, 50, 214, 62, 26
+    pos, height = _tree_positions(nodes)
+    width = (len(columns) - 1) * TREE_COL_W + TREE_LEAF_W + 16
+    out = [f'<svg {_attrs(id=svg_id, class_="table-tree", width=width, height=height, viewBox=f"0 0 {width} {height}", role="img")}>',
+           "<title>page-table tree: tables reached from the user and kernel PGDs</title>"]
+    for depth, name in enumerate(columns):
+        w = TREE_LEAF_W if depth == len(columns) - 1 else TREE_BOX_W
+        out.append(_text(8 + depth * TREE_COL_W + w / 2, 16, name, class_="tree-col", text_anchor="middle"))
+    depth_of = {node.key: node.depth for node in nodes}
+    out += [_tree_edge(edge, pos, depth_of) for edge in edges if edge.parent in pos and edge.child in pos]
+    one_tree = not any("kernel" in n.views for n in nodes)  # no PTI: one tree serves both modes
+    out += [_tree_node(node, pos[node.key], one_tree, svg_id) for node in nodes]
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _tree_positions(nodes: list[TreeNode]) -> tuple[dict[str, tuple[float, float]], int]:
+    """Each box's top-left corner, its level's column spread evenly over the height; and the height."""
     by_depth: dict[int, list[TreeNode]] = {}
     for node in nodes:
         by_depth.setdefault(node.depth, []).append(node)
     tallest = max((len(v) for v in by_depth.values()), default=1)
-    height = top + tallest * row_h + 10
-    width = (len(columns) - 1) * col_w + leaf_w + 16
+    height = TREE_TOP + tallest * TREE_ROW_H + 10
     pos: dict[str, tuple[float, float]] = {}
-    depth_of = {node.key: node.depth for node in nodes}
     for depth, column in by_depth.items():
         column.sort(key=lambda n: n.order)
-        band = (height - top) / len(column)
+        band = (height - TREE_TOP) / len(column)
         for i, node in enumerate(column):
-            pos[node.key] = (8 + depth * col_w, top + band * i + (band - box_h) / 2)
-    out = [f'<svg {_attrs(id=svg_id, class_="table-tree", width=width, height=height, viewBox=f"0 0 {width} {height}", role="img")}>',
-           "<title>page-table tree: tables reached from the user and kernel PGDs</title>"]
-    for depth, name in enumerate(columns):
-        w = leaf_w if depth == len(columns) - 1 else box_w
-        out.append(_text(8 + depth * col_w + w / 2, 16, name, class_="tree-col", text_anchor="middle"))
-    for edge in edges:
-        if edge.parent not in pos or edge.child not in pos:
-            continue
-        (px, py), (cx, cy) = pos[edge.parent], pos[edge.child]
-        x1, y1, x2, y2 = px + box_w, py + box_h / 2, cx, cy + box_h / 2
-        mid = (x1 + x2) / 2
-        view = "both" if len(edge.views) > 1 else next(iter(edge.views))
-        # A large page skips levels: dashed, so it is not read as entering the boxes it passes.
-        skip = " skip" if depth_of[edge.child] - depth_of[edge.parent] > 1 else ""
-        out.append(f'<g {_attrs(class_="tree-edge " + view + skip, data_slot=edge.slot)}>'
-                   f'<path {_attrs(d=f"M{x1:.1f},{y1:.1f} C{mid:.1f},{y1:.1f} {mid:.1f},{y2:.1f} {x2:.1f},{y2:.1f}", stroke=VIEW_COLOURS[view], fill="none")}/>'
-                   + _text(x2 - 4, y2 - 4, f"[{edge.slot}]", class_="tree-slot", fill=VIEW_COLOURS[view],
-                           text_anchor="end")
-                   + "</g>")
-    one_tree = not any("kernel" in n.views for n in nodes)  # no PTI: one tree serves both modes
-    for node in nodes:
-        x, y = pos[node.key]
-        reached = " and ".join(sorted(node.views))
-        if node.leaf:
-            cls, name, status, w = "tree-leaf", node.title, "", leaf_w
-            tip = f"{node.title}: {node.detail}, as the {reached} PGD maps it"
-        elif node.depth == 0:
-            view = next(iter(node.views))
-            cls, name, status, w = f"tree-box pgd {view}", f"PGD ({view})", "", box_w
-            tip = f"{view} PGD at {node.detail}"
-        elif one_tree:
-            cls, name, status, w = "tree-box one-tree", node.title, "", box_w
-            tip = f"{node.title} table at {node.detail}: the only tree, used in user and kernel mode alike"
-        else:
-            only = next(iter(node.views)) + " only"
-            cls = "tree-box " + ("shared" if node.shared else only.replace(" ", "-"))
-            name, status, w = node.title, "shared" if node.shared else only, box_w
-            tip = f"{node.title} table at {node.detail}, on the way to {', '.join(sorted(node.reaches))}: " + (
-                "one page, reached from both PGDs" if node.shared else f"reached from the {reached} PGD only")
-        attrs = {"id": f"{svg_id}-pgd-{next(iter(node.views))}"} if node.depth == 0 else {}
-        out.append(f'<g {_attrs(class_=cls, data_views=" ".join(sorted(node.views)), data_reaches="/".join(sorted(node.reaches)), **attrs)}>'
-                   f"<title>{escape(tip)}</title>"
-                   f'<rect {_attrs(x=f"{x:.1f}", y=f"{y:.1f}", width=w, height=box_h, rx=5)}/>'
-                   + _text(x + 8, y + 16, name, class_="tree-name")
-                   + _text(x + 8, y + 30, node.detail, class_="tree-detail")
-                   + (_text(x + 8, y + 43, status, class_="tree-status") if status else "")
-                   + "</g>")
-    out.append("</svg>")
-    return "\n".join(out)
+            pos[node.key] = (8 + depth * TREE_COL_W, TREE_TOP + band * i + (band - TREE_BOX_H) / 2)
+    return pos, height
+
+
+def _tree_edge(edge: TreeEdge, pos: dict[str, tuple[float, float]], depth_of: dict[str, int]) -> str:
+    (px, py), (cx, cy) = pos[edge.parent], pos[edge.child]
+    x1, y1, x2, y2 = px + TREE_BOX_W, py + TREE_BOX_H / 2, cx, cy + TREE_BOX_H / 2
+    mid = (x1 + x2) / 2
+    view = "both" if len(edge.views) > 1 else next(iter(edge.views))
+    # A large page skips levels: dashed, so it is not read as entering the boxes it passes.
+    skip = " skip" if depth_of[edge.child] - depth_of[edge.parent] > 1 else ""
+    return (f'<g {_attrs(class_="tree-edge " + view + skip, data_slot=edge.slot)}>'
+            f'<path {_attrs(d=f"M{x1:.1f},{y1:.1f} C{mid:.1f},{y1:.1f} {mid:.1f},{y2:.1f} {x2:.1f},{y2:.1f}", stroke=VIEW_COLOURS[view], fill="none")}/>'
+            + _text(x2 - 4, y2 - 4, f"[{edge.slot}]", class_="tree-slot", fill=VIEW_COLOURS[view], text_anchor="end")
+            + "</g>")
+
+
+def _tree_node(node: TreeNode, at: tuple[float, float], one_tree: bool, svg_id: str) -> str:
+    x, y = at
+    reached = " and ".join(sorted(node.views))
+    if node.leaf:
+        cls, name, status, w = "tree-leaf", node.title, "", TREE_LEAF_W
+        tip = f"{node.title}: {node.detail}, as the {reached} PGD maps it"
+    elif node.depth == 0:
+        view = next(iter(node.views))
+        cls, name, status, w = f"tree-box pgd {view}", f"PGD ({view})", "", TREE_BOX_W
+        tip = f"{view} PGD at {node.detail}"
+    elif one_tree:
+        cls, name, status, w = "tree-box one-tree", node.title, "", TREE_BOX_W
+        tip = f"{node.title} table at {node.detail}: the only tree, used in user and kernel mode alike"
+    else:
+        only = next(iter(node.views)) + " only"
+        cls = "tree-box " + ("shared" if node.shared else only.replace(" ", "-"))
+        name, status, w = node.title, "shared" if node.shared else only, TREE_BOX_W
+        tip = f"{node.title} table at {node.detail}, on the way to {', '.join(sorted(node.reaches))}: " + (
+            "one page, reached from both PGDs" if node.shared else f"reached from the {reached} PGD only")
+    attrs = {"id": f"{svg_id}-pgd-{next(iter(node.views))}"} if node.depth == 0 else {}
+    return (f'<g {_attrs(class_=cls, data_views=" ".join(sorted(node.views)), data_reaches="/".join(sorted(node.reaches)), **attrs)}>'
+            f"<title>{escape(tip)}</title>"
+            f'<rect {_attrs(x=f"{x:.1f}", y=f"{y:.1f}", width=w, height=TREE_BOX_H, rx=5)}/>'
+            + _text(x + 8, y + 16, name, class_="tree-name")
+            + _text(x + 8, y + 30, node.detail, class_="tree-detail")
+            + (_text(x + 8, y + 43, status, class_="tree-status") if status else "")
+            + "</g>")
