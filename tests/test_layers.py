@@ -11,6 +11,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "ptilab"
 LAYERS = (
     ("errors", "progress"),  # the library's error types and progress hook
+    ("files",),  # opening the user's files
     ("paging", "terminal"),  # SDM truth, no Linux in it; the console the CLI writes to
     ("memory",),  # frames of physical memory, allocators
     ("linux",),  # the modelled kernel and its layouts; calls PTI designs through PtiHooks

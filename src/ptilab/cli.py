@@ -409,8 +409,11 @@ def _refuse_text_image(image: str) -> None:
     or a dump format's header): one whose first KiB is all text was given by mistake."""
     from ptilab.formats.textfile import SNIFF, check_text, describe_text
 
+    from ptilab.files import open_input, require_image_file
+
+    require_image_file(image)
     try:
-        with open(image, "rb") as f:
+        with open_input(image) as f:
             head = f.read(SNIFF)
     except OSError:
         return  # open_image() says why

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ptilab.errors import InputError
+from ptilab.files import open_input
 
 SNIFF = 1024
 MAX_LINE = 4096  # ptdump, kallsyms and monitor lines are under 200 characters
@@ -69,11 +70,7 @@ def read_lines(path: str | Path, what: str) -> Iterator[tuple[int, str]]:
     after check_text() on its first kilobyte; a line longer than MAX_LINE
     bytes is an error. Undecodable bytes past the first kilobyte become
     U+FFFD, which no reader accepts, so the line is refused by its parser."""
-    try:
-        f = open(path, "rb")
-    except OSError as err:
-        raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
-    with f:
+    with open_input(path) as f:
         try:
             check_text(f.peek(SNIFF)[:SNIFF], str(path), what)
             for number, raw in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
@@ -88,7 +85,7 @@ def read_small_text(path: str | Path, what: str, limit: int = 1 << 20) -> str:
     """A whole text file that has no business being large (a workload's
     TOML): refused if it is over limit bytes or not text."""
     try:
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             data = f.read(limit + 1)
     except OSError as err:
         raise InputError(f"{path}: cannot read: {err.strerror or err}") from None

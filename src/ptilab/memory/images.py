@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ptilab.errors import InputError, UsageError
+from ptilab.errors import UsageError
+from ptilab.files import open_input, require_image_file
 from ptilab.memory.elfcore import ElfCore
 from ptilab.memory.kdump import FLAT_SIGNATURE, KDUMP_SIGNATURE, KdumpCompressed
 from ptilab.memory.lime import LimeImage, is_lime
@@ -22,14 +23,13 @@ def open_image(path: str | os.PathLike[str], base: int | None = None) -> Physica
     ``base`` (0 by default).
 
     A dump format places its frames itself, so ``base`` is refused for one.
-    Raises InputError for a missing, unreadable or malformed file.
+    Raises InputError for a missing, unreadable or malformed file, or one that
+    is no regular file or block device.
     """
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(len(FLAT_SIGNATURE))
-    except OSError as ex:
-        raise InputError(f"{path}: cannot read: {ex.strerror or ex}") from None
+    require_image_file(path)
+    with open_input(path) as f:
+        magic = f.read(len(FLAT_SIGNATURE))
     kind = ("an ELF core" if magic.startswith(ELF_MAGIC) else
             "a kdump-compressed dump" if magic.startswith(KDUMP_SIGNATURE) or magic == FLAT_SIGNATURE else
             "a LiME dump" if is_lime(magic) else None)
