@@ -153,60 +153,14 @@ def run(out: Path, force: bool = False) -> Path:
     kernel = build.prepare_kernels(["pti-4level"], out / ".cache")[(spec.release, spec.flavour)]
     if isinstance(kernel, build.Failure):
         raise kernel
-    vmlinuz, release = kernel.vmlinuz, kernel.uname
-    modules = kernel.root / "lib" / "modules" / release
-    stage = out / f".{CONFIG}.partial.{os.getpid()}"  # two test runs at once each boot their own guest
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
     python = os.path.realpath(sys.executable)
-    steps = (STEPS.replace("@PY@", python).replace("@SRC@", str(REPO / "src")).replace("@NOBODY@", AS_NOBODY)
-             .replace("step_json", f"{python} -m ptilab.cli audit --live --json > live.json 2> live.err"))
-    (stage / "steps.sh").write_text(steps)
-    stage.chmod(0o777)  # the guest writes here through 9p as root and as nobody
+    stage = make_stage(out, python)
     with tempfile.TemporaryDirectory(prefix="ptilab-live-") as tmp:
         work = Path(tmp)
-        initrd = build_initramfs(work, release, modules)
-        console, qmp_path = work / "console.log", work / "qmp.sock"
-        cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", CPU,
-               "-m", MEMORY, "-smp", "2", "-kernel", str(vmlinuz), "-initrd", str(initrd), "-append", APPEND,
-               "-display", "none", "-vga", "none", "-nic", "none", "-no-reboot",
-               "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-               "-virtfs", f"local,path={stage},mount_tag=out,security_model=none,multidevs=remap",
-               "-serial", f"file:{console}", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
-        say(f"booting {vmlinuz.name} ({APPEND}) with the host's root over 9p")
-        qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=open(work / "qemu.stderr", "wb"), start_new_session=True)
-        qmp = None
-        try:
-            deadline = started + GUEST_TIMEOUT
-            qmp = build.Qmp(qmp_path, qemu, min(deadline, time.time() + BOOT_TIMEOUT))
-            qmp.deadline = deadline
-            text = ""
-            while DONE not in text:
-                if qemu.poll() is not None:
-                    raise build.Failure(f"QEMU exited (code {qemu.returncode}) before {DONE}: "
-                                        f"{(work / 'qemu.stderr').read_text(errors='replace').strip()[-200:]}")
-                if time.time() > deadline:
-                    raise build.Failure(f"no {DONE} in {GUEST_TIMEOUT} s (console ends: "
-                                        f"{text.strip().splitlines()[-1:]})")
-                time.sleep(0.5)
-                text = console.read_text(errors="replace") if console.exists() else ""
-            fails = [line for line in text.splitlines() if line.startswith("@@LIVE-FAIL")]
-            if fails:
-                raise build.Failure(fails[0])
-            guest_done = time.time()
-            say(f"guest done after {guest_done - started:.0f} s: "
-                f"{' '.join(l.strip() for l in text.splitlines() if l.startswith('@@LIVE-'))}")
-            qmp.execute("stop")
-            qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{stage / 'guest.elf'}")
-            build.check_core(stage / "guest.elf")
-            build.quit_qemu(qemu, qmp, 30)
-        finally:
-            build.reap_qemu(qemu, qmp)
-            if console.exists():
-                (stage / "console.txt").write_text(console.read_text(errors="replace"))
+        initrd = build_initramfs(work, kernel.uname, kernel.root / "lib" / "modules" / kernel.uname)
+        guest_done = boot_guest(work, stage, kernel.vmlinuz, initrd, started)
     meta = {"config": CONFIG, "fingerprint": stamp, "append": APPEND, "cpu": CPU, "memory": MEMORY,
-            "vmlinuz": str(vmlinuz), "python": python,
+            "vmlinuz": str(kernel.vmlinuz), "python": python,
             "seconds": round(time.time() - started, 1), "guest_seconds": round(guest_done - started, 1)}
     (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if dest.exists():
@@ -214,6 +168,68 @@ def run(out: Path, force: bool = False) -> Path:
     stage.rename(dest)
     say(f"done in {meta['seconds']} s -> {dest}")
     return dest
+
+
+def make_stage(out: Path, python: str) -> Path:
+    """The directory the guest writes its results to (over 9p), with the steps it runs."""
+    stage = out / f".{CONFIG}.partial.{os.getpid()}"  # two test runs at once each boot their own guest
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    steps = (STEPS.replace("@PY@", python).replace("@SRC@", str(REPO / "src")).replace("@NOBODY@", AS_NOBODY)
+             .replace("step_json", f"{python} -m ptilab.cli audit --live --json > live.json 2> live.err"))
+    (stage / "steps.sh").write_text(steps)
+    stage.chmod(0o777)  # the guest writes here through 9p as root and as nobody
+    return stage
+
+
+def boot_guest(work: Path, stage: Path, vmlinuz: Path, initrd: Path, started: float) -> float:
+    """Run the guest until it has audited itself, then dump its memory to stage/guest.elf.
+    Returns when the guest finished its steps."""
+    console, qmp_path = work / "console.log", work / "qmp.sock"
+    cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", CPU,
+           "-m", MEMORY, "-smp", "2", "-kernel", str(vmlinuz), "-initrd", str(initrd), "-append", APPEND,
+           "-display", "none", "-vga", "none", "-nic", "none", "-no-reboot",
+           "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+           "-virtfs", f"local,path={stage},mount_tag=out,security_model=none,multidevs=remap",
+           "-serial", f"file:{console}", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    say(f"booting {vmlinuz.name} ({APPEND}) with the host's root over 9p")
+    qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=open(work / "qemu.stderr", "wb"), start_new_session=True)
+    qmp = None
+    try:
+        deadline = started + GUEST_TIMEOUT
+        qmp = build.Qmp(qmp_path, qemu, min(deadline, time.time() + BOOT_TIMEOUT))
+        qmp.deadline = deadline
+        text = wait_for_guest(qemu, console, work / "qemu.stderr", deadline)
+        guest_done = time.time()
+        say(f"guest done after {guest_done - started:.0f} s: "
+            f"{' '.join(l.strip() for l in text.splitlines() if l.startswith('@@LIVE-'))}")
+        qmp.execute("stop")
+        qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{stage / 'guest.elf'}")
+        build.check_core(stage / "guest.elf")
+        build.quit_qemu(qemu, qmp, 30)
+    finally:
+        build.reap_qemu(qemu, qmp)
+        if console.exists():
+            (stage / "console.txt").write_text(console.read_text(errors="replace"))
+    return guest_done
+
+
+def wait_for_guest(qemu: subprocess.Popen, console: Path, stderr: Path, deadline: float) -> str:
+    """The console once the guest printed DONE; a Failure if it failed a step, QEMU died or time ran out."""
+    text = ""
+    while DONE not in text:
+        if qemu.poll() is not None:
+            raise build.Failure(f"QEMU exited (code {qemu.returncode}) before {DONE}: "
+                                f"{stderr.read_text(errors='replace').strip()[-200:]}")
+        if time.time() > deadline:
+            raise build.Failure(f"no {DONE} in {GUEST_TIMEOUT} s (console ends: {text.strip().splitlines()[-1:]})")
+        time.sleep(0.5)
+        text = console.read_text(errors="replace") if console.exists() else ""
+    fails = [line for line in text.splitlines() if line.startswith("@@LIVE-FAIL")]
+    if fails:
+        raise build.Failure(fails[0])
+    return text
 
 
 def main() -> int:
