@@ -437,7 +437,7 @@ def _parse_cr3(text: str) -> int:
 def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool | None):
     """The image, the CR3 to judge and the paging mode: from the options, or
     from QEMU's per-CPU notes in the core (a CPU in user mode first)."""
-    from ptilab.linux.paging_mode import paging_mode
+    from ptilab.linux.paging_mode import image_root, paging_mode
     from ptilab.memory.images import open_image
 
     if cr3 is not None and cpu is not None:
@@ -447,27 +447,8 @@ def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool
     _refuse_text_image(image)
     mem = open_image(image)
     if cr3 is None:
-        cpus = getattr(mem, "cpus", ())
-        if not cpus and cpu is None and getattr(mem, "vmcoreinfo_text", ""):
-            return mem, *_vmcoreinfo_pgd(mem, la57)
-        if not cpus:
-            raise InputError(f"{image} carries no CPU registers and no VMCOREINFO: give --cr3")
-        if cpu is None:
-            cpu = next((c.index for c in cpus if c.cpl == 3), 0)
-        if not 0 <= cpu < len(cpus):
-            raise UsageError(f"--cpu {cpu}: the core holds CPUs 0 to {len(cpus) - 1}")
-        value = cpus[cpu].cr3
+        return mem, *image_root(mem, image, cpu, la57)
     return mem, value, paging_mode(mem, value, la57)
-
-
-def _vmcoreinfo_pgd(mem, la57: bool | None):
-    """init_mm's kernel PGD and paging mode from the dump's VMCOREINFO note
-    (kdump's vmcore carries it, and no CR3): the audit finds the user twin."""
-    from ptilab.linux.paging_mode import paging_mode
-    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
-
-    info = parse_vmcoreinfo(mem.vmcoreinfo_text)
-    return info.kernel_pgd, paging_mode(mem, info.kernel_pgd, la57)
 
 
 def _vmcoreinfo_facts(mem) -> dict | None:

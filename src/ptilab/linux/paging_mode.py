@@ -116,3 +116,25 @@ def paging_mode(mem: PhysicalMemory, cr3: int, la57: bool | None = None) -> Geom
     geometry = Geometry(5 if la57 else 4)
     _check_top_level(mem, cr3, geometry)
     return geometry
+
+
+def image_root(mem: PhysicalMemory, image: str, cpu: int | None = None,
+               la57: bool | None = None) -> tuple[int, Geometry]:
+    """The CR3 to judge in an image given without --cr3, and its paging mode:
+    CPU cpu's from QEMU's per-CPU notes (by default a CPU in user mode, else
+    CPU 0), or, in a dump without CPU notes (kdump's vmcore), init_mm's
+    kernel PGD from VMCOREINFO's init_top_pgt (the audit finds its user twin)."""
+    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
+
+    cpus = getattr(mem, "cpus", ())
+    if not cpus and cpu is None and getattr(mem, "vmcoreinfo_text", ""):
+        cr3 = parse_vmcoreinfo(mem.vmcoreinfo_text).kernel_pgd
+    else:
+        if not cpus:
+            raise InputError(f"{image} carries no CPU registers and no VMCOREINFO: give --cr3")
+        if cpu is None:
+            cpu = next((c.index for c in cpus if c.cpl == 3), 0)
+        if not 0 <= cpu < len(cpus):
+            raise UsageError(f"--cpu {cpu}: the core holds CPUs 0 to {len(cpus) - 1}")
+        cr3 = cpus[cpu].cr3
+    return cr3, paging_mode(mem, cr3, la57)

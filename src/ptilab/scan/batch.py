@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from ptilab.errors import InputError, PtilabError, UsageError
+from ptilab.errors import InputError, PtilabError
 from ptilab.scan import cluster, roots
 from ptilab.scan.spaces import ImageScan, scan_image
 
@@ -34,22 +34,6 @@ def image_bytes(path: str) -> int:
         raise InputError(f"{path}: cannot read: {ex.strerror or ex}") from None
 
 
-def cpu_cr3(mem, path: str, cpu: int | None, la57: bool | None):
-    """The CR3 and paging mode of a CPU in QEMU's notes (a CPU in user mode
-    first, as audit picks it): (cr3, Geometry)."""
-    from ptilab.paging import Geometry
-
-    cpus = getattr(mem, "cpus", ())
-    if not cpus:
-        raise InputError(f"{path} carries no CPU registers: give --cr3")
-    if cpu is None:
-        cpu = next((c.index for c in cpus if c.cpl == 3), 0)
-    if not 0 <= cpu < len(cpus):
-        raise UsageError(f"--cpu {cpu}: {path} holds CPUs 0 to {len(cpus) - 1}")
-    state = cpus[cpu]
-    return state.cr3, Geometry(5 if la57 else state.geometry.levels)
-
-
 class AuditTask:
     """Audit one image as `ptilab audit IMAGE --json` would: the same dict."""
 
@@ -59,11 +43,12 @@ class AuditTask:
     def __call__(self, path: str) -> dict | ImageError:
         from ptilab.audit import audit
         from ptilab.audit.sources import views_from_image
+        from ptilab.linux.paging_mode import image_root
         from ptilab.memory.images import open_image
 
         try:
             mem = open_image(path)
-            cr3, geometry = cpu_cr3(mem, path, self.cpu, self.la57)
+            cr3, geometry = image_root(mem, path, self.cpu, self.la57)
             found = views_from_image(mem, cr3, geometry, self.symbols)
             findings = audit(found.views)
         except PtilabError as ex:
