@@ -1,19 +1,26 @@
 """ptilab scan on real boots: every task's PGD found from the kernel half alone,
 and a kernel mapping planted into one process's user PGD flagged for that process only."""
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from ptilab.audit import Severity, audit
 from ptilab.audit.sources import views_from_image
+from ptilab.memory.images import open_image
+from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
 from ptilab.paging import entry as e
-from ptilab.scan import scan_image
+from ptilab.scan import roots, scan_image
 from ptilab.scan.spaces import KERNEL_ONLY, NO_ISOLATION, PTI_PAIR
 from tests.realkernel.conftest import real_kernel
 
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
+DUMPS = "pti-kaslr"  # the config whose boot is also saved as kdump, makedumpfile and LiME files
 _scans: dict = {}
 
 
@@ -85,18 +92,92 @@ def test_init_mm_and_the_trampoline_are_kernel_only_roots(any_kernel):
     assert (spaces[init].user_pgd is not None) == k.meta["pti"]
 
 
-def _roots(result):
-    return [(s.kernel_pgd, s.user_pgd, s.kind, s.verdict) for s in result.spaces]
+def _roots(spaces):
+    return [(s.kernel_pgd, s.user_pgd, s.kind, s.verdict) for s in spaces]
+
+
+def _dump_file(name: str):
+    """A file of pti-kaslr's boot in a format users hold (build.py writes them all
+    for that config): missing is a failure in CI, a skip elsewhere."""
+    k = real_kernel(DUMPS)
+    path = k.path / name
+    if not path.exists():
+        reason = f"{DUMPS} has no {name} (an older fixture, or this machine could not make it)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return k, path
 
 
 def test_a_kdump_vmcore_without_cpu_notes_gives_the_same_roots_from_vmcoreinfo():
-    k = real_kernel("pti-kaslr")
-    kdump = k.path / "kdump.elf"
-    if not kdump.exists():
-        pytest.skip("pti-kaslr predates kdump.elf")
+    k, kdump = _dump_file("kdump.elf")
     result = scan_image(str(kdump))
     assert result.reference.source.startswith("VMCOREINFO init_top_pgt")
-    assert _roots(result) == _roots(_scan(k))
+    assert _roots(result.spaces) == _roots(_scan(k).spaces)
+
+
+@pytest.mark.parametrize("name", ["kdump-zlib.dump", "makedumpfile-zlib.dump", "makedumpfile-lzo.dump"])
+def test_a_compressed_kdump_gives_the_cores_roots_that_it_holds(name):
+    """QEMU's -z dump holds every frame (and the CPUs' notes): the core's roots.
+    makedumpfile -d 31 leaves out free pages, and with them the PGDs of mm's
+    already torn down: every other root of the core is found, live processes all."""
+    k, path = _dump_file(name)
+    dump = open_image(path)
+    result = scan_image(str(path))
+    assert result.reference.source.startswith("CPU 0" if name.startswith("kdump") else "VMCOREINFO init_top_pgt")
+    core = _scan(k)
+    held = [s for s in core.spaces if dump.frames_present(np.array([s.kernel_pgd >> e.PAGE_SHIFT], np.uint64))[0]]
+    assert _roots(result.spaces) == _roots(held)
+    live = [s.kernel_pgd for s in core.spaces if s.kind == PTI_PAIR]
+    assert len(live) >= 4 and set(live) <= {s.kernel_pgd for s in held}
+    if name.startswith("kdump"):
+        assert held == core.spaces
+
+
+def test_a_lime_dump_finds_its_roots_at_their_physical_addresses():
+    """LiME saves System RAM ranges (a gap below 1 MiB, the first page left out)
+    with no CPU state and no VMCOREINFO, at boot: an earlier moment of the same
+    boot as core.elf. The kernel half most frames share is init_top_pgt's; init
+    (pid 1, alive since before LiME ran), init_mm and the trampoline are roots at
+    the physical addresses the core gives them; and every PGD pair whose frames
+    are the same bytes in both dumps is a root in both, of the same kind."""
+    k, path = _dump_file("lime.dump")
+    lime = open_image(path)
+    assert len(lime.segments) >= 2 and lime.segments[0][0] > 0
+    result = scan_image(str(path))
+    init_mm = parse_vmcoreinfo(k.mem.vmcoreinfo_text).kernel_pgd
+    assert "frames share" in result.reference.source and result.reference.pti
+    assert np.array_equal(result.reference.kernel_half & ~roots.IGNORED,
+                          k.mem.read_frame(init_mm >> e.PAGE_SHIFT)[roots.HALF:] & ~roots.IGNORED)
+    spaces = {s.kernel_pgd: s for s in result.spaces}
+    assert spaces[init_mm].kind == KERNEL_ONLY and spaces[init_mm].user_pgd == init_mm + e.PAGE_SIZE
+    assert [s.kind for pgd, s in spaces.items() if pgd < 1 << 20] == [KERNEL_ONLY]  # trampoline_pgd
+    init = next(pgd for pid, _, pgd in _tasks(k) if pid == 1)
+    assert spaces[init].kind == PTI_PAIR
+    core = {s.kernel_pgd: s for s in _scan(k).spaces}
+
+    def unchanged(pgd: int) -> bool:
+        pfns = np.array([pgd >> e.PAGE_SHIFT, (pgd >> e.PAGE_SHIFT) + 1], np.uint64)
+        return bool(lime.frames_present(pfns).all()) and np.array_equal(lime.read_frames(pfns), k.mem.read_frames(pfns))
+
+    same = {pgd for pgd in spaces.keys() | core.keys() if unchanged(pgd)}
+    assert {init_mm, init} <= same
+    assert {pgd: spaces[pgd].kind for pgd in same} == {pgd: core[pgd].kind for pgd in same}
+
+
+def test_many_images_audit_a_kdump_vmcore_as_the_single_image_audit_does(tmp_path):
+    """The many-image audit picks each image's CR3 the way `ptilab audit IMAGE`
+    does (linux.paging_mode.image_root): a vmcore without CPU notes by VMCOREINFO."""
+    from ptilab.scan.batch import audit_images
+
+    k, kdump = _dump_file("kdump.elf")
+    rows = audit_images([str(k.path / "core.elf"), str(kdump)], None, None, None, workers=0)
+    init_mm = parse_vmcoreinfo(k.mem.vmcoreinfo_text).kernel_pgd
+    assert rows[1]["cr3"] == f"{init_mm:#x}"
+    assert rows[0]["cr3"] == f"{k.cpu()['cr3']:#x}"
+    single = json.loads(subprocess.run([sys.executable, "-m", "ptilab.cli", "audit", "--json", str(kdump)],
+                                       capture_output=True, text=True).stdout)
+    assert rows[1]["findings"] == single["findings"]
 
 
 def test_a_raw_image_without_notes_finds_the_kernel_half_by_census(tmp_path):
@@ -109,7 +190,7 @@ def test_a_raw_image_without_notes_finds_the_kernel_half_by_census(tmp_path):
             f.write(k.mem.read_frames(np.arange(first, first + count, dtype=np.uint64)).tobytes())
     result = scan_image(str(raw))
     assert "frames share" in result.reference.source and result.reference.pti
-    assert _roots(result) == _roots(_scan(k))
+    assert _roots(result.spaces) == _roots(_scan(k).spaces)
 
 
 def test_every_process_gets_the_verdict_the_cpus_audit_gives(any_kernel):
