@@ -93,16 +93,52 @@ def test_holes_of_a_sparse_file_are_skipped_without_losing_a_root(tmp_path):
     assert found.tolist() == [123_456]
 
 
-def test_the_census_finds_the_half_most_frames_share(tmp_path):
-    half = _half()
-    frames = _frames(half, 6)
-    frames[4, 256:] = _half(7)
-    frames[2, roots.LDT_SLOT] = np.uint64(0x5000 | e.KERNPG_TABLE)  # one mm with an LDT counts the same
-    frames[5, 511] |= np.uint64(e.PS)  # a 512 GiB page: no Linux kernel half
+def _census(tmp_path, frames: np.ndarray):
+    from ptilab.memory.raw import RawImage
+
     path = tmp_path / "mem.raw"
     path.write_bytes(frames.tobytes())
-    counts = roots.census_chunk(roots.Chunk(str(path), 0, 6, 0))
+    return roots.census_chunk(roots.Chunk(str(path), 0, len(frames), 0)), RawImage(str(path))
+
+
+def _in_memory(slots, frames: int) -> np.ndarray:
+    """A kernel half whose slots point at distinct tables inside frames frames of memory."""
+    half = np.zeros(256, np.uint64)
+    for i, slot in enumerate(slots):
+        half[slot - 256] = np.uint64(((frames - 1 - i) << e.PAGE_SHIFT) | e.KERNPG_TABLE)
+    return half
+
+
+def test_the_census_counts_every_frame_with_a_plausible_half(tmp_path):
+    half = _in_memory([273, 300, 508, 511], 64)
+    frames = _frames(half, 6)
+    frames[4, 256:] = _in_memory([300, 508, 511], 64)
+    frames[2, roots.LDT_SLOT] = np.uint64(0x5000 | e.KERNPG_TABLE)  # one mm with an LDT counts the same
+    frames[5, 511] |= np.uint64(e.PS)  # a 512 GiB page: no Linux kernel half
+    counts, mem = _census(tmp_path, np.concatenate([frames, np.zeros((58, 512), np.uint64)]))
     assert sum(counts.values()) == 5
-    best, n = roots.most_common_half(counts)
+    best, n = roots.reference_half(counts, mem)
     assert n == 4
     assert (best == (half & ~np.uint64(e.A))).all()
+
+
+def test_the_reference_is_the_repeated_half_mapping_most_slots_with_its_tables_in_memory(tmp_path):
+    """A PTI user PGD's half (a subset of the kernel's slots) in more frames than
+    the kernel's, and a fill pattern (one value in every slot) in more still,
+    lose to the kernel half: LiME's dump of a real boot held both."""
+    kernel = _in_memory([273, 300, 416, 468, 508, 511], 64)
+    user = _in_memory([273, 508, 511], 64)
+    frames = np.zeros((64, 512), np.uint64)
+    frames[0:4, 256:] = kernel
+    frames[4:10, 256:] = user
+    frames[10:18, 256:] = np.uint64((0x5AE350005A << e.PAGE_SHIFT) | 0x15)  # past the end of memory
+    frames[18:28, 256:] = np.uint64((40 << e.PAGE_SHIFT) | e.KERNPG_TABLE)  # inside, but one table
+    counts, mem = _census(tmp_path, frames)
+    best, n = roots.reference_half(counts, mem)
+    assert n == 4 and (best == (kernel & ~np.uint64(e.A))).all()
+    frames[0:4] = 0
+    counts, mem = _census(tmp_path, frames)
+    assert (roots.reference_half(counts, mem)[0] == (user & ~np.uint64(e.A))).all()
+    frames[4:10] = 0
+    counts, mem = _census(tmp_path, frames)
+    assert roots.reference_half(counts, mem) is None

@@ -219,11 +219,31 @@ def census_chunk(chunk: Chunk) -> Counter:
     return counts
 
 
-def most_common_half(counts: Counter) -> tuple[np.ndarray, int] | None:
-    """The kernel half most frames share, and how many do; None if no half repeats."""
-    if not counts:
-        return None
-    half, n = counts.most_common(1)[0]
-    if n < 2:
-        return None
-    return np.frombuffer(half, dtype=ENTRY_DTYPE).copy(), n
+def _tables_in_memory(mem: PhysicalMemory, half: np.ndarray) -> bool:
+    """Do half's present entries point at three or more distinct tables, all
+    inside mem? Linux's kernel half does (pgd_populate() gives each slot a
+    P4D/PUD table of its own); a fill pattern repeated over whole frames (one
+    value in every slot, often past the end of memory) does not."""
+    tables = (half[(half & np.uint64(e.P)) != 0] & np.uint64(e.ADDRESS_MASK)) >> np.uint64(e.PAGE_SHIFT)
+    return len(np.unique(tables)) >= 3 and bool(mem.frames_present(tables).all())
+
+
+def reference_half(counts: Counter, mem: PhysicalMemory) -> tuple[np.ndarray, int] | None:
+    """The live kernel half among the census's: of the halves at least two
+    frames share whose tables lie in memory, the one mapping the most slots,
+    then the one most frames share; with how many do. None if none qualifies.
+
+    Most slots, not most frames: under PTI every user PGD's kernel half
+    (what pti_clone_*() shares: cpu_entry_area, entry text, cpu_tss_rw) repeats
+    as often as the kernel's, less the kernel-only roots, and maps a subset of
+    its slots; and Linux never clears a kernel-half top-level entry once set,
+    so a stale half (a PGD freed before a later slot was filled) maps fewer."""
+    best = None
+    for key, n in counts.items():
+        if n < 2:
+            continue
+        half = np.frombuffer(key, dtype=ENTRY_DTYPE)
+        rank = (int(np.count_nonzero(half & np.uint64(e.P))), n)
+        if (best is None or rank > best[0]) and _tables_in_memory(mem, half):
+            best = rank, half
+    return None if best is None else (best[1].copy(), best[0][1])

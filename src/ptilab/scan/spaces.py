@@ -6,8 +6,10 @@ kernel half they share (ptilab.scan.roots), each walked and audited.
 
 The reference kernel half comes from, in this order: a CPU's CR3 in QEMU's
 notes, VMCOREINFO's init_top_pgt (swapper_pg_dir, at
-va - __START_KERNEL_map + phys_base), or the kernel half most frames of the
-image share. A matching frame becomes:
+va - __START_KERNEL_map + phys_base), or a census of the image's frames
+(roots.reference_half: of the halves that repeat with their tables in
+memory, the one mapping the most slots; a LiME dump or raw image).
+A matching frame becomes:
 
 - a kernel-only root when the tables user mode would run on map no page
   user-accessible (US at every level): init_mm's PGD, the real-mode
@@ -140,22 +142,22 @@ def _from_vmcoreinfo(mem: PhysicalMemory, la57: bool | None) -> Reference | None
     return Reference(half, geometry, pti, f"VMCOREINFO init_top_pgt (pa {pa:#x})")
 
 
-def _from_census(chunks: list[roots.Chunk], run: Runner, la57: bool | None) -> Reference:
+def _from_census(mem: PhysicalMemory, chunks: list[roots.Chunk], run: Runner, la57: bool | None) -> Reference:
     counts: Counter = Counter()
     for part in run(roots.census_chunk, chunks):
         counts.update(part)
-    best = roots.most_common_half(counts)
+    best = roots.reference_half(counts, mem)
     if best is None:
-        raise InputError(f"{chunks[0].path if chunks else 'image'}: no kernel half repeats in any frame: "
-                         f"no Linux page tables found")
+        raise InputError(f"{chunks[0].path if chunks else 'image'}: no kernel half with its tables in memory "
+                         f"repeats in any frame: no Linux page tables found")
     half, n = best
     return Reference(half, Geometry(5 if la57 else 4), None, f"the kernel half {n} frames share")
 
 
 def choose_reference(mem: PhysicalMemory, chunks: list[roots.Chunk], run: Runner,
                      la57: bool | None = None) -> Reference:
-    """The reference kernel half: a CPU's, VMCOREINFO's, or the most common one."""
-    return _from_cpus(mem, la57) or _from_vmcoreinfo(mem, la57) or _from_census(chunks, run, la57)
+    """The reference kernel half: a CPU's, VMCOREINFO's, or the census's (roots.reference_half)."""
+    return _from_cpus(mem, la57) or _from_vmcoreinfo(mem, la57) or _from_census(mem, chunks, run, la57)
 
 
 # -- from matching frames to address spaces --------------------------------
