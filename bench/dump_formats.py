@@ -91,25 +91,23 @@ def prepare_large(out: Path, gib: int) -> int:
     parent's high-water mark across fork and exec)."""
     img = write_image(f"{out}/large.elf", gib=gib)
     frames = {}
-    from elftools.elf.elffile import ELFFile
+    with ElfCore(img.path) as core:
+        runs, max_pfn = core.file_runs(), core.end >> 12
     with open(img.path, "rb") as f:
-        loads = [s.header for s in ELFFile(f).iter_segments() if s.header.p_type == "PT_LOAD"]
         fd = f.fileno()
-        for h in loads:
-            at, end = h.p_offset, h.p_offset + h.p_filesz
+        for pfn, count, offset in runs:
+            at, end = offset, offset + count * 4096
             while at < end:  # only the written (data) extents of the sparse file hold frames
                 try:
                     at = os.lseek(fd, at, os.SEEK_DATA)
                 except OSError:
                     break
                 stop = min(os.lseek(fd, at, os.SEEK_HOLE), end)
-                first = (at - h.p_offset) // 4096
-                for i in range(first, -(-(stop - h.p_offset) // 4096)):
-                    page = os.pread(fd, 4096, h.p_offset + i * 4096)
+                for i in range((at - offset) // 4096, -(-(stop - offset) // 4096)):
+                    page = os.pread(fd, 4096, offset + i * 4096)
                     if page.strip(b"\0"):
-                        frames[(h.p_paddr >> 12) + i] = page
+                        frames[pfn + i] = page
                 at = stop
-    max_pfn = max((h.p_paddr + h.p_memsz) >> 12 for h in loads)
     for name, kw in LARGE_KDUMPS.items():
         write_kdump(out / name, frames, max_pfn, **kw)
     print(f"({len(frames)} non-zero frames of {max_pfn}: the tables of a {gib} GiB machine)")

@@ -19,6 +19,11 @@ from click.shell_completion import CompletionItem
 from ptilab.errors import InputError, PtilabError, UsageError
 from ptilab.terminal import Output, atomic_file, output_target
 
+# ptilab does no linear algebra, but numpy's OpenBLAS starts a thread per core
+# when numpy is imported, and they spin: 0.09 s of CPU time per run on two cores
+# (bench/startup.py), as much as the rest of numpy's import. A user's own setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 DEFAULT_PROFILE = "linux-6.1"
 DEFAULT_CPUS = 4
 COMPLETE_VAR = "_PTILAB_COMPLETE"

@@ -234,6 +234,39 @@ def test_a_core_of_another_kind_is_an_input_error(tmp_path, offset, value, says)
     assert says in _error(path)
 
 
+def _extended_numbering(path: Path, sh_info: int) -> None:
+    """Rewrite the core's e_phnum as PN_XNUM, its count in section header 0's
+    sh_info, as the gABI says a core with 65535 or more program headers does."""
+    raw = bytearray(path.read_bytes())
+    shoff = len(raw)
+    raw += struct.pack("<IIQQQQII", 0, 0, 0, 0, 0, 0, 0, sh_info) + bytes(16)
+    struct.pack_into("<Q", raw, 40, shoff)  # e_shoff
+    struct.pack_into("<HHH", raw, 56, 0xFFFF, 64, 1)  # e_phnum, e_shentsize, e_shnum
+    path.write_bytes(raw)
+
+
+def test_extended_program_header_numbering_reads_the_count_from_section_0(tmp_path):
+    path = tmp_path / "core.elf"
+    write_elf_core(path, [(0x0, frames(100, 200)), (0x100000, frames(300))], [qemu_cpu_note(cr3=0x1000)])
+    plain = ElfCore(path)
+    _extended_numbering(path, 3)  # the note and two loads
+    core = ElfCore(path)
+    assert core.segments == plain.segments == [(0, 0x2000), (0x100000, 0x101000)]
+    assert [c.cr3 for c in core.cpus] == [0x1000]
+    assert (core.read_frames(pfns(0x100))[0] == np.frombuffer(frame(300), "<u8")).all()
+    _extended_numbering(path, 1)  # a count that drops the loads: nothing of memory is read
+    assert ElfCore(path).segments == []
+
+
+def test_extended_numbering_without_its_section_header_is_refused(tmp_path):
+    path = tmp_path / "core.elf"
+    write_elf_core(path, [(0x0, frame(1))])
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<H", raw, 56, 0xFFFF)  # PN_XNUM, e_shoff still 0
+    path.write_bytes(raw)
+    assert "PN_XNUM" in _error(path)
+
+
 # -- a real QEMU dump, when tests/realkernel/build.py has made one ------------
 
 @pytest.mark.parametrize("config", REAL_CONFIGS)

@@ -29,8 +29,6 @@ import struct
 from dataclasses import dataclass, field
 
 import numpy as np
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
 
 from ptilab.errors import FrameOutsideMemory, InputError
 from ptilab.memory.physical import ENTRY_DTYPE, PhysicalMemory
@@ -51,7 +49,18 @@ QEMU_OFF_RFLAGS = QEMU_OFF_RIP + 8
 QEMU_OFF_CS = QEMU_OFF_RFLAGS + 8
 QEMU_OFF_CR = QEMU_OFF_CS + 10 * 24
 
-ELF64_EHDR_SIZE = 64
+# ELF64 (the System V gABI, <elf.h>): Elf64_Ehdr and Elf64_Phdr, little-endian.
+ELF_MAGIC = b"\x7fELF"
+EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+PHDR = struct.Struct("<IIQQQQQQ")
+SHDR_SIZE = 64
+SHDR_INFO_AT = 44  # Elf64_Shdr.sh_info: section 0's holds e_phnum when that is PN_XNUM
+ET_CORE, EM_X86_64, EV_CURRENT = 4, 62, 1
+PT_LOAD, PT_NOTE = 1, 4
+PN_XNUM = 0xFFFF
+ET_NAMES = {0: "ET_NONE", 1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN"}
+EM_NAMES = {3: "EM_386", 8: "EM_MIPS", 20: "EM_PPC", 21: "EM_PPC64", 22: "EM_S390", 40: "EM_ARM",
+            183: "EM_AARCH64", 243: "EM_RISCV", 258: "EM_LOONGARCH"}
 NT_PRSTATUS = 1  # struct elf_prstatus: one per CPU, in kdump's vmcore and QEMU's cores
 CR4_LA57 = 1 << 12
 CR4_PCIDE = 1 << 17
@@ -182,36 +191,37 @@ class ElfCore(PhysicalMemory):
     # -- reading the file ---------------------------------------------------
 
     def _read_headers(self, f, size: int) -> tuple[list[_Load], list[tuple[int, int]]]:
-        # Said here in the core's words, before pyelftools reads past the end with its own.
-        header = f.read(ELF64_EHDR_SIZE)
-        f.seek(0)
-        if len(header) < ELF64_EHDR_SIZE:
-            raise InputError(f"{self.path}: {size} bytes, cut inside its ELF header ({ELF64_EHDR_SIZE} bytes): "
-                             f"truncated")
-        try:
-            elf = ELFFile(f)
-            if elf.elfclass != 64 or not elf.little_endian:
-                raise InputError(f"{self.path}: not an ELFCLASS64 little-endian core (x86-64 cores are)")
-            if elf["e_type"] != "ET_CORE":
-                raise InputError(f"{self.path}: an ELF {elf['e_type']} file, not a core (ET_CORE)")
-            if elf["e_machine"] != "EM_X86_64":
-                raise InputError(f"{self.path}: a core for {elf['e_machine']}, not x86-64")
-            phoff, phnum, phentsize = elf["e_phoff"], elf["e_phnum"], elf["e_phentsize"]
-            if phnum and phoff + phnum * phentsize > size:
-                raise InputError(f"{self.path}: its program-header table ({phnum} entries at file offset "
-                                 f"{phoff:#x}) runs past the end of the file ({size:#x} bytes): truncated")
-            loads, notes = [], []
-            for seg in elf.iter_segments():
-                h = seg.header
-                if h.p_type == "PT_NOTE":
-                    notes.append((h.p_offset, h.p_filesz))
-                elif h.p_type == "PT_LOAD" and h.p_memsz and h.p_offset != NOT_DUMPED:
-                    loads.append(_Load(h.p_paddr, h.p_memsz, h.p_offset, min(h.p_filesz, h.p_memsz)))
-        except ELFError as ex:
-            raise InputError(f"{self.path}: not a readable ELF core: {ex}") from None
-        except (ValueError, OverflowError):
-            # pyelftools seeks to e_phoff as given: past 2**63 the seek itself fails.
-            raise InputError(f"{self.path}: not a readable ELF core: program headers lie past any file") from None
+        header = f.read(EHDR.size)
+        if len(header) < EHDR.size:
+            raise InputError(f"{self.path}: {size} bytes, cut inside its ELF header ({EHDR.size} bytes): truncated")
+        ident, e_type, e_machine, _v, _entry, phoff, shoff, _flags, _ehsize, phentsize, phnum, *_ = EHDR.unpack(header)
+        if ident[:4] != ELF_MAGIC:
+            raise InputError(f"{self.path}: not a readable ELF core: no ELF magic")
+        if ident[4] not in (1, 2) or ident[5] not in (1, 2):  # ELFCLASS32/64, ELFDATA2LSB/MSB
+            raise InputError(f"{self.path}: not a readable ELF core: e_ident's class and data bytes "
+                             f"({ident[4]}, {ident[5]}) are none of ELF's")
+        if ident[4] != 2 or ident[5] != 1:
+            raise InputError(f"{self.path}: not an ELFCLASS64 little-endian core (x86-64 cores are)")
+        if e_type != ET_CORE:
+            raise InputError(f"{self.path}: an ELF {ET_NAMES.get(e_type, f'type {e_type}')} file, not a core (ET_CORE)")
+        if e_machine != EM_X86_64:
+            raise InputError(f"{self.path}: a core for {EM_NAMES.get(e_machine, f'machine {e_machine}')}, not x86-64")
+        if phnum == PN_XNUM:
+            phnum = self._extended_phnum(f, shoff, size)
+        if phnum and phentsize != PHDR.size:
+            raise InputError(f"{self.path}: not a readable ELF core: program headers of {phentsize} bytes "
+                             f"(ELF64's are {PHDR.size})")
+        if phnum and phoff + phnum * phentsize > size:
+            raise InputError(f"{self.path}: its program-header table ({phnum} entries at file offset "
+                             f"{phoff:#x}) runs past the end of the file ({size:#x} bytes): truncated")
+        f.seek(phoff if phnum else 0)
+        table = f.read(phnum * PHDR.size)
+        loads, notes = [], []
+        for p_type, _f, offset, _vaddr, paddr, filesz, memsz, _a in PHDR.iter_unpack(table):
+            if p_type == PT_NOTE:
+                notes.append((offset, filesz))
+            elif p_type == PT_LOAD and memsz and offset != NOT_DUMPED:
+                loads.append(_Load(paddr, memsz, offset, min(filesz, memsz)))
         extents = [(f"the segment at pa {s.pa:#x}", s.offset + s.filesz) for s in loads]
         extents += [("the note segment", offset + length) for offset, length in notes]
         for what, end in extents:
@@ -219,6 +229,16 @@ class ElfCore(PhysicalMemory):
                 raise InputError(f"{self.path}: {what} runs to file offset {end:#x}, past the end "
                                  f"of the file ({size:#x}): truncated")
         return loads, notes
+
+    def _extended_phnum(self, f, shoff: int, size: int) -> int:
+        """The program-header count of a core with PN_XNUM or more of them (the
+        gABI's extended numbering: section header 0's sh_info holds it)."""
+        if shoff == 0 or shoff + SHDR_SIZE > size:
+            raise InputError(f"{self.path}: e_phnum is PN_XNUM but section header 0 (at file offset {shoff:#x}) "
+                             f"is not in the file ({size:#x} bytes): truncated")
+        f.seek(shoff + SHDR_INFO_AT)
+        (phnum,) = struct.unpack("<I", f.read(4))
+        return phnum
 
     def _refuse_differing_overlaps(self, loads: list[_Load]) -> None:
         """Overlapping PT_LOADs are fine when they hold the same bytes (QEMU's

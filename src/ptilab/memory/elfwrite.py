@@ -21,7 +21,8 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 
-from ptilab.memory.elfcore import (QEMU_CPU_STATE_SIZE, QEMU_CPU_STATE_VERSION, QEMU_NOTE_NAME, QEMU_NOTE_TYPE,
+from ptilab.memory.elfcore import (EHDR, EM_X86_64, ET_CORE, EV_CURRENT, PHDR, PN_XNUM, PT_LOAD, PT_NOTE,
+                                   QEMU_CPU_STATE_SIZE, QEMU_CPU_STATE_VERSION, QEMU_NOTE_NAME, QEMU_NOTE_TYPE,
                                    QEMU_OFF_CR, QEMU_OFF_CS, QEMU_OFF_RIP, QEMU_OFF_RSP)
 from ptilab.memory.physical import PhysicalMemory
 
@@ -32,12 +33,7 @@ Data = Union[bytes, bytearray, memoryview, np.ndarray]
 Segment = Union[tuple[int, Union[Data, int]], tuple[int, Union[Data, int], int]]
 Note = tuple[bytes, int, bytes]  # (name without NUL, type, descriptor)
 
-EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
-PHDR = struct.Struct("<IIQQQQQQ")
 NHDR = struct.Struct("<III")
-ET_CORE, EM_X86_64, EV_CURRENT = 4, 62, 1
-PT_LOAD, PT_NOTE = 1, 4
-PN_XNUM = 0xFFFF
 
 
 def qemu_cpu_note(*, cr0: int = 0x80050033, cr2: int = 0, cr3: int = 0, cr4: int = 0x6F0,
