@@ -128,7 +128,7 @@ def _set_index(vpn, nsets):
     return vpn % nsets
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # on the hit path of every access: a call cost 5x the lookup itself
 def _array_lookup(E, a, va, pcid, base, nsets, ways, shifts, clock):
     """TLBArray.lookup(): the (row, way) hit, made most recent, or (-1, -1).
     An entry of the current PCID wins over a global one for the same page."""
@@ -265,30 +265,11 @@ def run_trace(vas, fetch, pgd, pcid, E, base, nsets, ways, shifts, roles, smash,
         va = vas[i]
         side = 1 if fetch[i] else 0
         clock += 1
-        # The first level, written out here rather than called: the hit path
-        # is most accesses, and a call per lookup cost 5x the lookup itself.
         hit = False
         for a in range(roles[side, 0], roles[side, 0] + roles[side, 1]):
-            for k in range(shifts.shape[1]):
-                shift = shifts[a, k]
-                if shift < 0:
-                    break
-                vpn = np.int64(va >> np.uint64(shift))
-                row = base[a] + _set_index(vpn, nsets[a])
-                found = -1
-                for w in range(ways[a]):
-                    if E[VPN, row, w] == vpn and E[STAMP, row, w] and E[SHIFT, row, w] == shift:
-                        tag = E[TAG, row, w]
-                        if tag == pcid:
-                            found = w
-                            break
-                        if tag == -1:
-                            found = w
-                if found >= 0:
-                    E[STAMP, row, found] = clock
-                    hit = True
-                    break
-            if hit:
+            row, w = _array_lookup(E, a, va, pcid, base, nsets, ways, shifts, clock)
+            if row >= 0:
+                hit = True
                 break
         if hit:
             C[C_ACCESSES] += 1
