@@ -1,10 +1,11 @@
+import numpy as np
 import pytest
 
 from ptilab.compare.views import pages, rights
 from ptilab.errors import UsageError
 from ptilab.pti import boot
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE
-from ptilab.paging import walk
+from ptilab.paging import translate, walk
 
 # The cpu_entry_area of a real Debian 6.1 kernel (2 CPUs, nokaslr), from
 # DESIGN.md, written out by hand so the test does not restate the profile.
@@ -105,3 +106,22 @@ def test_cpu_area_template_gives_each_cpus_pieces_as_cea_set_pte_would(profile):
         piecewise = k.area_ptes(cpu, lambda piece: k.cea_ptes(piece, cpu))
         assert (k.cpu_area_ptes(cpu) == piecewise).all()
     assert get_profile(profile).per_cpu  # a profile without per-CPU pieces would test nothing
+
+
+@pytest.mark.parametrize("profile, levels", [("kaiser-2017", 4), ("linux-4.15", 4), ("linux-6.1", 4), ("linux-6.1", 5)])
+def test_explicit_designs_stamped_user_ptes_are_its_piece_by_piece_ones(profile, levels):
+    """ExplicitDesign maps each CPU's pieces from one stamp (Kernel.area_stamp):
+    each CPU's user PTEs, and so the user tables and the write counts, are
+    what walking its pieces for that CPU gives."""
+    k = boot(profile, "explicit", cpus=70, levels=levels)
+    design = k.design
+    for cpu in (0, 1, 2, 63, 69):
+        piecewise = k.area_ptes(cpu, lambda piece: design._ptes(piece, cpu))
+        assert (design._area_ptes(cpu) == piecewise).all()
+        assert piecewise.any()
+    # The boot's user tables hold each CPU's PTEs as the piece-by-piece path makes them.
+    for cpu in (1, 69):
+        ptes = k.area_ptes(cpu, lambda piece: design._ptes(piece, cpu))
+        for i in np.flatnonzero(ptes).tolist():
+            t = translate(k.ram, k.user_cr3(), k.geometry.canonical(k.cpu_base(cpu) + i * 4096), k.geometry)
+            assert t.leaf == int(ptes[i])

@@ -112,7 +112,7 @@ class Kernel:
         self.espfix_page_random = 35
         self.espfix_slot_random = 0
         self.mm_kernel_pgd = self.mm_user_pgd = 0
-        self._area_template: tuple[np.ndarray, np.ndarray] | None = None
+        self._area_stamp: Callable[[int], np.ndarray] | None = None
         design.attach(self)
 
     # -- addresses ---------------------------------------------------------
@@ -175,23 +175,30 @@ class Kernel:
                 out[first:first + piece.pages] = ptes
         return out
 
+    def area_stamp(self, ptes_of: Callable[[Piece, int], np.ndarray | None]) -> Callable[[int], np.ndarray]:
+        """cpu -> area_ptes(cpu, lambda piece: ptes_of(piece, cpu)), the pieces walked once, not once per CPU.
+
+        For ptes_of that maps a piece's pages at its backing's address for that
+        CPU (cea_set_pte()'s per_cpu_ptr()): a present page aliasing a per-CPU
+        variable moves by one percpu unit per CPU, anything else stays, so every
+        CPU's PTEs are CPU 0's plus cpu units where a page is per-CPU."""
+        unit = np.uint64(self.profile.percpu_unit_pages * e.PAGE_SIZE)
+
+        def unit_step(piece: Piece) -> np.ndarray | None:
+            ptes = ptes_of(piece, 0)
+            if ptes is None or not piece.backing or piece.backing.split("+")[0] in SYMBOLS:
+                return None
+            return np.where(ptes & np.uint64(e.P), unit, np.uint64(0))
+
+        cpu0 = self.area_ptes(0, lambda piece: ptes_of(piece, 0))
+        step = self.area_ptes(0, unit_step)
+        return lambda cpu: cpu0 + step * np.uint64(cpu)
+
     def cpu_area_ptes(self, cpu: int) -> np.ndarray:
-        """CPU cpu's whole area as setup_cpu_entry_area() writes it. Every
-        CPU's PTEs are CPU 0's plus cpu percpu units where a page aliases a
-        per-CPU variable, so the pieces are walked once, not once per CPU."""
-        if self._area_template is None:
-            unit = self.profile.percpu_unit_pages * e.PAGE_SIZE
-
-            def unit_step(piece: Piece) -> np.ndarray | None:
-                per_cpu = piece.backing and piece.backing.split("+")[0] not in SYMBOLS
-                if not per_cpu or not RIGHTS[piece.rights] & e.P:
-                    return None
-                return np.full(piece.pages, unit, dtype=np.uint64)
-
-            self._area_template = (self.area_ptes(0, lambda piece: self.cea_ptes(piece, 0)),
-                                   self.area_ptes(0, unit_step))
-        cpu0, step = self._area_template
-        return cpu0 + step * np.uint64(cpu)
+        """CPU cpu's whole area as setup_cpu_entry_area() writes it (cea_ptes, stamped)."""
+        if self._area_stamp is None:
+            self._area_stamp = self.area_stamp(self.cea_ptes)
+        return self._area_stamp(cpu)
 
     def kernel_cr3(self) -> CR3:
         return CR3(self.mm_kernel_pgd or self.kernel_pgd)

@@ -27,12 +27,16 @@ class ExplicitDesign(Design):
     summary = "map each piece with hard-coded rights; CPU 0 early (memblock), each AP again"
     early_allocator = Allocator.MEMBLOCK
 
+    def attach(self, kernel) -> None:
+        super().attach(kernel)
+        self._area_ptes = None  # stamped at the first area, once the percpu chunk is placed
+
     def on_area_ready(self, cpu: int | None, start: int, end: int) -> None:
         if cpu is None:
             return  # the header pieces are not on the 2017 list
-        k = self.k
-        k_ptes = k.area_ptes(cpu, lambda piece: self._ptes(piece, cpu))
-        self.set_user_ptes(start, k_ptes, "user pte table for cpu_entry_area pieces")
+        if self._area_ptes is None:
+            self._area_ptes = self.k.area_stamp(self._ptes)  # the list's pieces walked once per boot
+        self.set_user_ptes(start, self._area_ptes(cpu), "user pte table for cpu_entry_area pieces")
 
     def _ptes(self, piece, cpu: int) -> np.ndarray | None:
         flags = PIECE_RIGHTS_2017.get(piece.kind)
