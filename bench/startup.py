@@ -27,8 +27,8 @@ from bench._timing import child_env, load_line, time_rows  # noqa: E402
 
 BUDGET = 0.1
 BASELINE = "python -c pass (baseline)"
-DUMP_IMPORTS = ("import ptilab.cli, ptilab.memory.images, ptilab.linux.paging_mode, ptilab.paging, ptilab.audit.checks, "
-                "ptilab.formats.qemu, numpy.ma")
+DUMP_IMPORTS = ("import ptilab.cli, ptilab.memory.images, ptilab.memory.vmcoreinfo, ptilab.linux.paging_mode, "
+                "ptilab.paging, ptilab.audit.checks, ptilab.formats.qemu, numpy.ma")
 ROWS = {
     BASELINE: ["-c", "pass"],
     "import click": ["-c", "import click"],
