@@ -71,14 +71,14 @@ def _patched(path, tmp_path, offset, fmt, value):
 
 
 @pytest.mark.parametrize("offset,fmt,value,words", [
-    (0, "<I", 0x464C457F ^ 1, "not an ELF file"),
+    (0, "<I", 0x464C457F ^ 1, "no ELF magic"),
     (4, "<B", 1, "ELFCLASS64"),
-    (16, "<H", 2, "not an x86-64 core"),
-    (18, "<H", 183, "not an x86-64 core"),
-    (54, "<H", 32, "program headers"),
-    (56, "<H", 0, "program headers"),
+    (16, "<H", 2, "ET_EXEC file, not a core"),
+    (18, "<H", 183, "a core for EM_AARCH64, not x86-64"),
+    (54, "<H", 32, "program headers of 32 bytes"),
+    (56, "<H", 0, "no PT_LOAD segment"),
     (32, "<Q", 1 << 40, "past the end"),
-    (32, "<Q", (1 << 64) - 1, "failed"),
+    (32, "<Q", (1 << 64) - 1, "past the end"),
     (64 + 32, "<Q", 1 << 30, "more than kcore writes"),
 ])
 def test_a_malformed_kcore_is_refused_in_one_line(kcore_4level, tmp_path, offset, fmt, value, words):

@@ -27,11 +27,12 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from ptilab.errors import FrameOutsideMemory, InputError
-from ptilab.memory.physical import ENTRY_DTYPE, PhysicalMemory
+from ptilab.memory.physical import ENTRY_DTYPE, PhysicalMemory, segment_of
 from ptilab.paging.cr3 import CR3
 from ptilab.paging.entry import PAGE_SHIFT, PAGE_SIZE
 from ptilab.paging.geometry import Geometry
@@ -149,6 +150,61 @@ class _Load:
         return self.pa + self.memsz
 
 
+@dataclass(frozen=True)
+class ProgramHeader:
+    """The fields of one Elf64_Phdr a core reader uses."""
+
+    type: int
+    offset: int
+    vaddr: int
+    paddr: int
+    filesz: int
+    memsz: int
+
+
+def read_program_headers(pread: Callable[[int, int], bytes], size: int, path: str,
+                         max_phnum: int | None = None) -> list[ProgramHeader]:
+    """The program headers of an x86-64 ELF core of size bytes, read with
+    pread(length, offset): Elf64_Ehdr checked (ELFCLASS64, little-endian,
+    ET_CORE, EM_X86_64), the gABI's PN_XNUM extended numbering followed (QEMU's
+    paging-mode cores of PTI kernels hold over 65 535), the table held inside
+    the file and, with max_phnum, under that count."""
+    header = pread(EHDR.size, 0)
+    if len(header) < EHDR.size:
+        raise InputError(f"{path}: {size} bytes, cut inside its ELF header ({EHDR.size} bytes): truncated")
+    ident, e_type, e_machine, _v, _entry, phoff, shoff, _flags, _ehsize, phentsize, phnum, *_ = EHDR.unpack(header)
+    if ident[:4] != ELF_MAGIC:
+        raise InputError(f"{path}: not a readable ELF core: no ELF magic")
+    if ident[4] not in (1, 2) or ident[5] not in (1, 2):  # ELFCLASS32/64, ELFDATA2LSB/MSB
+        raise InputError(f"{path}: not a readable ELF core: e_ident's class and data bytes "
+                         f"({ident[4]}, {ident[5]}) are none of ELF's")
+    if ident[4] != 2 or ident[5] != 1:
+        raise InputError(f"{path}: not an ELFCLASS64 little-endian core (x86-64 cores are)")
+    if e_type != ET_CORE:
+        raise InputError(f"{path}: an ELF {ET_NAMES.get(e_type, f'type {e_type}')} file, not a core (ET_CORE)")
+    if e_machine != EM_X86_64:
+        raise InputError(f"{path}: a core for {EM_NAMES.get(e_machine, f'machine {e_machine}')}, not x86-64")
+    if phnum == PN_XNUM:
+        # Section header 0's sh_info holds the real count.
+        if shoff == 0 or shoff + SHDR_SIZE > size:
+            raise InputError(f"{path}: e_phnum is PN_XNUM but section header 0 (at file offset {shoff:#x}) "
+                             f"is not in the file ({size:#x} bytes): truncated")
+        (phnum,) = struct.unpack("<I", pread(4, shoff + SHDR_INFO_AT))
+    if phnum and phentsize != PHDR.size:
+        raise InputError(f"{path}: not a readable ELF core: program headers of {phentsize} bytes "
+                         f"(ELF64's are {PHDR.size})")
+    if max_phnum is not None and phnum > max_phnum:
+        raise InputError(f"{path}: {phnum} program headers: more than the {max_phnum} this kind of core holds")
+    if phnum and phoff + phnum * phentsize > size:
+        raise InputError(f"{path}: its program-header table ({phnum} entries at file offset "
+                         f"{phoff:#x}) runs past the end of the file ({size:#x} bytes): truncated")
+    table = pread(phnum * PHDR.size, phoff) if phnum else b""
+    if len(table) < phnum * PHDR.size:
+        raise InputError(f"{path}: program headers at {phoff:#x} run past the end of the file")
+    return [ProgramHeader(p_type, offset, vaddr, paddr, filesz, memsz)
+            for p_type, _f, offset, vaddr, paddr, filesz, memsz, _a in PHDR.iter_unpack(table)]
+
+
 class ElfCore(PhysicalMemory):
     """Physical memory held in the ``PT_LOAD`` segments of an x86-64 ELF core.
 
@@ -191,37 +247,12 @@ class ElfCore(PhysicalMemory):
     # -- reading the file ---------------------------------------------------
 
     def _read_headers(self, f, size: int) -> tuple[list[_Load], list[tuple[int, int]]]:
-        header = f.read(EHDR.size)
-        if len(header) < EHDR.size:
-            raise InputError(f"{self.path}: {size} bytes, cut inside its ELF header ({EHDR.size} bytes): truncated")
-        ident, e_type, e_machine, _v, _entry, phoff, shoff, _flags, _ehsize, phentsize, phnum, *_ = EHDR.unpack(header)
-        if ident[:4] != ELF_MAGIC:
-            raise InputError(f"{self.path}: not a readable ELF core: no ELF magic")
-        if ident[4] not in (1, 2) or ident[5] not in (1, 2):  # ELFCLASS32/64, ELFDATA2LSB/MSB
-            raise InputError(f"{self.path}: not a readable ELF core: e_ident's class and data bytes "
-                             f"({ident[4]}, {ident[5]}) are none of ELF's")
-        if ident[4] != 2 or ident[5] != 1:
-            raise InputError(f"{self.path}: not an ELFCLASS64 little-endian core (x86-64 cores are)")
-        if e_type != ET_CORE:
-            raise InputError(f"{self.path}: an ELF {ET_NAMES.get(e_type, f'type {e_type}')} file, not a core (ET_CORE)")
-        if e_machine != EM_X86_64:
-            raise InputError(f"{self.path}: a core for {EM_NAMES.get(e_machine, f'machine {e_machine}')}, not x86-64")
-        if phnum == PN_XNUM:
-            phnum = self._extended_phnum(f, shoff, size)
-        if phnum and phentsize != PHDR.size:
-            raise InputError(f"{self.path}: not a readable ELF core: program headers of {phentsize} bytes "
-                             f"(ELF64's are {PHDR.size})")
-        if phnum and phoff + phnum * phentsize > size:
-            raise InputError(f"{self.path}: its program-header table ({phnum} entries at file offset "
-                             f"{phoff:#x}) runs past the end of the file ({size:#x} bytes): truncated")
-        f.seek(phoff if phnum else 0)
-        table = f.read(phnum * PHDR.size)
         loads, notes = [], []
-        for p_type, _f, offset, _vaddr, paddr, filesz, memsz, _a in PHDR.iter_unpack(table):
-            if p_type == PT_NOTE:
-                notes.append((offset, filesz))
-            elif p_type == PT_LOAD and memsz and offset != NOT_DUMPED:
-                loads.append(_Load(paddr, memsz, offset, min(filesz, memsz)))
+        for h in read_program_headers(lambda n, at: os.pread(f.fileno(), n, at), size, self.path):
+            if h.type == PT_NOTE:
+                notes.append((h.offset, h.filesz))
+            elif h.type == PT_LOAD and h.memsz and h.offset != NOT_DUMPED:
+                loads.append(_Load(h.paddr, h.memsz, h.offset, min(h.filesz, h.memsz)))
         extents = [(f"the segment at pa {s.pa:#x}", s.offset + s.filesz) for s in loads]
         extents += [("the note segment", offset + length) for offset, length in notes]
         for what, end in extents:
@@ -229,16 +260,6 @@ class ElfCore(PhysicalMemory):
                 raise InputError(f"{self.path}: {what} runs to file offset {end:#x}, past the end "
                                  f"of the file ({size:#x}): truncated")
         return loads, notes
-
-    def _extended_phnum(self, f, shoff: int, size: int) -> int:
-        """The program-header count of a core with PN_XNUM or more of them (the
-        gABI's extended numbering: section header 0's sh_info holds it)."""
-        if shoff == 0 or shoff + SHDR_SIZE > size:
-            raise InputError(f"{self.path}: e_phnum is PN_XNUM but section header 0 (at file offset {shoff:#x}) "
-                             f"is not in the file ({size:#x} bytes): truncated")
-        f.seek(shoff + SHDR_INFO_AT)
-        (phnum,) = struct.unpack("<I", f.read(4))
-        return phnum
 
     def _refuse_differing_overlaps(self, loads: list[_Load]) -> None:
         """Overlapping PT_LOADs are fine when they hold the same bytes (QEMU's
@@ -315,12 +336,7 @@ class ElfCore(PhysicalMemory):
         return [(int(lo), int(n), off) for lo, n, off in zip(self._lo, self._in_file, self._first_off) if n]
 
     def _segment_of(self, pfns: np.ndarray) -> np.ndarray:
-        """Index of the segment holding each frame, or -1."""
-        seg = np.searchsorted(self._lo, pfns, side="right").astype(np.int64) - 1
-        if len(self._lo) == 0:
-            return seg
-        inside = (seg >= 0) & (pfns < self._hi[np.maximum(seg, 0)])
-        return np.where(inside, seg, -1)
+        return segment_of(self._lo, self._hi, pfns)
 
     def frames_present(self, pfns: np.ndarray) -> np.ndarray:
         return self._segment_of(np.asarray(pfns, dtype=np.uint64)) >= 0

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ptilab.errors import FrameOutsideMemory, InputError
-from ptilab.memory.elfcore import CoreNotes
-from ptilab.memory.elfwrite import EHDR, EM_X86_64, ET_CORE, PHDR, PT_LOAD, PT_NOTE
-from ptilab.memory.physical import ENTRY_DTYPE, PhysicalMemory
+from ptilab.memory.elfcore import PT_LOAD, PT_NOTE, CoreNotes, read_program_headers
+from ptilab.memory.physical import ENTRY_DTYPE, PhysicalMemory, segment_of
 from ptilab.paging.entry import PAGE_SHIFT, PAGE_SIZE
 
 NO_PADDR = (1 << 64) - 1  # (elf_addr_t)-1: a segment with no physical address
@@ -84,30 +83,17 @@ class Kcore(PhysicalMemory):
                              f"{getattr(ex, 'strerror', None) or ex}") from None
 
     def _read_headers(self) -> tuple[tuple[KcoreSegment, ...], str | None]:
-        head = self._pread(EHDR.size, 0)
-        if len(head) < EHDR.size or head[:4] != b"\x7fELF":
-            raise InputError(f"{self.path}: not an ELF file")
-        ident, e_type, e_machine, _v, _entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum, *_ = EHDR.unpack(head)
-        if ident[4] != 2 or ident[5] != 1:
-            raise InputError(f"{self.path}: not an ELFCLASS64 little-endian core (x86-64 kcore is)")
-        if e_type != ET_CORE or e_machine != EM_X86_64:
-            raise InputError(f"{self.path}: ELF type {e_type}, machine {e_machine}: not an x86-64 core "
-                             f"(ET_CORE {ET_CORE}, EM_X86_64 {EM_X86_64})")
-        if phentsize != PHDR.size or not 0 < phnum < MAX_PHNUM:
-            raise InputError(f"{self.path}: {phnum} program headers of {phentsize} bytes: not kcore's "
-                             f"(ELF64 program headers are {PHDR.size} bytes)")
-        table = self._pread(PHDR.size * phnum, phoff)
-        if len(table) < PHDR.size * phnum:
-            raise InputError(f"{self.path}: program headers at {phoff:#x} run past the end of the file")
+        size = os.fstat(self._fd).st_size
         segments, notes = [], None
-        for i in range(phnum):
-            p_type, _f, offset, vaddr, paddr, filesz, memsz, _a = PHDR.unpack_from(table, i * PHDR.size)
-            if p_type == PT_NOTE and notes is None:
-                if filesz > MAX_NOTES:
-                    raise InputError(f"{self.path}: a note segment of {filesz} bytes: more than kcore writes")
-                notes = self._pread(filesz, offset)
-            elif p_type == PT_LOAD and memsz:
-                segments.append(KcoreSegment(vaddr, paddr, offset, min(filesz, memsz)))
+        for h in read_program_headers(self._pread, size, self.path, max_phnum=MAX_PHNUM):
+            if h.type == PT_NOTE and notes is None:
+                if h.filesz > MAX_NOTES:
+                    raise InputError(f"{self.path}: a note segment of {h.filesz} bytes: more than kcore writes")
+                notes = self._pread(h.filesz, h.offset)
+            elif h.type == PT_LOAD and h.memsz:
+                segments.append(KcoreSegment(h.vaddr, h.paddr, h.offset, min(h.filesz, h.memsz)))
+        if not segments:
+            raise InputError(f"{self.path}: no PT_LOAD segment: not a kcore, which maps at least the kernel text")
         found = CoreNotes()
         found.add(notes or b"", self.path)
         return tuple(segments), found.vmcoreinfo_text or None
@@ -139,10 +125,7 @@ class Kcore(PhysicalMemory):
         return int(self._hi[-1]) << PAGE_SHIFT if len(self._hi) else 0
 
     def _segment_of(self, pfns: np.ndarray) -> np.ndarray:
-        seg = np.searchsorted(self._lo, pfns, side="right").astype(np.int64) - 1
-        if not len(self._lo):
-            return seg
-        return np.where((seg >= 0) & (pfns < self._hi[np.maximum(seg, 0)]), seg, -1)
+        return segment_of(self._lo, self._hi, pfns)
 
     def frames_present(self, pfns: np.ndarray) -> np.ndarray:
         return self._segment_of(np.asarray(pfns, dtype=np.uint64)) >= 0

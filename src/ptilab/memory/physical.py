@@ -62,3 +62,11 @@ class PhysicalMemory(ABC):
             pa += chunk
             length -= chunk
         return bytes(out)
+
+
+def segment_of(lo: np.ndarray, hi: np.ndarray, pfns: np.ndarray) -> np.ndarray:
+    """For each frame, the index of the sorted, disjoint range [lo[i], hi[i]) holding it, or -1."""
+    seg = np.searchsorted(lo, pfns, side="right").astype(np.int64) - 1
+    if not len(lo):
+        return seg
+    return np.where((seg >= 0) & (pfns < hi[np.maximum(seg, 0)]), seg, -1)
