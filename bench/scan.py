@@ -7,12 +7,19 @@
    naive comparison of every frame's whole kernel half (no probe column).
    The same image is then scanned in 256 MiB chunks on 1 and on 2 workers.
 2. 16 synthetic images (bench/large_image.py) scanned on a local cluster of 1
-   and of 2 worker processes: the speed-up.
-3. One 64 GiB (sparse) image: scanned in this process and split into chunks
-   over 2 workers; holes are skipped (lseek SEEK_DATA), so the time is the
-   walk and audit of its 16.8 M-PTE kernel view.
+   and of 2 worker processes, and in this process: sparse images (tables
+   only), and 16 names of one dense image (every frame data, all in the page
+   cache). The settings run in turn, round after round (the machine is
+   shared: its load falls on all alike), medians printed with the load
+   average before each run and the cores each setting kept busy (the tasks'
+   CPU seconds over the wall time).
+3. One 64 GiB sparse image: scanned in this process and in 4 GiB chunks over
+   2 workers. The holes are not read (lseek SEEK_DATA: a hole reads as zeros,
+   which match no kernel half); the bench prints the bytes covered and the
+   bytes read, and the scan reads every allocated frame.
 
-    python bench/scan.py [--dense-gib 4] [--images 16] [--image-gib 4] [--big-gib 64] [--dir /tmp/ptilab-bench]
+    python bench/scan.py [--dense-gib 4] [--images 16] [--image-gib 4] [--dense-fleet-gib 1] [--big-gib 64]
+                         [--rounds 3] [--parts dense,many,dense-many,big] [--dir /tmp/ptilab-bench]
 
 The machine's other load shows in the numbers: run it on an idle machine.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -123,38 +131,129 @@ def _on_cluster(workers: int, fn) -> tuple[float, object]:
         return _timed(lambda: fn(run))
 
 
-def bench_many(directory: Path, count: int, gib: int) -> None:
-    from ptilab.scan.batch import ScanTask
+class _CpuTimed:
+    """task(item), also returning the CPU seconds the worker process spent on it:
+    their sum over the wall time is how many cores the run really had."""
 
+    def __init__(self, task):
+        self.task = task
+
+    def __call__(self, item):
+        cpu = time.process_time()
+        result = self.task(item)
+        return time.process_time() - cpu, result
+
+
+def _load() -> str:
+    return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _alternate(rounds: int, runs: dict) -> dict:
+    """Each of runs' functions (returning (wall, cpu, result)) once per round, in turn, so the
+    other load on the machine falls on all of them alike; every run, and the load before it."""
+    out = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            load = os.getloadavg()[0]
+            wall, cpu, result = fn()
+            out[name].append((wall, cpu, load, result))
+    return out
+
+
+def _median(rows: list, i: int) -> float:
+    return statistics.median(r[i] for r in rows)
+
+
+def fleet(directory: Path, count: int, gib: int, dense: bool) -> list[str]:
+    """count images of bench/large_image.py's tables: sparse ones of their own, or
+    (dense) count names of one dense image, so the page cache holds them all."""
     paths = []
     for i in range(count):
-        path = directory / f"fleet-{gib}g-{i}.elf"
-        if not path.exists():
+        path = directory / f"fleet-{'dense-' if dense else ''}{gib}g-{i}.elf"
+        if dense and not path.exists():
+            path.symlink_to(dense_image(directory / f"dense-{gib}g.elf", gib))
+        elif not path.exists():
             write_image(path, gib)
         paths.append(str(path))
-    task = ScanTask(None)
-    here, r0 = _timed(lambda: [task(p) for p in paths])
-    one, r1 = _on_cluster(1, lambda run: run(task, paths))
-    two, r2 = _on_cluster(2, lambda run: run(task, paths))
-    verdicts = lambda rs: [[s.verdict for s in r.spaces] for r in rs]
-    print(f"{count} images of {gib} GiB (sparse), one task per image (cluster start-up not counted):")
-    print(f"  in process {here:6.2f} s, 1 worker {one:6.2f} s, 2 workers {two:6.2f} s: speed-up {one / two:.2f}x "
-          f"on {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f}); "
-          f"same verdicts: {verdicts(r0) == verdicts(r1) == verdicts(r2)}")
+    return paths
 
 
-def bench_big(directory: Path, gib: int) -> None:
+def bench_many(directory: Path, count: int, gib: int, rounds: int, dense: bool) -> None:
+    from ptilab.scan.batch import ScanTask
+    from ptilab.scan.cluster import dask_runner
+
+    paths = fleet(directory, count, gib, dense)
+    task = _CpuTimed(ScanTask(None))
+    for p in paths:  # the page cache warm for every run alike
+        task(p)
+
+    def here():
+        wall, cpu = time.perf_counter(), time.process_time()
+        rs = [task(p)[1] for p in paths]
+        return time.perf_counter() - wall, time.process_time() - cpu, rs
+
+    def on(run):
+        def go():
+            wall, rows = _timed(lambda: run(task, paths))
+            return wall, sum(c for c, _ in rows), [r for _, r in rows]
+        return go
+
+    kind = "names of one dense image: every frame data, read" if dense else "sparse: tables only"
+    print(f"{count} images of {gib} GiB ({kind}), one task per image, clusters started and warmed before "
+          f"the clock, {rounds} rounds alternating; {os.cpu_count()} cores, {_load()} before:")
+    with dask_runner("bench", workers=1) as one, dask_runner("bench", workers=2) as two:
+        one(_warm, [0] * 4)
+        two(_warm, [0] * 8)
+        out = _alternate(rounds, {"in process": here, "1 worker": on(one), "2 workers": on(two)})
+    verdicts = [[[s.verdict for s in r.spaces] for r in row[3]] for rows in out.values() for row in rows]
+    for name, rows in out.items():
+        print(f"  {name:10s} median {_median(rows, 0):6.2f} s wall, {_median(rows, 1):6.2f} CPU-s "
+              f"({_median(rows, 1) / _median(rows, 0):.2f} cores busy); runs "
+              + ", ".join(f"{w:.2f} s at load {ld:.2f}" for w, _, ld, _ in rows))
+    one_w, two_w = _median(out["1 worker"], 0), _median(out["2 workers"], 0)
+    print(f"  speed-up 2 workers / 1 worker: {one_w / two_w:.2f}x (wall, medians); per CPU-second "
+          f"{_median(out['1 worker'], 1) / _median(out['2 workers'], 1):.2f}x; same verdicts in every run: "
+          f"{all(v == verdicts[0] for v in verdicts)}; {_load()} after")
+
+
+def bench_big(directory: Path, gib: int, rounds: int) -> None:
+    from ptilab.scan.cluster import dask_runner
     from ptilab.scan.spaces import scan_image
 
     path = str(directory / f"pti-{gib}g.elf")
     if not os.path.exists(path):
         write_image(path, gib)
-    here, s0 = _timed(lambda: scan_image(path))
-    spread, s2 = _on_cluster(2, lambda run: scan_image(path, run=run, chunk_frames=1 << 20))
-    print(f"one {gib} GiB image (sparse, {os.stat(path).st_blocks * 512 >> 20} MiB on disk, holes skipped):")
-    print(f"  in process {here:6.2f} s, 4 GiB chunks over 2 workers {spread:6.2f} s: speed-up {here / spread:.2f}x; "
-          f"{len(s0.spaces)} address space(s), verdict {s0.spaces[0].verdict}; "
-          f"same: {[s.verdict for s in s0.spaces] == [s.verdict for s in s2.spaces]}")
+    scan_image(path)  # the page cache warm for every run alike
+
+    def here():
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = scan_image(path)
+        return time.perf_counter() - wall, time.process_time() - cpu, result
+
+    def on(run):
+        def go():
+            wall, result = _timed(lambda: scan_image(path, run=run, chunk_frames=1 << 20))
+            return wall, float("nan"), result
+        return go
+
+    print(f"one {gib} GiB image (sparse: {os.stat(path).st_blocks * 512 >> 20} MiB allocated), {rounds} rounds "
+          f"alternating, {_load()} before:")
+    with dask_runner("bench", workers=2) as two:
+        two(_warm, [0] * 8)
+        out = _alternate(rounds, {"in process": here, "2 workers": on(two)})
+    s0 = out["in process"][0][3]
+    print(f"  scan covers {s0.bytes_scanned >> 30} GiB and reads {s0.bytes_read >> 20} MiB: the holes "
+          f"(lseek SEEK_DATA/SEEK_HOLE) read as zeros, which match no kernel half, so they are not read; "
+          f"the allocated frames are all read; 2 workers get {gib // 4} chunks of 4 GiB")
+    for name, rows in out.items():
+        print(f"  {name:10s} median {_median(rows, 0):6.2f} s wall; runs "
+              + ", ".join(f"{w:.2f} s at load {ld:.2f}" for w, _, ld, _ in rows))
+    print(f"  in process: {_median(out['in process'], 1):.2f} CPU-s, "
+          f"{gib / _median(out['in process'], 0):.1f} GiB covered per s; speed-up of 2 workers "
+          f"{_median(out['in process'], 0) / _median(out['2 workers'], 0):.2f}x; "
+          f"{len(s0.spaces)} address space(s), verdict {s0.spaces[0].verdict}; same verdicts: "
+          f"{all([s.verdict for s in r[3].spaces] == [s.verdict for s in s0.spaces] for rows in out.values() for r in rows)}; "
+          f"{_load()} after")
 
 
 def main() -> int:
@@ -163,12 +262,21 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--image-gib", type=int, default=4)
     parser.add_argument("--big-gib", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each setting (medians)")
+    parser.add_argument("--dense-fleet-gib", type=int, default=1)
+    parser.add_argument("--parts", default="dense,many,dense-many,big")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/ptilab-bench"))
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
-    bench_dense(args.dir, args.dense_gib)
-    bench_many(args.dir, args.images, args.image_gib)
-    bench_big(args.dir, args.big_gib)
+    parts = args.parts.split(",")
+    if "dense" in parts:
+        bench_dense(args.dir, args.dense_gib)
+    if "many" in parts:
+        bench_many(args.dir, args.images, args.image_gib, args.rounds, dense=False)
+    if "dense-many" in parts:
+        bench_many(args.dir, args.images, args.dense_fleet_gib, args.rounds, dense=True)
+    if "big" in parts:
+        bench_big(args.dir, args.big_gib, args.rounds)
     return 0
 
 

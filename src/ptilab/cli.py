@@ -728,14 +728,15 @@ def _scan_summary(s) -> str:
     for space in s.spaces:
         kinds[space.kind] = kinds.get(space.kind, 0) + 1
     worst = max((sp.worst for sp in s.spaces if sp.worst is not None), default=None)
-    rate = s.bytes_scanned / (1 << 30) / s.seconds if s.seconds else 0
+    rate = s.bytes_read / (1 << 30) / s.seconds if s.seconds else 0
+    holes = f" ({s.bytes_read / (1 << 30):.1f} GiB of data, holes skipped)" if s.bytes_read < s.bytes_scanned else ""
     return (f"{s.path}: {len(s.spaces)} page-table roots ("
             + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + ")"
             + f"; worst {worst.name.lower() if worst is not None else 'none'}"
             + (f"; {len(s.rejected)} candidate(s) rejected: tables that do not walk cleanly" if s.rejected else "")
             + f"; reference: {s.reference.source}, {s.reference.geometry.levels}-level, "
             + f"PTI {'on' if s.reference.pti else 'off'}; "
-            + f"{s.bytes_scanned / (1 << 30):.1f} GiB in {s.seconds:.2f} s ({rate:.1f} GiB/s)")
+            + f"{s.bytes_scanned / (1 << 30):.1f} GiB{holes} in {s.seconds:.2f} s ({rate:.1f} GiB/s read)")
 
 
 def _audit_live(ctx: click.Context, root: str, cr3: str | None, symbols: dict[str, int] | None, out: Output):

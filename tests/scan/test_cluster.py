@@ -124,3 +124,16 @@ def test_an_unreachable_scheduler_is_one_line_and_exit_2(images):
                           f"tcp://127.0.0.1:{port}"], capture_output=True, text=True, env=_env(), timeout=60)
     assert run.returncode == 2
     assert run.stderr.startswith("ptilab: error: --scheduler") and run.stderr.count("\n") == 1
+
+
+def test_a_sparse_image_is_large_by_the_data_it_holds_not_its_length(tmp_path):
+    """A 64 GiB sparse file holding 1 MiB is scanned in this process: its holes are not read."""
+    from ptilab.scan.batch import image_bytes
+    from ptilab.scan.cluster import LARGE_IMAGE_BYTES
+
+    path = tmp_path / "sparse.raw"
+    with open(path, "wb") as f:
+        f.truncate(64 << 30)
+        f.seek(5 << 30)
+        f.write(b"\1" * (1 << 20))
+    assert (1 << 20) <= image_bytes(str(path)) < LARGE_IMAGE_BYTES <= path.stat().st_size

@@ -90,3 +90,13 @@ def test_cli_refuses_a_missing_image_in_one_line():
     run = _cli("scan", "/nonexistent.core")
     assert run.returncode == 2
     assert run.stderr.startswith("ptilab: error: /nonexistent.core: cannot read") and run.stderr.count("\n") == 1
+
+
+def test_a_sparse_image_says_how_much_of_it_was_read(fleet, scanned):
+    """The holes of a sparse file are skipped (a hole reads as zeros, which match
+    no kernel half): the scan covers all 1 GiB and reads only the allocated blocks."""
+    allocated = os.stat(fleet.path).st_blocks * 512
+    assert scanned.bytes_scanned == 1 << 30
+    assert 0 < scanned.bytes_read <= allocated < 1 << 27
+    done = subprocess.run([sys.executable, "-m", "ptilab.cli", "scan", fleet.path], capture_output=True, text=True)
+    assert f"1.0 GiB ({scanned.bytes_read / (1 << 30):.1f} GiB of data, holes skipped)" in done.stdout

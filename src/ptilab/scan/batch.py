@@ -28,8 +28,10 @@ class ImageError:
 
 
 def image_bytes(path: str) -> int:
+    """The bytes a scan of path reads: those the file system holds for it (a
+    sparse image's holes are skipped, roots._data_rows), not its length."""
     try:
-        return os.stat(path).st_size
+        return os.stat(path).st_blocks * 512
     except OSError as ex:
         raise InputError(f"{path}: cannot read: {ex.strerror or ex}") from None
 

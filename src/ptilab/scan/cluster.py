@@ -19,7 +19,7 @@ from ptilab import progress
 from ptilab.errors import UsageError
 
 Runner = Callable[[Callable, Sequence], list]
-# Below this much image one process scans faster than a cluster starts (about 2 s).
+# Below this much image data one process scans faster than a cluster starts (about 2 s).
 LARGE_IMAGE_BYTES = 8 << 30
 CONNECT_TIMEOUT = "10s"
 

@@ -122,6 +122,15 @@ class _Frames:
                 pass  # a view is still alive somewhere; the map goes with it
 
 
+def data_bytes(chunk: Chunk) -> int:
+    """Bytes of chunk the scan reads: all of it but the holes of a sparse file
+    (see _data_rows); a compressed dump's frames are all read (and inflated)."""
+    if chunk.offset is None:
+        return chunk.frames * e.PAGE_SIZE
+    with open(chunk.path, "rb") as f:
+        return sum(hi - lo for lo, hi in _data_rows(f.fileno(), chunk.offset, chunk.frames)) * e.PAGE_SIZE
+
+
 def _data_rows(fd: int, offset: int, frames: int) -> list[tuple[int, int]]:
     """Rows (frames from offset) that hold file data, as [lo, hi) ranges.
 

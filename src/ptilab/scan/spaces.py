@@ -98,7 +98,8 @@ class ImageScan:
     reference: Reference
     spaces: list[AddressSpace]
     rejected: dict[int, str]  # root candidate -> why it does not walk cleanly
-    bytes_scanned: int
+    bytes_scanned: int  # the frames covered
+    bytes_read: int  # of those, what was read: a sparse file's holes are skipped
     seconds: float
 
     def failed(self, threshold: Severity) -> bool:
@@ -108,7 +109,7 @@ class ImageScan:
         return {"image": self.path, "reference": self.reference.source, "levels": self.reference.geometry.levels,
                 "pti": bool(self.reference.pti), "address_spaces": [s.as_dict() for s in self.spaces],
                 "rejected": {f"{pa:#x}": why for pa, why in self.rejected.items()},
-                "bytes_scanned": self.bytes_scanned, "seconds": round(self.seconds, 3)}
+                "bytes_scanned": self.bytes_scanned, "bytes_read": self.bytes_read, "seconds": round(self.seconds, 3)}
 
 
 # -- the reference kernel half ---------------------------------------------
@@ -249,8 +250,9 @@ def scan_image(path: str, la57: bool | None = None, run: Runner | None = None,
     pfns = np.concatenate(found) if found else np.zeros(0, np.uint64)
     spaces, rejected = spaces_of(mem, pfns, ref)
     scanned = sum(c.frames for c in parts) * e.PAGE_SIZE
+    read = sum(roots.data_bytes(c) for c in parts)
     return ImageScan(path, ref if ref.pti is not None else _with_pti(ref, spaces), spaces, rejected,
-                     scanned, time.perf_counter() - start)
+                     scanned, read, time.perf_counter() - start)
 
 
 def _with_pti(ref: Reference, spaces: list[AddressSpace]) -> Reference:
