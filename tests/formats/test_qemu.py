@@ -1,5 +1,4 @@
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -118,23 +117,11 @@ def test_qemus_own_info_tlb_parses_page_by_page():
     assert np.all(np.diff(tlb["va"].astype(np.float64)) > 0)
 
 
-def test_real_walk_prints_qemus_info_tlb_quickly():
+def test_real_walk_prints_qemus_info_tlb():
+    # Its speed is bench/qemu_walker.py's.
     path = _real("pti-4level")
     from ptilab.memory.images import open_image
     meta = json.loads((path / "meta.json").read_text())
     w = walk(open_image(str(path / "core.elf")), meta["cpus"][0]["cr3"], FOUR_LEVEL)
-    started = time.perf_counter()
     text = format_info_tlb(w)
-    assert time.perf_counter() - started < 1.0
     assert text == (path / "cpu0.info_tlb.txt").read_text()
-
-
-@pytest.mark.parametrize("name", ["ptdump_current_user.txt", "ptdump_current_kernel.txt", "ptdump_kernel.txt"])
-def test_real_ptdump_files_parse(name):
-    from ptilab.formats.ptdump import parse_ptdump
-    found = sorted(REAL.glob(f"*/{name}"))
-    if not found:
-        pytest.skip(f"no real {name}: Debian's 6.1 has no CONFIG_PTDUMP_DEBUGFS")
-    for path in found:
-        parsed = parse_ptdump(path.read_text(), str(path))
-        assert len(parsed.ranges) and parsed.markers[0][1] == "User Space"
