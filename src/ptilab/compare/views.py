@@ -51,31 +51,44 @@ class Divergence:
     kernel: str
 
 
+DIVERGENCE_KINDS = ("", "missing in user view", "only in user view", "rights differ", "frame differs")
+ABSENT = 255  # no page: its rights print as "-"
+
+
 def diff(user: Walk, kernel: Walk, start: int, end: int) -> list[Divergence]:
-    """Where the user view of [start, end) differs from the kernel's, runs of pages."""
+    """Where the user view of [start, end) differs from the kernel's, runs of pages
+    (a run: consecutive pages with the same kind of divergence and the same rights)."""
     u, k = pages(user, start, end), pages(kernel, start, end)
     vas = np.union1d(u["va"], k["va"])
-    ui = np.searchsorted(u["va"], vas)
-    ki = np.searchsorted(k["va"], vas)
-    in_u = (ui < len(u)) & (u["va"][np.minimum(ui, len(u) - 1)] == vas) if len(u) else np.zeros(len(vas), bool)
-    in_k = (ki < len(k)) & (k["va"][np.minimum(ki, len(k) - 1)] == vas) if len(k) else np.zeros(len(vas), bool)
-    kinds = np.full(len(vas), "", dtype=object)
-    kinds[in_k & ~in_u] = "missing in user view"
-    kinds[in_u & ~in_k] = "only in user view"
+    in_u, u_at = _lookup(u, vas)
+    in_k, k_at = _lookup(k, vas)
+    code = np.zeros(len(vas), np.int8)  # index into DIVERGENCE_KINDS
+    code[in_k & ~in_u] = 1
+    code[in_u & ~in_k] = 2
     both = in_u & in_k
-    ub, kb = u[ui[both]], k[ki[both]]
-    sub = np.full(both.sum(), "", dtype=object)
-    sub[ub["eff"] != kb["eff"]] = "rights differ"
-    sub[(ub["pa"] != kb["pa"]) & (sub == "")] = "frame differs"
-    kinds[both] = sub
-    out: list[Divergence] = []
-    for i in np.flatnonzero(kinds != ""):
-        va = int(vas[i])
-        ur = rights(int(u["eff"][ui[i]])) if in_u[i] else "-"
-        kr = rights(int(k["eff"][ki[i]])) if in_k[i] else "-"
-        last = out[-1] if out else None
-        if last and last.kind == kinds[i] and last.va + last.pages * 4096 == va and (last.user, last.kernel) == (ur, kr):
-            out[-1] = Divergence(last.va, last.pages + 1, last.kind, ur, kr)
-        else:
-            out.append(Divergence(va, 1, str(kinds[i]), ur, kr))
-    return out
+    ub, kb = u[u_at[both]], k[k_at[both]]
+    code[both] = np.where(ub["eff"] != kb["eff"], 3, np.where(ub["pa"] != kb["pa"], 4, 0))
+    shown = np.uint8(EFF_RW | EFF_NX)  # what rights() prints
+    u_rights = np.where(in_u, u["eff"][u_at] & shown, ABSENT) if len(u) else np.full(len(vas), ABSENT)
+    k_rights = np.where(in_k, k["eff"][k_at] & shown, ABSENT) if len(k) else np.full(len(vas), ABSENT)
+    sel = np.flatnonzero(code)
+    va, code, u_rights, k_rights = vas[sel], code[sel], u_rights[sel], k_rights[sel]
+    new_run = np.ones(len(sel), dtype=bool)
+    new_run[1:] = ((code[1:] != code[:-1]) | (u_rights[1:] != u_rights[:-1]) | (k_rights[1:] != k_rights[:-1])
+                   | (va[1:] != va[:-1] + np.uint64(e.PAGE_SIZE)))
+    starts = np.flatnonzero(new_run)
+    lengths = np.diff(np.append(starts, len(sel)))
+    return [Divergence(int(va[i]), int(n), DIVERGENCE_KINDS[code[i]], _shown(u_rights[i]), _shown(k_rights[i]))
+            for i, n in zip(starts.tolist(), lengths.tolist())]
+
+
+def _lookup(view: np.ndarray, vas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which of vas the view holds a page at, and where (clipped to the view for the others)."""
+    if not len(view):
+        return np.zeros(len(vas), bool), np.zeros(len(vas), np.intp)
+    at = np.minimum(np.searchsorted(view["va"], vas), len(view) - 1)
+    return view["va"][at] == vas, at
+
+
+def _shown(eff: int) -> str:
+    return "-" if eff == ABSENT else rights(int(eff))
