@@ -119,8 +119,23 @@ def build(gib: int) -> tuple[int, int, list[tuple[int, np.ndarray]], int, int]:
     upgd = np.zeros(512, np.uint64)
     t.small[pgd_pair] = kpgd
     t.small[pgd_pair + PAGE] = upgd
+    pte_pa, ptes, pmd_pa, pmds = _direct_map(t, kpgd, gib)
+    text_pmd = _kernel_image(t, kpgd)
+    vm_pa = _vmemmap(t, kpgd, ram)
+    _cpu_entry_area(t, kpgd, upgd)
+    _user_entry_text(t, upgd, text_pmd)
+    _user_cpu_tss(t, upgd)
+    _user_process(t, kpgd, upgd)
+    if t.next > min(vm_pa, 256 * MIB):  # the user process's frames start at 256 MiB
+        raise ValueError(f"{gib} GiB is too small for its own tables")
+    chunks = [(pte_pa, ptes), (pmd_pa, pmds)] + sorted(t.small.items())
+    n_pte_tables = gib * 512
+    table_pages = n_pte_tables + gib + len(t.small)
+    return pgd_pair, pgd_pair + PAGE, chunks, table_pages, n_pte_tables * 512
 
-    # Direct map: 1 PUD, gib PMD tables, gib * 512 PTE tables, all 4 KiB pages.
+
+def _direct_map(t: _Tables, kpgd: np.ndarray, gib: int) -> tuple[int, np.ndarray, int, np.ndarray]:
+    """1 PUD, gib PMD tables, gib * 512 PTE tables, all 4 KiB pages: (PTE block pa, PTEs, PMD block pa, PMDs)."""
     n_pte_tables = gib * 512
     pte_pa = t.block(n_pte_tables)
     pmd_pa = t.block(gib)
@@ -129,8 +144,11 @@ def build(gib: int) -> tuple[int, int, list[tuple[int, np.ndarray]], int, int]:
     pmds = (pte_pa + (np.arange(gib * 512, dtype=np.uint64) << np.uint64(12))) | np.uint64(KERN_TABLE)
     dm_pud[:gib] = (pmd_pa + (np.arange(gib, dtype=np.uint64) << np.uint64(12))) | np.uint64(KERN_TABLE)
     kpgd[_slot(PAGE_OFFSET, 39)] = dm_pud_pa | KERN_TABLE
+    return pte_pa, ptes, pmd_pa, pmds
 
-    # Kernel image in 2 MiB pages: text RX, rodata RO NX, data RW NX (all global).
+
+def _kernel_image(t: _Tables, kpgd: np.ndarray) -> np.ndarray:
+    """2 MiB pages: text RX, rodata RO NX, data RW NX (all global); returns the PMD table."""
     k_pud_pa, k_pud = t.table()
     k_pmd_pa, k_pmd = t.table()
     kpgd[511] = k_pud_pa | KERN_TABLE
@@ -141,8 +159,11 @@ def build(gib: int) -> tuple[int, int, list[tuple[int, np.ndarray]], int, int]:
              + [e.PAGE_KERNEL | big] * (DATA_MIB // 2))
     idx = np.arange(len(flags), dtype=np.uint64)
     k_pmd[first:first + len(flags)] = (np.uint64(KERNEL_PA) + (idx << np.uint64(21))) | np.array(flags, np.uint64)
+    return k_pmd
 
-    # vmemmap: 64 bytes of struct page per 4 KiB frame, 2 MiB pages at the top of RAM.
+
+def _vmemmap(t: _Tables, kpgd: np.ndarray, ram: int) -> int:
+    """64 bytes of struct page per 4 KiB frame, in 2 MiB pages at the top of RAM; returns where they start."""
     vm_bytes = max(2 * MIB, ram // PAGE * 64)
     vm_pages = vm_bytes // (2 * MIB)
     vm_pa = (ram - vm_bytes) & ~(2 * MIB - 1)
@@ -154,8 +175,11 @@ def build(gib: int) -> tuple[int, int, list[tuple[int, np.ndarray]], int, int]:
         n = min(512, vm_pages - i * 512)
         pmd_i[:n] = (np.uint64(vm_pa + i * GIB) + (np.arange(n, dtype=np.uint64) << np.uint64(21))) | \
             np.uint64(e.PAGE_KERNEL_LARGE)
+    return vm_pa
 
-    # cpu_entry_area: one PUD/PMD/PTE chain, shared by both PGDs at the top level.
+
+def _cpu_entry_area(t: _Tables, kpgd: np.ndarray, upgd: np.ndarray) -> None:
+    """One PUD/PMD/PTE chain, shared by both PGDs at the top level."""
     cea_pud_pa, cea_pud = t.table()
     cea_pmd_pa, cea_pmd = t.table()
     cea_pte_pa, cea_pte = t.table()
@@ -175,14 +199,19 @@ def build(gib: int) -> tuple[int, int, list[tuple[int, np.ndarray]], int, int]:
         for off, prot in per_cpu:
             cea_pte[(cpu * CEA_STRIDE + off) >> 12] = next(backing) | prot
 
-    # The entry text: the user PGD clones the kernel's first text PMD entry.
+
+def _user_entry_text(t: _Tables, upgd: np.ndarray, k_pmd: np.ndarray) -> None:
+    """The user PGD clones the kernel's first text PMD entry."""
     u_k_pud_pa, u_k_pud = t.table()
     u_k_pmd_pa, u_k_pmd = t.table()
     upgd[511] = u_k_pud_pa | KERN_TABLE
     u_k_pud[_slot(KERNEL_TEXT, 30)] = u_k_pmd_pa | KERN_TABLE
+    first = _slot(KERNEL_TEXT, 21)
     u_k_pmd[first] = k_pmd[first]
 
-    # cpu_tss_rw, one direct-map page per CPU, in user-only tables.
+
+def _user_cpu_tss(t: _Tables, upgd: np.ndarray) -> None:
+    """cpu_tss_rw, one direct-map page per CPU, in user-only tables."""
     u_dm_pud_pa, u_dm_pud = t.table()
     u_dm_pmd_pa, u_dm_pmd = t.table()
     u_dm_pte_pa, u_dm_pte = t.table()
@@ -194,7 +223,9 @@ def build(gib: int) -> tuple[int, int, list[tuple[int, np.ndarray]], int, int]:
         pa = tss_pa + cpu * 0x40000
         u_dm_pte[_slot(PAGE_OFFSET + pa, 12)] = pa | e.PAGE_KERNEL
 
-    # A small user process: text at 0x400000, heap after it, stack below 0x7ffffffff000.
+
+def _user_process(t: _Tables, kpgd: np.ndarray, upgd: np.ndarray) -> None:
+    """A small user process: text at 0x400000, heap after it, stack below 0x7ffffffff000."""
     u_pud_pa, u_pud = t.table()
     u_pmd_pa, u_pmd = t.table()
     u_pte_pa, u_pte = t.table()
@@ -217,12 +248,6 @@ def build(gib: int) -> tuple[int, int, list[tuple[int, np.ndarray]], int, int]:
     s_pmd[_slot(stack_top, 21)] = s_pte_pa | USER_PAGE_TABLE
     for i in range(480, 511):
         s_pte[i] = next(user_frames) | e.PAGE_SHARED | e.D
-
-    if t.next > min(vm_pa, 256 * MIB):  # the user process's frames start at 256 MiB
-        raise ValueError(f"{gib} GiB is too small for its own tables")
-    chunks = [(pte_pa, ptes), (pmd_pa, pmds)] + sorted(t.small.items())
-    table_pages = n_pte_tables + gib + len(t.small)
-    return pgd_pair, pgd_pair + PAGE, chunks, table_pages, n_pte_tables * 512
 
 
 def write_image(path: str | os.PathLike[str], gib: int, raw: bool = False) -> SyntheticImage:
