@@ -31,8 +31,8 @@ from typing import Callable
 
 import numpy as np
 
-from ptilab.errors import FrameOutsideMemory, InputError
-from ptilab.memory.physical import ENTRY_DTYPE, PhysicalMemory, segment_of
+from ptilab.errors import InputError
+from ptilab.memory.physical import ENTRY_DTYPE, SegmentedMemory
 from ptilab.paging.cr3 import CR3
 from ptilab.paging.entry import PAGE_SHIFT, PAGE_SIZE
 from ptilab.paging.geometry import Geometry
@@ -205,7 +205,7 @@ def read_program_headers(pread: Callable[[int, int], bytes], size: int, path: st
             for p_type, _f, offset, vaddr, paddr, filesz, memsz, _a in PHDR.iter_unpack(table)]
 
 
-class ElfCore(PhysicalMemory):
+class ElfCore(SegmentedMemory):
     """Physical memory held in the ``PT_LOAD`` segments of an x86-64 ELF core.
 
     A frame is present when all 4096 bytes of it lie inside one segment's
@@ -335,17 +335,9 @@ class ElfCore(PhysicalMemory):
         as they are; frames past a segment's file size (zeros) are not listed."""
         return [(int(lo), int(n), off) for lo, n, off in zip(self._lo, self._in_file, self._first_off) if n]
 
-    def _segment_of(self, pfns: np.ndarray) -> np.ndarray:
-        return segment_of(self._lo, self._hi, pfns)
-
-    def frames_present(self, pfns: np.ndarray) -> np.ndarray:
-        return self._segment_of(np.asarray(pfns, dtype=np.uint64)) >= 0
-
     def read_frames(self, pfns: np.ndarray) -> np.ndarray:
         pfns = np.asarray(pfns, dtype=np.uint64)
-        seg = self._segment_of(pfns)
-        if (seg < 0).any():
-            raise FrameOutsideMemory(int(pfns[seg < 0][0]) << PAGE_SHIFT)
+        seg = self._segments_of_held(pfns)
         out = np.zeros((len(pfns), 512), dtype=ENTRY_DTYPE)
         order = np.argsort(seg, kind="stable")
         bounds = np.flatnonzero(np.diff(seg[order])) + 1

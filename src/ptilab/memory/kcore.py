@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ptilab.errors import FrameOutsideMemory, InputError
+from ptilab.errors import InputError
 from ptilab.memory.elfcore import PT_LOAD, PT_NOTE, CoreNotes, read_program_headers
-from ptilab.memory.physical import ENTRY_DTYPE, PhysicalMemory, segment_of
+from ptilab.memory.physical import ENTRY_DTYPE, SegmentedMemory
 from ptilab.paging.entry import PAGE_SHIFT, PAGE_SIZE
 
 NO_PADDR = (1 << 64) - 1  # (elf_addr_t)-1: a segment with no physical address
@@ -48,7 +48,7 @@ class KcoreSegment:
     size: int
 
 
-class Kcore(PhysicalMemory):
+class Kcore(SegmentedMemory):
     """Physical memory behind /proc/kcore's segments that carry a physical address.
 
     Attributes:
@@ -124,17 +124,9 @@ class Kcore(PhysicalMemory):
     def end(self) -> int:
         return int(self._hi[-1]) << PAGE_SHIFT if len(self._hi) else 0
 
-    def _segment_of(self, pfns: np.ndarray) -> np.ndarray:
-        return segment_of(self._lo, self._hi, pfns)
-
-    def frames_present(self, pfns: np.ndarray) -> np.ndarray:
-        return self._segment_of(np.asarray(pfns, dtype=np.uint64)) >= 0
-
     def read_frames(self, pfns: np.ndarray) -> np.ndarray:
         pfns = np.asarray(pfns, dtype=np.uint64)
-        seg = self._segment_of(pfns)
-        if (seg < 0).any():
-            raise FrameOutsideMemory(int(pfns[seg < 0][0]) << PAGE_SHIFT)
+        seg = self._segments_of_held(pfns)
         out = np.empty((len(pfns), 512), dtype=ENTRY_DTYPE)
         for row, (pfn, s) in enumerate(zip(pfns.tolist(), seg.tolist())):
             offset = self._first_offset[s] + ((pfn - int(self._lo[s])) << PAGE_SHIFT)

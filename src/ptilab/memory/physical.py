@@ -64,9 +64,26 @@ class PhysicalMemory(ABC):
         return bytes(out)
 
 
-def segment_of(lo: np.ndarray, hi: np.ndarray, pfns: np.ndarray) -> np.ndarray:
-    """For each frame, the index of the sorted, disjoint range [lo[i], hi[i]) holding it, or -1."""
-    seg = np.searchsorted(lo, pfns, side="right").astype(np.int64) - 1
-    if not len(lo):
+class SegmentedMemory(PhysicalMemory):
+    """A source whose frames lie in sorted, disjoint frame ranges [_lo[i], _hi[i])
+    (an ELF core's or /proc/kcore's PT_LOADs), which the subclass sets."""
+
+    _lo: np.ndarray
+    _hi: np.ndarray
+
+    def frames_present(self, pfns: np.ndarray) -> np.ndarray:
+        return self._segment_of(np.asarray(pfns, dtype=np.uint64)) >= 0
+
+    def _segment_of(self, pfns: np.ndarray) -> np.ndarray:
+        """For each frame, the index of the range holding it, or -1."""
+        seg = np.searchsorted(self._lo, pfns, side="right").astype(np.int64) - 1
+        if not len(self._lo):
+            return seg
+        return np.where((seg >= 0) & (pfns < self._hi[np.maximum(seg, 0)]), seg, -1)
+
+    def _segments_of_held(self, pfns: np.ndarray) -> np.ndarray:
+        """_segment_of() of frames that must all be held: FrameOutsideMemory for the first that is not."""
+        seg = self._segment_of(pfns)
+        if (seg < 0).any():
+            raise FrameOutsideMemory(int(pfns[seg < 0][0]) << PAGE_SHIFT)
         return seg
-    return np.where((seg >= 0) & (pfns < hi[np.maximum(seg, 0)]), seg, -1)
