@@ -23,7 +23,7 @@ from ptilab.memory.simulated import SimulatedRAM
 from ptilab.paging import entry as e
 from ptilab.paging.cr3 import CR3
 from ptilab.paging.geometry import Geometry
-from ptilab.paging.install import entry_address, map_page, table_runs
+from ptilab.paging.install import entry_address, install_entries, map_page
 from ptilab.linux.profiles import CPU_ENTRY_AREA_MAP_SIZE, ESPFIX_BASE_ADDR, RIGHTS, START_KERNEL_MAP, Piece, Profile
 
 
@@ -34,7 +34,7 @@ class PtiHooks(Protocol):
     cpu_entry_area setup call into pti.c, not the reverse)."""
 
     def attach(self, kernel: "Kernel") -> None: ...
-    def on_area_ready(self, cpu: int | None, start: int, end: int) -> None: ...
+    def on_area_ready(self, cpus: np.ndarray | None, starts: np.ndarray, size: int) -> None: ...
     def on_pti_init(self) -> None: ...
     def on_ap_online(self, cpu: int) -> None: ...
     def on_ap_offline(self, cpu: int) -> None: ...
@@ -119,8 +119,9 @@ class Kernel:
     def symbol_pa(self, name: str) -> int:
         return PHYS_START + SYMBOLS[name]
 
-    def percpu_pa(self, cpu: int, backing: str) -> int:
-        """Physical address of a per-CPU variable ('exception_stacks+0x2000' style)."""
+    def percpu_pa(self, cpu, backing: str):
+        """Physical address of a per-CPU variable ('exception_stacks+0x2000' style);
+        of each CPU's copy when cpu is a uint64 array."""
         var, _, off = backing.partition("+")
         unit = self.profile.percpu_unit_pages * e.PAGE_SIZE
         return self.percpu_base + cpu * unit + self.percpu_vars[var] + (int(off, 16) if off else 0)
@@ -139,6 +140,10 @@ class Kernel:
     def cpu_base(self, cpu: int) -> int:
         """get_cpu_entry_area(cpu): where this CPU's area starts."""
         return self.profile.cpu_base(self.nr_cpus, cpu, int(self.cea_offset[cpu]))
+
+    def cpu_bases(self, cpus: np.ndarray) -> np.ndarray:
+        """cpu_base() of each of cpus."""
+        return self.profile.cpu_base(self.nr_cpus, cpus, self.cea_offset[cpus].astype(np.uint64))
 
     def piece_va(self, piece: Piece, cpu: int | None) -> int:
         base = self.area_base if cpu is None else self.cpu_base(cpu)
@@ -175,8 +180,9 @@ class Kernel:
                 out[first:first + piece.pages] = ptes
         return out
 
-    def area_stamp(self, ptes_of: Callable[[Piece, int], np.ndarray | None]) -> Callable[[int], np.ndarray]:
-        """cpu -> area_ptes(cpu, lambda piece: ptes_of(piece, cpu)), the pieces walked once, not once per CPU.
+    def area_stamp(self, ptes_of: Callable[[Piece, int], np.ndarray | None]) -> Callable[[np.ndarray], np.ndarray]:
+        """cpus -> a row of area_ptes(cpu, lambda piece: ptes_of(piece, cpu)) per
+        CPU (one row for a single cpu), the pieces walked once, not once per CPU.
 
         For ptes_of that maps a piece's pages at its backing's address for that
         CPU (cea_set_pte()'s per_cpu_ptr()): a present page aliasing a per-CPU
@@ -192,13 +198,13 @@ class Kernel:
 
         cpu0 = self.area_ptes(0, lambda piece: ptes_of(piece, 0))
         step = self.area_ptes(0, unit_step)
-        return lambda cpu: cpu0 + step * np.uint64(cpu)
+        return lambda cpus: cpu0 + step * np.asarray(cpus, dtype=np.uint64)[..., None]
 
-    def cpu_area_ptes(self, cpu: int) -> np.ndarray:
-        """CPU cpu's whole area as setup_cpu_entry_area() writes it (cea_ptes, stamped)."""
+    def cpu_area_ptes(self, cpus) -> np.ndarray:
+        """The whole area of a CPU (or a row per CPU of an array) as setup_cpu_entry_area() writes it."""
         if self._area_stamp is None:
             self._area_stamp = self.area_stamp(self.cea_ptes)
-        return self._area_stamp(cpu)
+        return self._area_stamp(cpus)
 
     def kernel_cr3(self) -> CR3:
         return CR3(self.mm_kernel_pgd or self.kernel_pgd)
@@ -227,17 +233,20 @@ class Kernel:
         self.ram.write_entries(pa, values)
         self.writes[(owner, self.alloc.phase)] += int(np.count_nonzero(values))
 
+    def install(self, owner: str, pgd: int, vas: np.ndarray, ptes: np.ndarray, alloc) -> None:
+        """Write ptes as the PTEs for vas under pgd, in order, making missing
+        tables with alloc; counted one write per non-zero entry."""
+        install_entries(self.ram, self.geometry, pgd, vas, ptes, self.geometry.levels - 1, alloc)
+        self.writes[(owner, self.alloc.phase)] += int(np.count_nonzero(ptes))
+
     def kernel_entry(self, va: int, depth: int) -> int | None:
         """Physical address of the kernel PGD's entry for va at depth, if its tables exist."""
         return entry_address(self.ram, self.geometry, self.kernel_pgd, va, depth)
 
-    def set_pte_vaddr(self, va: int, ptes: np.ndarray) -> None:
-        """arch/x86/mm/init_64.c set_pte_vaddr() for consecutive pages: missing
+    def set_pte_vaddr(self, vas: np.ndarray, ptes: np.ndarray) -> None:
+        """arch/x86/mm/init_64.c set_pte_vaddr() for each of vas in turn: missing
         tables come from memblock early and GFP_ATOMIC pages later (spp_getpage())."""
-        alloc = self.table_allocator("kernel", CEA_TABLE_PURPOSE)
-        for slot, first, n in table_runs(self.ram, self.geometry, self.kernel_pgd, va, len(ptes),
-                                         self.geometry.levels - 1, alloc):
-            self.write_run("kernel", slot, ptes[first:first + n])
+        self.install("kernel", self.kernel_pgd, vas, ptes, self.table_allocator("kernel", CEA_TABLE_PURPOSE))
 
     # -- boot ------------------------------------------------------------------
     def boot(self) -> "Kernel":
@@ -248,11 +257,10 @@ class Kernel:
         if self.profile.cea_at_boot:
             self._note("trap_init(): setup_cpu_entry_areas() for all possible CPUs")
             self._map_area_header()
-            for cpu in range(self.nr_cpus):
-                self._setup_cpu_entry_area(cpu)
+            self._setup_cpu_entry_areas(np.arange(self.nr_cpus))
         else:
             self._note("setup_fixmap_gdt(0): CPU 0's area")
-            self._setup_cpu_entry_area(0)
+            self._setup_cpu_entry_areas(np.array([0]))
         self.online.add(0)
         self._phase(Phase.BOOT, "mm_init(): memblock handed to the buddy allocator")
         self._init_espfix(0)
@@ -275,7 +283,7 @@ class Kernel:
         self._init_espfix(cpu)
         self._phase(Phase.AP_BRINGUP, f"cpu_init() on CPU {cpu}, interrupts off", cpu)
         if not self.profile.cea_at_boot:
-            self._setup_cpu_entry_area(cpu)
+            self._setup_cpu_entry_areas(np.array([cpu]))
         self.design.on_ap_online(cpu)
         self.online.add(cpu)
         self._phase(previous, f"CPU {cpu} online", cpu)
@@ -327,15 +335,16 @@ class Kernel:
 
     def _map_area_header(self) -> None:
         for piece in self.profile.header:
-            self.set_pte_vaddr(self.piece_va(piece, None), self.cea_ptes(piece, None))
+            self.set_pte_vaddr(self.piece_va(piece, None) + _page_offsets(piece.pages), self.cea_ptes(piece, None))
         if self.profile.header:
-            start = self.area_base
-            self.design.on_area_ready(None, start, start + self.profile.first_cpu_offset)
+            self.design.on_area_ready(None, np.array([self.area_base], dtype=np.uint64), self.profile.first_cpu_offset)
 
-    def _setup_cpu_entry_area(self, cpu: int) -> None:
-        start = self.cpu_base(cpu)
-        self.set_pte_vaddr(start, self.cpu_area_ptes(cpu))
-        self.design.on_area_ready(cpu, start, start + self.profile.stride)
+    def _setup_cpu_entry_areas(self, cpus: np.ndarray) -> None:
+        """setup_cpu_entry_area() for each of cpus in turn, then the design's hook once."""
+        starts = self.cpu_bases(cpus)
+        vas = starts[:, None] + _page_offsets(self.profile.stride // e.PAGE_SIZE)
+        self.set_pte_vaddr(vas.ravel(), self.cpu_area_ptes(cpus).ravel())
+        self.design.on_area_ready(cpus, starts, self.profile.stride)
 
     def espfix_base_addr(self, cpu: int) -> int:
         """espfix_64.c espfix_base_addr(): the page index is XORed with
@@ -401,6 +410,10 @@ class Kernel:
         for i in range(256):
             if user[i]:
                 self.write("kernel", self.mm_kernel_pgd + 8 * i, int(user[i]) | e.NX)
+
+
+def _page_offsets(pages: int) -> np.ndarray:
+    return np.arange(pages, dtype=np.uint64) << np.uint64(e.PAGE_SHIFT)
 
 
 def init_cea_offsets(profile: Profile, nr_cpus: int, kaslr: bool, seed: int) -> np.ndarray:

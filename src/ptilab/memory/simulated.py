@@ -16,7 +16,6 @@ class SimulatedRAM(PhysicalMemory):
         self.size = size
         self._frames: dict[int, np.ndarray] = {}
         self._zero = np.zeros(512, dtype=np.uint64)
-        self.entry_writes = 0
 
     @property
     def end(self) -> int:
@@ -60,7 +59,6 @@ class SimulatedRAM(PhysicalMemory):
         if frame is None:
             frame = self._frames[pfn] = np.zeros(512, dtype=np.uint64)
         frame[first:first + len(values)] = values
-        self.entry_writes += len(values)
 
     def write_entry(self, pa: int, value: int) -> None:
         """Store one 8-byte entry, as a kernel's set_pte()/set_pmd() does."""
@@ -71,7 +69,40 @@ class SimulatedRAM(PhysicalMemory):
         if frame is None:
             frame = self._frames[pfn] = np.zeros(512, dtype=np.uint64)
         frame[(pa & (PAGE_SIZE - 1)) >> 3] = value
-        self.entry_writes += 1
+
+    def write_slots(self, slots: np.ndarray, values: np.ndarray) -> None:
+        """Store entries at distinct addresses, a table at a time (a batch's slots come grouped by table)."""
+        self._check_slots(slots)
+        for pfn, at, lo, hi in self._by_frame(slots):
+            frame = self._frames.get(pfn)
+            if frame is None:
+                frame = self._frames[pfn] = np.zeros(512, dtype=np.uint64)
+            frame[at[lo:hi]] = values[lo:hi]
+
+    def read_slots(self, slots: np.ndarray) -> np.ndarray:
+        """The entries at these addresses."""
+        self._check_slots(slots)
+        out = np.zeros(len(slots), dtype=np.uint64)
+        for pfn, at, lo, hi in self._by_frame(slots):
+            if pfn in self._frames:
+                out[lo:hi] = self._frames[pfn][at[lo:hi]]
+        return out
+
+    def _check_slots(self, slots: np.ndarray) -> None:
+        if len(slots) and int(slots.max()) >> PAGE_SHIFT >= self.size >> PAGE_SHIFT:
+            raise FrameOutsideMemory(int(slots.max()))
+
+    @staticmethod
+    def _by_frame(slots: np.ndarray):
+        """(frame number, entry indices, lo, hi) for each run slots[lo:hi] in one frame."""
+        if not len(slots):
+            return
+        pfns = slots >> np.uint64(PAGE_SHIFT)
+        at = ((slots & np.uint64(PAGE_SIZE - 1)) >> np.uint64(3)).astype(np.intp)
+        bounds = np.flatnonzero(pfns[1:] != pfns[:-1]) + 1
+        los, his = np.append(0, bounds), np.append(bounds, len(slots))
+        for pfn, lo, hi in zip(pfns[los].tolist(), los.tolist(), his.tolist()):
+            yield pfn, at, lo, hi
 
     def written_frames(self) -> list[int]:
         """Frame numbers something wrote, ascending (every other frame reads as zeros)."""

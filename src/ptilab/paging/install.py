@@ -7,7 +7,7 @@ caller's business: it passes the allocator as a function.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -19,6 +19,8 @@ class WritableMemory(Protocol):
     def read_entry(self, pa: int) -> int: ...
     def write_entry(self, pa: int, value: int) -> None: ...
     def write_entries(self, pa: int, values: np.ndarray) -> None: ...
+    def write_slots(self, slots: np.ndarray, values: np.ndarray) -> None: ...
+    def read_slots(self, slots: np.ndarray) -> np.ndarray: ...
 
 
 AllocTable = Callable[[], int]  # returns the physical address of a zeroed 4 KiB frame
@@ -68,18 +70,93 @@ def map_page(mem: WritableMemory, geometry: Geometry, pgd: int, va: int, pa: int
     return set_entry(mem, geometry, pgd, va, depth, pa | flags, alloc, table_flags)
 
 
-def table_runs(mem: WritableMemory, geometry: Geometry, pgd: int, va: int, count: int, depth: int,
-               alloc: AllocTable | None = None, table_flags: int = e.KERNPG_TABLE) -> Iterator[tuple[int, int, int]]:
-    """Split count consecutive entries at depth, starting with va's, by the
-    table holding them: yields (entry physical address, first index into the
-    run, entries in this table). Missing tables are created with alloc, or
-    skipped without it."""
-    span = 1 << geometry.shift(depth)
-    done = 0
-    while done < count:
-        here = va + done * span
-        n = min(count - done, 512 - geometry.index(here, depth))
-        slot = entry_address(mem, geometry, pgd, here, depth, alloc, table_flags)
-        if slot is not None:
-            yield slot, done, n
-        done += n
+def entry_slots(mem: WritableMemory, geometry: Geometry, pgd: int, vas: np.ndarray, depth: int,
+                alloc: AllocTable | None = None, table_flags: int = e.KERNPG_TABLE) -> np.ndarray:
+    """entry_address() for many addresses at once: each va's entry at depth.
+
+    Missing tables are created with alloc in the very order one entry_address()
+    call per va would create them (a table when the first va under it needs
+    it, upper levels first), so a batch of a boot's installs lands at the same
+    physical addresses as the one-at-a-time kernel code. Without alloc, a va
+    whose tables are missing gets NO_SLOT. Each table is looked at once per
+    batch, not once per va."""
+    vas = np.asarray(vas, dtype=np.uint64)
+    tables = np.full(len(vas), pgd, dtype=np.uint64)
+    created: list[tuple[int, int, int]] = []  # (first va index, depth, parent slot) of each table to make
+    for d in range(depth):
+        slots = tables + (((vas >> np.uint64(geometry.shift(d))) & np.uint64(0x1FF)) << np.uint64(3))
+        tables = _tables_below(mem, geometry, vas, slots, d, alloc is not None, created)
+    slots = tables + (((vas >> np.uint64(geometry.shift(depth))) & np.uint64(0x1FF)) << np.uint64(3))
+    if created:
+        slots = _resolve(slots, _create(mem, created, alloc, table_flags))
+    slots[(slots & _MISSING) != 0] = NO_SLOT
+    return slots
+
+
+def install_entries(mem: WritableMemory, geometry: Geometry, pgd: int, vas: np.ndarray, values: np.ndarray,
+                    depth: int, alloc: AllocTable, table_flags: int = e.KERNPG_TABLE) -> None:
+    """Write values as the entries at depth for vas (distinct addresses), creating missing tables."""
+    mem.write_slots(entry_slots(mem, geometry, pgd, vas, depth, alloc, table_flags), values)
+
+
+def read_entries(mem: WritableMemory, geometry: Geometry, pgd: int, vas: np.ndarray, depth: int) -> np.ndarray:
+    """Each va's entry at depth, 0 where a table above it is missing."""
+    slots = entry_slots(mem, geometry, pgd, vas, depth)
+    out = np.zeros(len(slots), dtype=np.uint64)
+    found = np.flatnonzero(slots != NO_SLOT)
+    out[found] = mem.read_slots(slots[found])
+    return out
+
+
+# Tables a batch has yet to create are named by placeholder addresses with
+# _NEW set (table number << 12); tables it may not create carry _MISSING.
+NEW, MISSING = 1 << 63, 1 << 62
+_NEW, _MISSING = np.uint64(NEW), np.uint64(MISSING)
+NO_SLOT = np.uint64((1 << 64) - 1)
+
+
+def _tables_below(mem: WritableMemory, geometry: Geometry, vas: np.ndarray, slots: np.ndarray, depth: int,
+                  may_create: bool, created: list[tuple[int, int, int]]) -> np.ndarray:
+    """The table each va's entry at slot points at; a missing one becomes a placeholder."""
+    heads = np.flatnonzero(np.append(True, slots[1:] != slots[:-1]))  # consecutive vas mostly share a slot
+    distinct, first, inverse = np.unique(slots[heads], return_index=True, return_inverse=True)
+    below = np.empty(len(distinct), dtype=np.uint64)
+    for j, slot in enumerate(distinct.tolist()):
+        if slot & (NEW | MISSING):
+            value = 0  # under a table this batch creates (or may not): nothing yet
+        else:
+            value = mem.read_entry(slot)
+            if value & e.P and value & e.PS and depth < geometry.levels - 1:
+                raise LargePageInTheWay(f"{int(vas[heads[first[j]]]):#x}: a {geometry.names[depth]} leaf "
+                                        f"maps it already")
+        if value & e.P:
+            below[j] = e.frame_address(value)
+        elif may_create and not slot & MISSING:
+            below[j] = NEW | (len(created) << e.PAGE_SHIFT)
+            created.append((int(heads[first[j]]), depth, slot))
+        else:
+            below[j] = _MISSING
+    return np.repeat(below[inverse], np.diff(np.append(heads, len(vas))))
+
+
+def _create(mem: WritableMemory, created: list[tuple[int, int, int]], alloc: AllocTable,
+            table_flags: int) -> np.ndarray:
+    """Allocate the placeholders' tables in one-at-a-time order and link them; their addresses."""
+    pas = [0] * len(created)
+    for n in sorted(range(len(created)), key=lambda n: created[n][:2]):
+        pas[n] = alloc()
+    for n, (_, _, parent) in enumerate(created):
+        if parent & NEW:  # under a table of this batch, allocated above
+            parent = pas[(parent & ~NEW) >> e.PAGE_SHIFT] + (parent & (e.PAGE_SIZE - 1))
+        mem.write_entry(parent, pas[n] | table_flags)
+    return np.array(pas, dtype=np.uint64)
+
+
+def _resolve(slots: np.ndarray, pas: np.ndarray) -> np.ndarray:
+    """Placeholder slots replaced by the created tables' real addresses."""
+    new = (slots & _NEW) != 0
+    if new.any():
+        slots = slots.copy()
+        number = ((slots[new] & ~_NEW) >> np.uint64(e.PAGE_SHIFT)).astype(np.intp)
+        slots[new] = pas[number] + (slots[new] & np.uint64(e.PAGE_SIZE - 1))
+    return slots

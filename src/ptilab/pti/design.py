@@ -13,7 +13,7 @@ import numpy as np
 
 from ptilab.memory.allocators import Allocator
 from ptilab.paging import entry as e
-from ptilab.paging.install import entry_address, table_runs
+from ptilab.paging.install import entry_address
 
 if TYPE_CHECKING:
     from ptilab.linux.kernel import Kernel
@@ -30,9 +30,11 @@ class Design:
         self.k = kernel
 
     # -- hooks, in boot order -------------------------------------------------
-    def on_area_ready(self, cpu: int | None, start: int, end: int) -> None:
-        """The kernel has just mapped [start, end) of the cpu_entry_area: CPU
-        cpu's area, or the area's header (the RO IDT) when cpu is None."""
+    def on_area_ready(self, cpus: np.ndarray | None, starts: np.ndarray, size: int) -> None:
+        """The kernel has just mapped the cpu_entry_area of cpus, each
+        [start, start + size) for the start beside it in starts, or the area's
+        header (the RO IDT) when cpus is None: in trap_init() every possible
+        CPU at once, in cpu_init() one AP (the 2017 fixmap)."""
 
     def on_pti_init(self) -> None:
         """pti_init(): the buddy allocator is up and no AP has booted."""
@@ -57,18 +59,17 @@ class Design:
         assert slot is not None
         return slot
 
-    def set_user_ptes(self, va: int, ptes: np.ndarray, purpose: str) -> None:
-        """Install consecutive user PTEs from va on, a PTE table at a time;
-        zero entries at either end are not written (no table is made for them)."""
-        k = self.k
-        used = np.flatnonzero(ptes)
-        if not len(used):
-            return
-        va += int(used[0]) * e.PAGE_SIZE
-        ptes = ptes[used[0]:used[-1] + 1]
-        for slot, first, n in table_runs(k.ram, k.geometry, k.user_pgd, va, len(ptes), k.geometry.levels - 1,
-                                         self._user_alloc(purpose)):
-            k.write_run(self.name, slot, ptes[first:first + n])
+    def set_user_ptes(self, starts: np.ndarray, ptes: np.ndarray, purpose: str) -> None:
+        """Install each area's user PTEs (row i of ptes, consecutive pages from
+        starts[i] on), one area after the other; zero entries at either end of
+        a row are not written (no table is made for them)."""
+        nonzero = ptes != 0
+        pages = np.arange(ptes.shape[1])
+        first = nonzero.argmax(axis=1)[:, None]
+        last = ptes.shape[1] - 1 - nonzero[:, ::-1].argmax(axis=1)[:, None]
+        keep = nonzero.any(axis=1)[:, None] & (pages >= first) & (pages <= last)
+        vas = starts[:, None] + (pages.astype(np.uint64) << np.uint64(e.PAGE_SHIFT))
+        self.k.install(self.name, self.k.user_pgd, vas[keep], ptes[keep], self._user_alloc(purpose))
 
     def _counting(self, alloc):
         k, owner = self.k, self.name
@@ -123,9 +124,8 @@ class Design:
         self.clone_pmds(*ENTRY_TEXT, "user pmd for the entry text")
         self.clone_p4d(ESPFIX_BASE_ADDR)
         if k.profile.clone_cpu_tss_rw:
-            for cpu in range(k.nr_cpus):
-                pa = k.percpu_pa(cpu, "cpu_tss_rw")
-                va = k.direct_map_va(pa)
-                # pfn_pte(pa, PAGE_KERNEL): under PTI __default_kernel_pte_mask strips _PAGE_GLOBAL.
-                flags = e.PAGE_KERNEL & ~e.G
-                self.write(self.user_entry(va, k.geometry.levels - 1, "user pte for cpu_tss_rw"), pa | flags)
+            pas = k.percpu_pa(np.arange(k.nr_cpus, dtype=np.uint64), "cpu_tss_rw")
+            # pfn_pte(pa, PAGE_KERNEL): under PTI __default_kernel_pte_mask strips _PAGE_GLOBAL.
+            flags = np.uint64(e.PAGE_KERNEL & ~e.G)
+            k.install(self.name, k.user_pgd, k.direct_map_va(pas), pas | flags,
+                      self._user_alloc("user pte for cpu_tss_rw"))

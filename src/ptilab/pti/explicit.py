@@ -31,12 +31,12 @@ class ExplicitDesign(Design):
         super().attach(kernel)
         self._area_ptes = None  # stamped at the first area, once the percpu chunk is placed
 
-    def on_area_ready(self, cpu: int | None, start: int, end: int) -> None:
-        if cpu is None:
+    def on_area_ready(self, cpus: np.ndarray | None, starts: np.ndarray, size: int) -> None:
+        if cpus is None:
             return  # the header pieces are not on the 2017 list
         if self._area_ptes is None:
             self._area_ptes = self.k.area_stamp(self._ptes)  # the list's pieces walked once per boot
-        self.set_user_ptes(start, self._area_ptes(cpu), "user pte table for cpu_entry_area pieces")
+        self.set_user_ptes(starts, self._area_ptes(cpus), "user pte table for cpu_entry_area pieces")
 
     def _ptes(self, piece, cpu: int) -> np.ndarray | None:
         flags = PIECE_RIGHTS_2017.get(piece.kind)

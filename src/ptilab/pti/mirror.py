@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ptilab.paging import entry as e
-from ptilab.paging.install import table_runs
+from ptilab.paging.install import read_entries
 from ptilab.pti.design import Design
 
 
@@ -16,17 +16,12 @@ class MirrorDesign(Design):
     name = "mirror"
     summary = "copy the kernel's cpu_entry_area PTEs page by page, per CPU"
 
-    def on_area_ready(self, cpu: int | None, start: int, end: int) -> None:
+    def on_area_ready(self, cpus: np.ndarray | None, starts: np.ndarray, size: int) -> None:
         k = self.k
-        depth = k.geometry.levels - 1
-        count = (end - start) // e.PAGE_SIZE
-        # Page by page in effect; a kernel PTE table at a time in the model.
-        for slot, first, n in table_runs(k.ram, k.geometry, k.kernel_pgd, start, count, depth):
-            frame = k.ram.read_frame(slot >> e.PAGE_SHIFT)
-            index = (slot & (e.PAGE_SIZE - 1)) >> 3
-            ptes = frame[index:index + n]
-            # PAGE_NONE entries too: perf may make them present later.
-            self.set_user_ptes(start + first * e.PAGE_SIZE, ptes.copy(), "user pte table for cpu_entry_area")
+        vas = starts[:, None] + (np.arange(size // e.PAGE_SIZE, dtype=np.uint64) << np.uint64(e.PAGE_SHIFT))
+        # Page by page in effect, PAGE_NONE entries too (perf may make them present later).
+        ptes = read_entries(k.ram, k.geometry, k.kernel_pgd, vas.ravel(), k.geometry.levels - 1)
+        self.set_user_ptes(starts, ptes.reshape(vas.shape), "user pte table for cpu_entry_area")
 
     def on_pti_init(self) -> None:
         self.clone_common()
