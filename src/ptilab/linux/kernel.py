@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
@@ -69,13 +68,6 @@ ESPFIX_PTE_STRIDE = 16  # one espfix page every 64 KiB: 32 clones per PTE table
 ESPFIX_PUD_CLONES = 4  # 65536 / (32 PTE clones * 512 PMD clones)
 
 
-@dataclass(frozen=True)
-class Event:
-    phase: Phase
-    what: str
-    cpu: int | None
-
-
 class Kernel:
     """One booted (or booting) kernel: RAM, allocators, the init PGD pair and a process."""
 
@@ -104,7 +96,6 @@ class Kernel:
         self.kernel_pgd = self.symbol_pa("init_top_pgt")
         self.user_pgd = self.kernel_pgd + e.PAGE_SIZE
         self.writes: Counter[tuple[str, Phase]] = Counter()
-        self.events: list[Event] = []
         self.online: set[int] = set()
         self.percpu_base = 0
         # init_espfix_random() runs even with nokaslr; fixed here for a
@@ -250,25 +241,24 @@ class Kernel:
 
     # -- boot ------------------------------------------------------------------
     def boot(self) -> "Kernel":
-        self._phase(Phase.EARLY, "start_kernel(): memblock only")
+        self.alloc.phase = Phase.EARLY  # start_kernel(): memblock only
         self._map_kernel_image()
         self._map_direct_map()
         self._setup_percpu()
         if self.profile.cea_at_boot:
-            self._note("trap_init(): setup_cpu_entry_areas() for all possible CPUs")
+            # trap_init(): setup_cpu_entry_areas() for all possible CPUs
             self._map_area_header()
             self._setup_cpu_entry_areas(np.arange(self.nr_cpus))
         else:
-            self._note("setup_fixmap_gdt(0): CPU 0's area")
+            # setup_fixmap_gdt(0): CPU 0's area
             self._setup_cpu_entry_areas(np.array([0]))
         self.online.add(0)
-        self._phase(Phase.BOOT, "mm_init(): memblock handed to the buddy allocator")
+        self.alloc.phase = Phase.BOOT  # mm_init(): memblock handed to the buddy allocator
         self._init_espfix(0)
-        self._note("pti_init()")
-        self.design.on_pti_init()
+        self.design.on_pti_init()  # pti_init()
         for cpu in progress.over(range(1, self.nr_cpus), "booting APs"):
             self.cpu_up(cpu)
-        self._phase(Phase.RUNTIME, "smp_init() done; init runs")
+        self.alloc.phase = Phase.RUNTIME  # smp_init() done; init runs
         self._spawn_init_process()
         return self
 
@@ -279,14 +269,14 @@ class Kernel:
             raise UsageError(f"CPU {cpu} is not a possible AP (NR_CPUS={self.nr_cpus})")
         previous = self.alloc.phase
         self.alloc.cpu = cpu
-        self._note(f"do_boot_cpu({cpu}): init_espfix_ap() on the BSP", cpu)
+        # do_boot_cpu(): init_espfix_ap() runs on the BSP
         self._init_espfix(cpu)
-        self._phase(Phase.AP_BRINGUP, f"cpu_init() on CPU {cpu}, interrupts off", cpu)
+        self.alloc.phase = Phase.AP_BRINGUP  # cpu_init() on the AP, interrupts off
         if not self.profile.cea_at_boot:
             self._setup_cpu_entry_areas(np.array([cpu]))
         self.design.on_ap_online(cpu)
         self.online.add(cpu)
-        self._phase(previous, f"CPU {cpu} online", cpu)
+        self.alloc.phase = previous  # the AP is online
         self.alloc.cpu = None
 
     def cpu_down(self, cpu: int) -> None:
@@ -294,16 +284,9 @@ class Kernel:
             raise UsageError(f"CPU {cpu} is not an online AP")
         self.online.discard(cpu)
         self.alloc.cpu = cpu
-        self._note(f"CPU {cpu} offline", cpu)
         self.design.on_ap_offline(cpu)
         self.alloc.cpu = None
 
-    def _phase(self, phase: Phase, what: str, cpu: int | None = None) -> None:
-        self.alloc.phase = phase
-        self._note(what, cpu)
-
-    def _note(self, what: str, cpu: int | None = None) -> None:
-        self.events.append(Event(self.alloc.phase, what, cpu))
 
     def _map(self, va: int, pa: int, flags: int, shift: int, purpose: str, pgd: int | None = None,
              table_flags: int = e.KERNPG_TABLE) -> None:
