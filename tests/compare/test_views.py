@@ -56,3 +56,17 @@ def test_identical_views_do_not_diverge():
     pages = [(True, i % 4, e.RW | e.NX) for i in range(SLOTS)]
     u, k = _views(pages, pages)
     assert diff(u, k, BASE, BASE + SLOTS * 4096) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(VIEW, st.sampled_from([0, e.RW, e.NX, e.RW | e.NX]))
+def test_a_large_page_is_judged_page_by_page_too(user, flags):
+    """The kernel maps the window with one 2 MiB leaf (frame i at page i), the
+    user view with 4 KiB pages: the runs still split where each page's verdict does."""
+    u, _ = _views(user, [])
+    bump = BumpTables()
+    map_page(bump.ram, FOUR_LEVEL, KERNEL_PGD, BASE, 0x4000_0000, e.P | e.A | flags, bump.alloc, page_shift=21)
+    k = walk(bump.ram, KERNEL_PGD, FOUR_LEVEL)
+    runs = diff(u, k, BASE, BASE + SLOTS * 4096)
+    expanded = [(d.va + i * 4096, d.kind, d.user, d.kernel) for d in runs for i in range(d.pages)]
+    assert expanded == _page_by_page(user, [(True, i, flags) for i in range(SLOTS)])

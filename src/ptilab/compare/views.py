@@ -57,38 +57,69 @@ ABSENT = 255  # no page: its rights print as "-"
 
 def diff(user: Walk, kernel: Walk, start: int, end: int) -> list[Divergence]:
     """Where the user view of [start, end) differs from the kernel's, runs of pages
-    (a run: consecutive pages with the same kind of divergence and the same rights)."""
-    u, k = pages(user, start, end), pages(kernel, start, end)
-    vas = np.union1d(u["va"], k["va"])
-    in_u, u_at = _lookup(u, vas)
-    in_k, k_at = _lookup(k, vas)
-    code = np.zeros(len(vas), np.int8)  # index into DIVERGENCE_KINDS
+    (a run: consecutive pages with the same kind of divergence and the same rights).
+
+    Judged per interval between the two views' range edges, not per page: in
+    such an interval each view is one leaf range or none, so every page of it
+    diverges alike (a frame differs everywhere or nowhere)."""
+    u, k = _present(user, start, end), _present(kernel, start, end)
+    if np.array_equal(u, k):
+        return []
+    # Four sorted runs: a stable (merging) sort is near linear on them.
+    first = np.sort(np.concatenate((u["first"], u["last"] + np.uint64(1), k["first"], k["last"] + np.uint64(1))),
+                    kind="stable")
+    first = first[np.append(True, first[1:] != first[:-1]) & (first >= np.uint64(start))
+                  & (first <= np.uint64(end - 1))]
+    last = np.append(first[1:] - np.uint64(1), np.uint64(end - 1))
+    in_u, u_at = _covering(u, first)
+    in_k, k_at = _covering(k, first)
+    code = np.zeros(len(first), np.int8)  # index into DIVERGENCE_KINDS
     code[in_k & ~in_u] = 1
     code[in_u & ~in_k] = 2
     both = in_u & in_k
     ub, kb = u[u_at[both]], k[k_at[both]]
-    code[both] = np.where(ub["eff"] != kb["eff"], 3, np.where(ub["pa"] != kb["pa"], 4, 0))
+    frame_differs = ub["pa"] - ub["first"] != kb["pa"] - kb["first"]  # each view's pa - va offset (mod 2^64)
+    code[both] = np.where(ub["eff"] != kb["eff"], 3, np.where(frame_differs, 4, 0))
     shown = np.uint8(EFF_RW | EFF_NX)  # what rights() prints
-    u_rights = np.where(in_u, u["eff"][u_at] & shown, ABSENT) if len(u) else np.full(len(vas), ABSENT)
-    k_rights = np.where(in_k, k["eff"][k_at] & shown, ABSENT) if len(k) else np.full(len(vas), ABSENT)
+    u_rights = np.where(in_u, u["eff"][u_at] & shown, ABSENT) if len(u) else np.full(len(first), ABSENT)
+    k_rights = np.where(in_k, k["eff"][k_at] & shown, ABSENT) if len(k) else np.full(len(first), ABSENT)
     sel = np.flatnonzero(code)
-    va, code, u_rights, k_rights = vas[sel], code[sel], u_rights[sel], k_rights[sel]
+    first, last, code, u_rights, k_rights = first[sel], last[sel], code[sel], u_rights[sel], k_rights[sel]
     new_run = np.ones(len(sel), dtype=bool)
     new_run[1:] = ((code[1:] != code[:-1]) | (u_rights[1:] != u_rights[:-1]) | (k_rights[1:] != k_rights[:-1])
-                   | (va[1:] != va[:-1] + np.uint64(e.PAGE_SIZE)))
+                   | (first[1:] != last[:-1] + np.uint64(1)))
     starts = np.flatnonzero(new_run)
-    lengths = np.diff(np.append(starts, len(sel)))
-    return [Divergence(int(va[i]), int(n), DIVERGENCE_KINDS[code[i]], _shown(u_rights[i]), _shown(k_rights[i]))
-            for i, n in zip(starts.tolist(), lengths.tolist())]
+    ends = np.append(starts, len(sel))[1:] - 1
+    pages = ((last[ends] - first[starts]) >> np.uint64(e.PAGE_SHIFT)) + np.uint64(1)
+    return [Divergence(va, n, DIVERGENCE_KINDS[kind], _SHOWN[ur], _SHOWN[kr]) for va, n, kind, ur, kr in
+            zip(first[starts].tolist(), pages.tolist(), code[starts].tolist(), u_rights[starts].tolist(),
+                k_rights[starts].tolist())]
 
 
-def _lookup(view: np.ndarray, vas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Which of vas the view holds a page at, and where (clipped to the view for the others)."""
+_PRESENT_DTYPE = np.dtype([("first", "<u8"), ("last", "<u8"), ("pa", "<u8"), ("eff", "u1")])
+
+
+def _present(walk: Walk, start: int, end: int) -> np.ndarray:
+    """The walk's present leaf ranges clipped to [start, end): first and last
+    byte (inclusive: a range may end at the top of the space), the frame at first."""
+    r = walk.ranges_within(start, end)
+    r = r[(r["prot"] & np.uint64(e.P)) != 0]
+    last = r["va"] + (r["size"] - np.uint64(1))
+    r, last = (x[(last >= np.uint64(start)) & (r["va"] <= np.uint64(end - 1))] for x in (r, last))
+    out = np.empty(len(r), _PRESENT_DTYPE)
+    out["first"] = np.maximum(r["va"], np.uint64(start))
+    out["last"] = np.minimum(last, np.uint64(end - 1))
+    out["pa"] = r["pa"] + (out["first"] - r["va"])
+    out["eff"] = r["eff"]
+    return out
+
+
+def _covering(view: np.ndarray, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which intervals (by their first byte) a range of the view covers, and which range."""
     if not len(view):
-        return np.zeros(len(vas), bool), np.zeros(len(vas), np.intp)
-    at = np.minimum(np.searchsorted(view["va"], vas), len(view) - 1)
-    return view["va"][at] == vas, at
+        return np.zeros(len(first), bool), np.zeros(len(first), np.intp)
+    at = np.maximum(np.searchsorted(view["first"], first, side="right") - 1, 0)
+    return (view["first"][at] <= first) & (view["last"][at] >= first), at
 
 
-def _shown(eff: int) -> str:
-    return "-" if eff == ABSENT else rights(int(eff))
+_SHOWN = [rights(eff) for eff in range(ABSENT)] + ["-"]  # how each diff's rights code prints
