@@ -119,13 +119,13 @@ class Walk:
         return int(sum(len(t) for t in self.tables))
 
     def all_table_frames(self) -> np.ndarray:
-        return np.unique(np.concatenate(self.tables)) if self.tables else np.zeros(0, np.uint64)
+        return sorted_unique(np.concatenate(self.tables)) if self.tables else np.zeros(0, np.uint64)
 
     def kernel_half_table_frames(self) -> np.ndarray:
         """The table frames reached through top-level slots 256-511 (the root
         included): what a walk with top_slots=(256, 512) visits."""
         parts = [t[(h & HALF_KERNEL) != 0] for t, h in zip(self.tables, self.table_halves)]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+        return sorted_unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
 
     def alias_count(self) -> int:
         """How many reaches repeat another one instead of being walked."""
@@ -156,9 +156,9 @@ class Walk:
         seen[np.arange(len(a)), a_bin] = 1
         a_va, a_src = self._raw(a["va"]), self._raw(a["source"])
         r_va = self._raw(self.distinct["va"])
-        for level in np.unique(a["level"]):
+        for level in sorted_unique(a["level"]):
             at = np.flatnonzero(a["level"] == level)
-            sources, of_alias = np.unique(a_src[at], return_inverse=True)
+            sources, of_alias = sorted_unique(a_src[at], inverse=True)
             repeats = np.zeros((len(sources), width), dtype=np.int64)
             np.add.at(repeats, of_alias.reshape(-1), seen[at])
             reach = a["size"][at[0]]
@@ -223,15 +223,14 @@ class Walk:
         a_src = self._raw(a["source"])
         need = self._aliases_reaching(lo, hi)
         if by_pa is False:
-            records = _coalesce_within(records, np.union1d(half, _edges(a_src[need], a["size"][need])), by_pa=False)
-        for level in np.unique(a["level"][need])[::-1]:
+            records = _coalesce_within(records, _edges(a_src[need], a["size"][need], half), by_pa=False)
+        for level in sorted_unique(a["level"][need])[::-1]:
             at = need & (a["level"] == level)
             records, origin = self._copy_reaches(records, origin, a_src[at], self._raw(a["va"][at]), a["size"][at])
             if origin is None:
                 # Keep the source reaches still to copy whole: coalesce up to their edges only.
                 later = need & (a["level"] < level)
-                records = _coalesce_within(records, np.union1d(half, _edges(a_src[later], a["size"][later])),
-                                           by_pa=by_pa)
+                records = _coalesce_within(records, _edges(a_src[later], a["size"][later], half), by_pa=by_pa)
         if by_pa is not None:
             records = _coalesce_within(records, half, by_pa=by_pa)
         whole = (lo, hi) == (0, 1 << self.geometry.va_bits)
@@ -247,7 +246,7 @@ class Walk:
         a_va, a_src = self._raw(a["va"]), self._raw(a["source"])
         need = np.zeros(len(a), dtype=bool)
         want_lo, want_hi = np.array([lo], np.uint64), np.array([hi], np.uint64)
-        for level in np.unique(a["level"]):
+        for level in sorted_unique(a["level"]):
             hit = (a["level"] == level) & _overlaps(a_va, a_va + a["size"], want_lo, want_hi)
             need |= hit
             want_lo = np.concatenate((want_lo, a_src[hit]))
@@ -357,8 +356,40 @@ def _holder(starts: np.ndarray, reach: np.uint64, va: np.ndarray) -> tuple[np.nd
     return inside, window
 
 
-def _edges(start: np.ndarray, size: np.ndarray) -> np.ndarray:
-    return np.unique(np.concatenate((start, start + size)))
+def _edges(start: np.ndarray, size: np.ndarray, *more: np.ndarray) -> np.ndarray:
+    """The starts and ends of the reaches [start, start + size), with more addresses, sorted and distinct."""
+    return sorted_unique(np.concatenate((start, start + size, *more)))
+
+
+def sorted_unique(values: np.ndarray, *, first: bool = False, inverse: bool = False,
+                  counts: bool = False) -> np.ndarray | tuple[np.ndarray, ...]:
+    """np.unique() of a 1-D array: the distinct values, sorted, and as asked
+    the index of each one's first occurrence, each value's index among them
+    and how often each occurs. np.unique asks np.ma.is_masked(), whose
+    import of numpy.ma costs every `ptilab dump` ~12 ms of start-up."""
+    if not (first or inverse or counts):
+        ordered = np.sort(values)
+        return ordered[_starts_of_equal(ordered)]
+    order = np.argsort(values, kind="stable")  # stable: the first of equal values is the first occurrence
+    ordered = values[order]
+    new = _starts_of_equal(ordered)
+    out = [ordered[new]]
+    if first:
+        out.append(order[new])
+    if inverse:
+        out.append(np.empty(len(values), np.intp))
+        out[-1][order] = np.cumsum(new) - 1
+    if counts:
+        out.append(np.diff(np.append(np.flatnonzero(new), len(values))))
+    return tuple(out)
+
+
+def _starts_of_equal(ordered: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of a sorted array starts."""
+    new = np.empty(len(ordered), dtype=bool)
+    new[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    return new
 
 
 def _overlaps(lo: np.ndarray, hi: np.ndarray, want_lo: np.ndarray, want_hi: np.ndarray) -> np.ndarray:
@@ -498,8 +529,8 @@ class _Found:
     def visit_tables(self, mem: PhysicalMemory, rows: _Rows, name: str) -> tuple[_Rows, np.ndarray]:
         """Note the level's distinct tables and drop the rows whose table lies
         outside memory; rows' table becomes an index into the distinct frames."""
-        distinct, inverse = np.unique(rows.table, return_inverse=True)
-        rows = _Rows(rows.va, inverse.reshape(-1), rows.eff, rows.weight, rows.halves)
+        distinct, inverse = sorted_unique(rows.table, inverse=True)
+        rows = _Rows(rows.va, inverse, rows.eff, rows.weight, rows.halves)
         refs = np.bincount(rows.table, weights=rows.weight, minlength=len(distinct)).astype(np.int64)
         inside = mem.frames_present(distinct)
         if not inside.all():
@@ -523,8 +554,7 @@ class _Found:
         (ESPfix points thousands of entries at a handful of tables): keep
         the first, and record the others as aliases naming it as source."""
         key = rows.table.astype(np.int64) * 8 + rows.eff
-        _, source, of_row, members = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
-        of_row = of_row.reshape(-1)
+        _, source, of_row, members = sorted_unique(key, first=True, inverse=True, counts=True)
         if len(source) == len(key):
             return rows
         alias = np.ones(len(key), dtype=bool)
@@ -537,7 +567,7 @@ class _Found:
         out["level"] = bits.depth - 1
         self.alias_parts.append(out)
         shared = source[members > 1]
-        self.barriers = np.union1d(self.barriers, _edges(rows.va[shared], np.full(len(shared), reach)))
+        self.barriers = _edges(rows.va[shared], np.full(len(shared), reach), self.barriers)
         weight = np.bincount(of_row, weights=rows.weight, minlength=len(source)).astype(np.int64)
         halves = np.zeros(len(source), dtype=np.uint8)
         np.bitwise_or.at(halves, of_row, rows.halves)
@@ -566,9 +596,9 @@ class _Found:
                 below.append(next_rows)
             if bad.any():
                 bad_count += int((bad.sum(axis=1) * batch.weight).sum())
-                bad_values.append(np.unique(ent[bad]))
+                bad_values.append(sorted_unique(ent[bad]))
         if bad_count:
-            values = np.unique(np.concatenate(bad_values))
+            values = sorted_unique(np.concatenate(bad_values))
             self.anomalies.append(Anomaly("reserved-bits", bits.name, tuple(int(x) for x in values[:16]), bad_count,
                                           f"{bad_count} {bits.name} entr(ies) have reserved bits set "
                                           f"(a real MMU faults with PFEC.RSVD); not followed"))
@@ -693,7 +723,7 @@ def _tables_at_several_levels(geometry: Geometry, tables: list[np.ndarray]) -> l
     found = []
     for depth in range(1, len(tables)):
         for upper in range(depth):
-            both = np.intersect1d(tables[upper], tables[depth])
+            both = np.intersect1d(tables[upper], tables[depth], assume_unique=True)
             if len(both):
                 found.append(Anomaly(
                     "table-at-several-levels", geometry.names[depth], tuple(int(x) for x in both[:16]), len(both),
