@@ -453,11 +453,13 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
                 f"the tables alias far beyond any real kernel")
         rows, decoded_records = found.decode_level(data, rows, bits, geometry, top_slots)
         records += decoded_records
-        if records:
+        if len(records) > 1:
             joined = np.concatenate(records)
-            if len(records) > 1:
-                joined = joined[np.argsort(joined["va"], kind="stable")]
+            joined = _whole(joined)[np.argsort(joined["va"], kind="stable")].view(RANGE_DTYPE)
             found.per_depth.append(_coalesce_within(joined, found.barriers))
+        elif records:
+            # Coalesced already (a batch by _decode_batch, whole tables by _run_records): coalescing is idempotent.
+            found.per_depth.append(records[0])
     return found.walk(geometry, cr3, max_entries)
 
 
@@ -594,9 +596,9 @@ class _Found:
                 records.append(rec)
             if next_rows is not None:
                 below.append(next_rows)
-            if bad.any():
-                bad_count += int((bad.sum(axis=1) * batch.weight).sum())
-                bad_values.append(sorted_unique(ent[bad]))
+            if len(bad):
+                bad_count += int(batch.weight[bad >> 9].sum())
+                bad_values.append(sorted_unique(ent.reshape(-1)[bad]))
         if bad_count:
             values = sorted_unique(np.concatenate(bad_values))
             self.anomalies.append(Anomaly("reserved-bits", bits.name, tuple(int(x) for x in values[:16]), bad_count,
@@ -606,10 +608,10 @@ class _Found:
 
     def walk(self, geometry: Geometry, cr3: CR3, max_entries: int) -> Walk:
         ranges = np.concatenate(self.per_depth) if self.per_depth else np.zeros(0, RANGE_DTYPE)
-        ranges = ranges[np.argsort(ranges["va"], kind="stable")]
+        ranges = _whole(ranges)[np.argsort(ranges["va"], kind="stable")].view(RANGE_DTYPE)
         ranges["va"] = _canonical(ranges["va"], geometry)
         aliases = np.concatenate(self.alias_parts) if self.alias_parts else np.zeros(0, ALIAS_DTYPE)
-        aliases = aliases[np.argsort(aliases["va"], kind="stable")]
+        aliases = _whole(aliases)[np.argsort(aliases["va"], kind="stable")].view(ALIAS_DTYPE)
         aliases["va"] = _canonical(aliases["va"], geometry)
         aliases["source"] = _canonical(aliases["source"], geometry)
         self.anomalies.extend(_tables_at_several_levels(geometry, self.tables))
@@ -620,45 +622,124 @@ class _Found:
 def _decode_batch(ent: np.ndarray, rows: _Rows, bits: _LevelBits,
                   barriers: np.ndarray) -> tuple[np.ndarray | None, _Rows | None, np.ndarray]:
     """One batch of tables (rows x 512 entries): its records, the rows one
-    level down, and which entries fault on reserved bits (not followed)."""
+    level down, and where (flat positions) entries fault on reserved bits
+    (not followed). Records come out coalesced as _coalesce_within() would
+    coalesce one record per emitted entry (see _batch_items)."""
     u64 = np.uint64
-    va = rows.va[:, None] + (np.arange(512, dtype=u64) << u64(bits.shift))
-    present = (ent & u64(e.P)) != 0
-    bad = present & ((ent & bits.reserved_high) != 0)
-    if bits.last:
-        leaf = present
-    elif bits.leaf_allowed:
-        leaf = present & ((ent & u64(e.PS)) != 0)
-        bad |= leaf & ((ent & bits.large_low) != 0)
-    else:
-        bad |= present & ((ent & u64(e.PS)) != 0)
-        leaf = np.zeros_like(present)
-    leaf &= ~bad
-    eff = _effective(rows.eff[:, None], ent)
+    flat = ent.reshape(-1)
+    cuts = _cuts(rows, bits, barriers)
+    at = _batch_items(flat, cuts)
+    d = _decode_entries(flat[at], rows.eff[at >> 9], bits)
+    join = _joins(d.emit, d.prot, d.eff, d.pa, u64(1 << bits.shift))
+    join[np.searchsorted(at, cuts)] = False
     records = None
-    emit = leaf | ~present | bad
-    if emit.any():
-        rec = np.empty(int(emit.sum()), dtype=RANGE_DTYPE)
-        ent_e = ent[emit]
-        rec["va"] = va[emit]
-        rec["size"] = u64(1 << bits.shift)
-        rec["pa"] = np.where(leaf[emit], ent_e & bits.leaf_mask, u64(0))
+    first = np.flatnonzero(~join)  # a run, or a descended entry, begins at each
+    run = first[d.emit[first]]
+    if len(run):
+        ends = np.append(at[first[1:]], len(flat))[d.emit[first]]
+        rec = np.empty(len(run), dtype=RANGE_DTYPE)
+        rec["va"] = _entry_va(at[run], rows, bits)
+        rec["size"] = (ends - at[run]).astype(u64) << u64(bits.shift)
+        rec["pa"] = d.pa[run]
         rec["level"] = bits.depth
-        # A faulting entry shows as a hole: hardware maps nothing there.
-        rec["prot"] = np.where(bad[emit], u64(0), ent_e & u64(e.FLAGS_MASK))
-        rec["eff"] = np.where(ent_e == 0, np.uint8(0), eff[emit])
-        records = _coalesce_within(rec, barriers)
-    descend = present & ~leaf & ~bad
-    if bits.last or not descend.any():
-        return records, None, bad
-    if bits.depth == 0:
-        halves = np.where(np.arange(512) < 256, np.uint8(HALF_USER), np.uint8(HALF_KERNEL))[None, :]
+        rec["prot"] = d.prot[run]
+        rec["eff"] = d.eff[run]
+        records = rec
+    bad_at = at[d.bad]
+    descend = np.flatnonzero(~d.emit)
+    if bits.last or not len(descend):
+        return records, None, bad_at
+    pos = at[descend]
+    row = pos >> 9
+    halves = (np.where((pos & 511) < 256, np.uint8(HALF_USER), np.uint8(HALF_KERNEL)) if bits.depth == 0
+              else rows.halves[row])
+    below = _Rows(_entry_va(pos, rows, bits), (flat[pos] & bits.table_mask) >> u64(e.PAGE_SHIFT),
+                  d.eff[descend], rows.weight[row], halves)
+    return records, below, bad_at
+
+
+@dataclass
+class _Decoded:
+    """Entries as the walk sees them: a record's fields, or a table to descend to (emit False)."""
+
+    emit: np.ndarray  # a record: a leaf, a hole or a faulting entry
+    bad: np.ndarray  # reserved bits set: shown as a hole, never followed
+    prot: np.ndarray  # the record's flags (0 for a faulting entry)
+    pa: np.ndarray  # the leaf's frame address (0 if not a leaf)
+    eff: np.ndarray  # the rights along the walk (0 for a zero entry)
+
+
+def _decode_entries(v: np.ndarray, parent_eff: np.ndarray, bits: _LevelBits) -> _Decoded:
+    """Decode entries v of the level bits, each under its table's rights parent_eff."""
+    u64 = np.uint64
+    present = (v & u64(e.P)) != 0
+    bad = present & ((v & bits.reserved_high) != 0)
+    if bits.last:
+        leaf = present & ~bad
+    elif bits.leaf_allowed:
+        leaf = present & ((v & u64(e.PS)) != 0)
+        bad |= leaf & ((v & bits.large_low) != 0)
+        leaf &= ~bad
     else:
-        halves = rows.halves[:, None]
-    below = _Rows(va[descend], (ent[descend] & bits.table_mask) >> u64(e.PAGE_SHIFT), eff[descend],
-                  np.broadcast_to(rows.weight[:, None], descend.shape)[descend],
-                  np.broadcast_to(halves, descend.shape)[descend])
-    return records, below, bad
+        bad |= present & ((v & u64(e.PS)) != 0)
+        leaf = np.zeros_like(present)
+    eff = _effective(parent_eff, v)
+    eff[v == 0] = 0
+    # A faulting entry shows as a hole: hardware maps nothing there.
+    return _Decoded(leaf | ~present | bad, bad, np.where(bad, u64(0), v & u64(e.FLAGS_MASK)),
+                    np.where(leaf, v & bits.leaf_mask, u64(0)), eff)
+
+
+def _batch_items(flat: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    """Where the batch's items start (flat positions, ascending): an item is
+    one present entry, or a run of equal non-present entries of one row up
+    to the next cut (see _cuts). The entries of such a run decode alike and
+    always join, so coalescing items gives what coalescing entries gives,
+    for a cost in items (the cpu_entry_area's 1M PTEs are ~150 000 items:
+    zeros, and guard pages whose entries repeat)."""
+    begins = np.empty(len(flat), dtype=bool)
+    begins[0] = True
+    np.not_equal(flat[1:], flat[:-1], out=begins[1:])
+    begins |= (flat & np.uint64(e.P)) != 0
+    begins[::512] = True  # a row's rights differ from the next row's
+    begins[cuts] = True
+    return np.flatnonzero(begins)
+
+
+def _cuts(rows: _Rows, bits: _LevelBits, barriers: np.ndarray) -> np.ndarray:
+    """Flat positions of the entries no record may join to the one before:
+    the first entry of a row not adjacent to the row before (the batch's
+    first included) and the entries at an address in barriers."""
+    u64 = np.uint64
+    reach = u64(512 << bits.shift)
+    apart = np.flatnonzero(np.concatenate(([True], rows.va[1:] != rows.va[:-1] + reach))) * 512
+    row = np.searchsorted(rows.va, barriers, side="right") - 1
+    inside = row >= 0
+    row = row[inside]
+    offset = barriers[inside] - rows.va[row]
+    hit = (offset < reach) & ((offset & u64((1 << bits.shift) - 1)) == 0)
+    at = row[hit] * 512 + (offset[hit] >> u64(bits.shift)).astype(np.intp)
+    return np.concatenate((apart, at))
+
+
+def _joins(emit: np.ndarray, prot: np.ndarray, eff: np.ndarray, pa: np.ndarray, stride: np.uint64) -> np.ndarray:
+    """Whether each item joins the one before it (_coalesce_within's rule;
+    the caller clears it at the cuts): both records, the same flags and
+    rights, and a present one's frame right after the one before's."""
+    join = np.empty(len(emit), dtype=bool)
+    join[0] = False
+    j = join[1:]
+    np.logical_and(emit[1:], emit[:-1], out=j)
+    j &= prot[1:] == prot[:-1]
+    j &= eff[1:] == eff[:-1]
+    present = (prot[1:] & np.uint64(e.P)) != 0
+    j &= ~present | (pa[1:] == pa[:-1] + stride)
+    return join
+
+
+def _entry_va(pos: np.ndarray, rows: _Rows, bits: _LevelBits) -> np.ndarray:
+    """The raw virtual address of the entries at flat positions pos of the batch."""
+    return rows.va[pos >> 9] + ((pos & 511).astype(np.uint64) << np.uint64(bits.shift))
 
 
 def _effective(parent_eff: np.ndarray, ent: np.ndarray) -> np.ndarray:
