@@ -320,26 +320,32 @@ def coalesce(r: np.ndarray, by_pa: bool = True) -> np.ndarray:
 
 def _coalesce_within(r: np.ndarray, barriers: np.ndarray | None, by_pa: bool = True) -> np.ndarray:
     """coalesce(), but never joining at an address in barriers (sorted): a
-    source reach stays a self-contained slice that aliases can copy."""
+    source reach stays a self-contained slice that aliases can copy.
+    r must be sorted by va."""
     if len(r) <= 1:
         return r
-    va, size = r["va"], r["size"]
-    join = (va[1:] == va[:-1] + size[:-1])
+    va, size, prot = r["va"], r["size"], r["prot"]
+    join = va[1:] == va[:-1] + size[:-1]
     join &= r["level"][1:] == r["level"][:-1]
-    join &= r["prot"][1:] == r["prot"][:-1]
+    join &= prot[1:] == prot[:-1]
     join &= r["eff"][1:] == r["eff"][:-1]
     if by_pa:
-        present = (r["prot"][1:] & e.P) != 0
-        join &= ~present | (r["pa"][1:] == r["pa"][:-1] + size[:-1])
+        join &= ((prot[1:] & np.uint64(e.P)) == 0) | (r["pa"][1:] == r["pa"][:-1] + size[:-1])
     if barriers is not None and len(barriers):
-        at = np.minimum(np.searchsorted(barriers, va[1:]), len(barriers) - 1)
-        join &= barriers[at] != va[1:]
-    starts = np.flatnonzero(np.concatenate(([True], ~join)))
-    if len(starts) == len(r):
+        # Look the few barriers up among the records, not every record among the barriers.
+        at = np.searchsorted(va, barriers)
+        hit = at < len(r)
+        hit[hit] = va[at[hit]] == barriers[hit]
+        at = at[hit]
+        join[at[at > 0] - 1] = False
+    if not join.any():
         return r
-    last = np.concatenate((starts[1:], [len(r)])) - 1
-    out = _whole(r)[starts].view(r.dtype)
-    out["size"] = va[last] + size[last] - va[starts]
+    starts = np.flatnonzero(np.concatenate(([True], ~join)))
+    last = np.append(starts[1:], len(r)) - 1
+    out = np.take(_whole(r), starts).view(r.dtype)
+    grown = np.flatnonzero(last != starts)  # only these change size: gather just them from the strided fields
+    tail = last[grown]
+    out["size"][grown] = va[tail] + size[tail] - out["va"][grown]
     return out
 
 
