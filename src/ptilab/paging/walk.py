@@ -160,7 +160,7 @@ class Walk:
             at = np.flatnonzero(a["level"] == level)
             sources, of_alias = sorted_unique(a_src[at], inverse=True)
             repeats = np.zeros((len(sources), width), dtype=np.int64)
-            np.add.at(repeats, of_alias.reshape(-1), seen[at])
+            np.add.at(repeats, of_alias, seen[at])
             reach = a["size"][at[0]]
             deeper = np.flatnonzero(a["level"] > level)
             inside, window = _holder(sources, reach, a_va[deeper])
