@@ -28,7 +28,7 @@ from bench._timing import child_env, load_line, time_rows  # noqa: E402
 BUDGET = 0.1
 BASELINE = "python -c pass (baseline)"
 DUMP_IMPORTS = ("import ptilab.cli, ptilab.memory.images, ptilab.memory.vmcoreinfo, ptilab.linux.paging_mode, "
-                "ptilab.paging, ptilab.audit.checks, ptilab.formats.qemu, numpy.ma")
+                "ptilab.paging, ptilab.audit.checks, ptilab.formats.qemu")
 ROWS = {
     BASELINE: ["-c", "pass"],
     "import click": ["-c", "import click"],

@@ -36,8 +36,8 @@ from ptilab.formats.textfile import lines_of, read_lines
 from ptilab.paging import EFF_RW, EFF_US, Walk
 from ptilab.paging import entry as e
 
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-_NIBBLES = np.arange(60, -4, -4, dtype=np.uint64)
+# Each byte's two hex digits as one 2-byte item: a gather per byte, not per nibble.
+_HEX_PAIRS = np.frombuffer(b"".join(f"{b:02x}".encode() for b in range(256)), dtype=np.uint16)
 _QEMU_FRAME = 0x3_FFFF_FFFF_F000  # bits 12..49: QEMU assumes 50-bit physical addresses
 _TLB_LETTERS = ((e.NX, "X"), (e.G, "G"), (e.PS, "P"), (e.D, "D"), (e.A, "A"), (e.PCD, "C"), (e.PWT, "T"),
                 (e.US, "U"), (e.RW, "W"))
@@ -46,15 +46,22 @@ TLB_DTYPE = np.dtype([("va", "<u8"), ("pa", "<u8"), ("flags", "U9")])
 
 def _hex16(values: np.ndarray) -> np.ndarray:
     """(n, 16) ASCII bytes of %016lx."""
-    return _HEX[((values[:, None] >> _NIBBLES) & np.uint64(15)).astype(np.intp)]
+    big_endian = np.asarray(values, dtype=">u8").view(np.uint8)  # most significant byte first
+    return _HEX_PAIRS[big_endian].view(np.uint8).reshape(len(values), 16)
 
 
 def _text(columns: list[np.ndarray | bytes]) -> str:
     """Glue per-line byte columns (arrays of shape (n, k), or constant bytes) into lines."""
     n = next(len(c) for c in columns if isinstance(c, np.ndarray))
-    parts = [c if isinstance(c, np.ndarray) else np.broadcast_to(np.frombuffer(c, np.uint8), (n, len(c)))
-             for c in columns]
-    return np.concatenate(parts, axis=1).tobytes().decode("ascii") if n else ""
+    if not n:
+        return ""
+    widths = [c.shape[1] if isinstance(c, np.ndarray) else len(c) for c in columns]
+    lines = np.empty((n, sum(widths)), dtype=np.uint8)
+    at = 0
+    for column, width in zip(columns, widths):
+        lines[:, at:at + width] = column if isinstance(column, np.ndarray) else np.frombuffer(column, np.uint8)
+        at += width
+    return str(lines.data, "ascii")  # decoded in place: no bytes copy
 
 
 def _canonical(values: np.ndarray, bits: int) -> np.ndarray:
@@ -76,17 +83,18 @@ def format_info_mem(w: Walk, *, qemu_la57_bug: bool = True) -> str:
     present = (r["prot"] & np.uint64(e.P)) != 0
     if w.geometry.levels == 5 and qemu_la57_bug:
         absent_large = ~present & ((r["prot"] & np.uint64(e.PS)) != 0) & (r["level"] == w.geometry.depth_of("pud"))
-        r = r[absent_large & ((r["eff"] & np.uint8(EFF_US | EFF_RW)) != 0)]
+        shown = absent_large & ((r["eff"] & np.uint8(EFF_US | EFF_RW)) != 0)
     else:
-        r = r[present]
-    if not len(r):
+        shown = present
+    if not shown.any():
         return ""
-    start = r["va"] & mask
-    end = start + r["size"]
-    rights = r["eff"] & np.uint8(EFF_US | EFF_RW)
+    # Only the three fields printed: selecting whole records moves every field.
+    start = r["va"][shown] & mask
+    end = start + r["size"][shown]
+    rights = r["eff"][shown] & np.uint8(EFF_US | EFF_RW)
     join = (start[1:] == end[:-1]) & (rights[1:] == rights[:-1])
     first = np.flatnonzero(np.concatenate(([True], ~join)))
-    last = np.concatenate((first[1:], [len(r)])) - 1
+    last = np.concatenate((first[1:], [len(start)])) - 1
     s, t, rights = start[first], end[last], rights[first]
     return format_info_mem_rows(_canonical(s, bits), _canonical(t, bits), _canonical(t - s, bits),
                                 (rights & EFF_US) != 0, (rights & EFF_RW) != 0)

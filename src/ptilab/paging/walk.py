@@ -119,13 +119,13 @@ class Walk:
         return int(sum(len(t) for t in self.tables))
 
     def all_table_frames(self) -> np.ndarray:
-        return np.unique(np.concatenate(self.tables)) if self.tables else np.zeros(0, np.uint64)
+        return sorted_unique(np.concatenate(self.tables)) if self.tables else np.zeros(0, np.uint64)
 
     def kernel_half_table_frames(self) -> np.ndarray:
         """The table frames reached through top-level slots 256-511 (the root
         included): what a walk with top_slots=(256, 512) visits."""
         parts = [t[(h & HALF_KERNEL) != 0] for t, h in zip(self.tables, self.table_halves)]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+        return sorted_unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
 
     def alias_count(self) -> int:
         """How many reaches repeat another one instead of being walked."""
@@ -156,11 +156,11 @@ class Walk:
         seen[np.arange(len(a)), a_bin] = 1
         a_va, a_src = self._raw(a["va"]), self._raw(a["source"])
         r_va = self._raw(self.distinct["va"])
-        for level in np.unique(a["level"]):
+        for level in sorted_unique(a["level"]):
             at = np.flatnonzero(a["level"] == level)
-            sources, of_alias = np.unique(a_src[at], return_inverse=True)
+            sources, of_alias = sorted_unique(a_src[at], inverse=True)
             repeats = np.zeros((len(sources), width), dtype=np.int64)
-            np.add.at(repeats, of_alias.reshape(-1), seen[at])
+            np.add.at(repeats, of_alias, seen[at])
             reach = a["size"][at[0]]
             deeper = np.flatnonzero(a["level"] > level)
             inside, window = _holder(sources, reach, a_va[deeper])
@@ -223,15 +223,14 @@ class Walk:
         a_src = self._raw(a["source"])
         need = self._aliases_reaching(lo, hi)
         if by_pa is False:
-            records = _coalesce_within(records, np.union1d(half, _edges(a_src[need], a["size"][need])), by_pa=False)
-        for level in np.unique(a["level"][need])[::-1]:
+            records = _coalesce_within(records, _edges(a_src[need], a["size"][need], half), by_pa=False)
+        for level in sorted_unique(a["level"][need])[::-1]:
             at = need & (a["level"] == level)
             records, origin = self._copy_reaches(records, origin, a_src[at], self._raw(a["va"][at]), a["size"][at])
             if origin is None:
                 # Keep the source reaches still to copy whole: coalesce up to their edges only.
                 later = need & (a["level"] < level)
-                records = _coalesce_within(records, np.union1d(half, _edges(a_src[later], a["size"][later])),
-                                           by_pa=by_pa)
+                records = _coalesce_within(records, _edges(a_src[later], a["size"][later], half), by_pa=by_pa)
         if by_pa is not None:
             records = _coalesce_within(records, half, by_pa=by_pa)
         whole = (lo, hi) == (0, 1 << self.geometry.va_bits)
@@ -247,7 +246,7 @@ class Walk:
         a_va, a_src = self._raw(a["va"]), self._raw(a["source"])
         need = np.zeros(len(a), dtype=bool)
         want_lo, want_hi = np.array([lo], np.uint64), np.array([hi], np.uint64)
-        for level in np.unique(a["level"]):
+        for level in sorted_unique(a["level"]):
             hit = (a["level"] == level) & _overlaps(a_va, a_va + a["size"], want_lo, want_hi)
             need |= hit
             want_lo = np.concatenate((want_lo, a_src[hit]))
@@ -321,26 +320,32 @@ def coalesce(r: np.ndarray, by_pa: bool = True) -> np.ndarray:
 
 def _coalesce_within(r: np.ndarray, barriers: np.ndarray | None, by_pa: bool = True) -> np.ndarray:
     """coalesce(), but never joining at an address in barriers (sorted): a
-    source reach stays a self-contained slice that aliases can copy."""
+    source reach stays a self-contained slice that aliases can copy.
+    r must be sorted by va."""
     if len(r) <= 1:
         return r
-    va, size = r["va"], r["size"]
-    join = (va[1:] == va[:-1] + size[:-1])
+    va, size, prot = r["va"], r["size"], r["prot"]
+    join = va[1:] == va[:-1] + size[:-1]
     join &= r["level"][1:] == r["level"][:-1]
-    join &= r["prot"][1:] == r["prot"][:-1]
+    join &= prot[1:] == prot[:-1]
     join &= r["eff"][1:] == r["eff"][:-1]
     if by_pa:
-        present = (r["prot"][1:] & e.P) != 0
-        join &= ~present | (r["pa"][1:] == r["pa"][:-1] + size[:-1])
+        join &= ((prot[1:] & np.uint64(e.P)) == 0) | (r["pa"][1:] == r["pa"][:-1] + size[:-1])
     if barriers is not None and len(barriers):
-        at = np.minimum(np.searchsorted(barriers, va[1:]), len(barriers) - 1)
-        join &= barriers[at] != va[1:]
-    starts = np.flatnonzero(np.concatenate(([True], ~join)))
-    if len(starts) == len(r):
+        # Look the few barriers up among the records, not every record among the barriers.
+        at = np.searchsorted(va, barriers)
+        hit = at < len(r)
+        hit[hit] = va[at[hit]] == barriers[hit]
+        at = at[hit]
+        join[at[at > 0] - 1] = False
+    if not join.any():
         return r
-    last = np.concatenate((starts[1:], [len(r)])) - 1
-    out = _whole(r)[starts].view(r.dtype)
-    out["size"] = va[last] + size[last] - va[starts]
+    starts = np.flatnonzero(np.concatenate(([True], ~join)))
+    last = np.append(starts[1:], len(r)) - 1
+    out = np.take(_whole(r), starts).view(r.dtype)
+    grown = np.flatnonzero(last != starts)  # only these change size: gather just them from the strided fields
+    tail = last[grown]
+    out["size"][grown] = va[tail] + size[tail] - out["va"][grown]
     return out
 
 
@@ -357,8 +362,40 @@ def _holder(starts: np.ndarray, reach: np.uint64, va: np.ndarray) -> tuple[np.nd
     return inside, window
 
 
-def _edges(start: np.ndarray, size: np.ndarray) -> np.ndarray:
-    return np.unique(np.concatenate((start, start + size)))
+def _edges(start: np.ndarray, size: np.ndarray, *more: np.ndarray) -> np.ndarray:
+    """The starts and ends of the reaches [start, start + size), with more addresses, sorted and distinct."""
+    return sorted_unique(np.concatenate((start, start + size, *more)))
+
+
+def sorted_unique(values: np.ndarray, *, first: bool = False, inverse: bool = False,
+                  counts: bool = False) -> np.ndarray | tuple[np.ndarray, ...]:
+    """np.unique() of a 1-D array: the distinct values, sorted, and as asked
+    the index of each one's first occurrence, each value's index among them
+    and how often each occurs. np.unique asks np.ma.is_masked(), whose
+    import of numpy.ma costs every `ptilab dump` ~12 ms of start-up."""
+    if not (first or inverse or counts):
+        ordered = np.sort(values)
+        return ordered[_starts_of_equal(ordered)]
+    order = np.argsort(values, kind="stable")  # stable: the first of equal values is the first occurrence
+    ordered = values[order]
+    new = _starts_of_equal(ordered)
+    out = [ordered[new]]
+    if first:
+        out.append(order[new])
+    if inverse:
+        out.append(np.empty(len(values), np.intp))
+        out[-1][order] = np.cumsum(new) - 1
+    if counts:
+        out.append(np.diff(np.append(np.flatnonzero(new), len(values))))
+    return tuple(out)
+
+
+def _starts_of_equal(ordered: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of a sorted array starts."""
+    new = np.empty(len(ordered), dtype=bool)
+    new[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    return new
 
 
 def _overlaps(lo: np.ndarray, hi: np.ndarray, want_lo: np.ndarray, want_hi: np.ndarray) -> np.ndarray:
@@ -422,11 +459,13 @@ def walk(mem: PhysicalMemory, cr3: CR3 | int, geometry: Geometry, *,
                 f"the tables alias far beyond any real kernel")
         rows, decoded_records = found.decode_level(data, rows, bits, geometry, top_slots)
         records += decoded_records
-        if records:
+        if len(records) > 1:
             joined = np.concatenate(records)
-            if len(records) > 1:
-                joined = joined[np.argsort(joined["va"], kind="stable")]
+            joined = _whole(joined)[np.argsort(joined["va"], kind="stable")].view(RANGE_DTYPE)
             found.per_depth.append(_coalesce_within(joined, found.barriers))
+        elif records:
+            # Coalesced already (a batch by _decode_batch, whole tables by _run_records): coalescing is idempotent.
+            found.per_depth.append(records[0])
     return found.walk(geometry, cr3, max_entries)
 
 
@@ -498,8 +537,8 @@ class _Found:
     def visit_tables(self, mem: PhysicalMemory, rows: _Rows, name: str) -> tuple[_Rows, np.ndarray]:
         """Note the level's distinct tables and drop the rows whose table lies
         outside memory; rows' table becomes an index into the distinct frames."""
-        distinct, inverse = np.unique(rows.table, return_inverse=True)
-        rows = _Rows(rows.va, inverse.reshape(-1), rows.eff, rows.weight, rows.halves)
+        distinct, inverse = sorted_unique(rows.table, inverse=True)
+        rows = _Rows(rows.va, inverse, rows.eff, rows.weight, rows.halves)
         refs = np.bincount(rows.table, weights=rows.weight, minlength=len(distinct)).astype(np.int64)
         inside = mem.frames_present(distinct)
         if not inside.all():
@@ -523,8 +562,7 @@ class _Found:
         (ESPfix points thousands of entries at a handful of tables): keep
         the first, and record the others as aliases naming it as source."""
         key = rows.table.astype(np.int64) * 8 + rows.eff
-        _, source, of_row, members = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
-        of_row = of_row.reshape(-1)
+        _, source, of_row, members = sorted_unique(key, first=True, inverse=True, counts=True)
         if len(source) == len(key):
             return rows
         alias = np.ones(len(key), dtype=bool)
@@ -537,7 +575,7 @@ class _Found:
         out["level"] = bits.depth - 1
         self.alias_parts.append(out)
         shared = source[members > 1]
-        self.barriers = np.union1d(self.barriers, _edges(rows.va[shared], np.full(len(shared), reach)))
+        self.barriers = _edges(rows.va[shared], np.full(len(shared), reach), self.barriers)
         weight = np.bincount(of_row, weights=rows.weight, minlength=len(source)).astype(np.int64)
         halves = np.zeros(len(source), dtype=np.uint8)
         np.bitwise_or.at(halves, of_row, rows.halves)
@@ -564,11 +602,11 @@ class _Found:
                 records.append(rec)
             if next_rows is not None:
                 below.append(next_rows)
-            if bad.any():
-                bad_count += int((bad.sum(axis=1) * batch.weight).sum())
-                bad_values.append(np.unique(ent[bad]))
+            if len(bad):
+                bad_count += int(batch.weight[bad >> 9].sum())
+                bad_values.append(sorted_unique(ent.reshape(-1)[bad]))
         if bad_count:
-            values = np.unique(np.concatenate(bad_values))
+            values = sorted_unique(np.concatenate(bad_values))
             self.anomalies.append(Anomaly("reserved-bits", bits.name, tuple(int(x) for x in values[:16]), bad_count,
                                           f"{bad_count} {bits.name} entr(ies) have reserved bits set "
                                           f"(a real MMU faults with PFEC.RSVD); not followed"))
@@ -576,10 +614,10 @@ class _Found:
 
     def walk(self, geometry: Geometry, cr3: CR3, max_entries: int) -> Walk:
         ranges = np.concatenate(self.per_depth) if self.per_depth else np.zeros(0, RANGE_DTYPE)
-        ranges = ranges[np.argsort(ranges["va"], kind="stable")]
+        ranges = _whole(ranges)[np.argsort(ranges["va"], kind="stable")].view(RANGE_DTYPE)
         ranges["va"] = _canonical(ranges["va"], geometry)
         aliases = np.concatenate(self.alias_parts) if self.alias_parts else np.zeros(0, ALIAS_DTYPE)
-        aliases = aliases[np.argsort(aliases["va"], kind="stable")]
+        aliases = _whole(aliases)[np.argsort(aliases["va"], kind="stable")].view(ALIAS_DTYPE)
         aliases["va"] = _canonical(aliases["va"], geometry)
         aliases["source"] = _canonical(aliases["source"], geometry)
         self.anomalies.extend(_tables_at_several_levels(geometry, self.tables))
@@ -590,45 +628,124 @@ class _Found:
 def _decode_batch(ent: np.ndarray, rows: _Rows, bits: _LevelBits,
                   barriers: np.ndarray) -> tuple[np.ndarray | None, _Rows | None, np.ndarray]:
     """One batch of tables (rows x 512 entries): its records, the rows one
-    level down, and which entries fault on reserved bits (not followed)."""
+    level down, and where (flat positions) entries fault on reserved bits
+    (not followed). Records come out coalesced as _coalesce_within() would
+    coalesce one record per emitted entry (see _batch_items)."""
     u64 = np.uint64
-    va = rows.va[:, None] + (np.arange(512, dtype=u64) << u64(bits.shift))
-    present = (ent & u64(e.P)) != 0
-    bad = present & ((ent & bits.reserved_high) != 0)
-    if bits.last:
-        leaf = present
-    elif bits.leaf_allowed:
-        leaf = present & ((ent & u64(e.PS)) != 0)
-        bad |= leaf & ((ent & bits.large_low) != 0)
-    else:
-        bad |= present & ((ent & u64(e.PS)) != 0)
-        leaf = np.zeros_like(present)
-    leaf &= ~bad
-    eff = _effective(rows.eff[:, None], ent)
+    flat = ent.reshape(-1)
+    cuts = _cuts(rows, bits, barriers)
+    at = _batch_items(flat, cuts)
+    d = _decode_entries(flat[at], rows.eff[at >> 9], bits)
+    join = _joins(d.emit, d.prot, d.eff, d.pa, u64(1 << bits.shift))
+    join[np.searchsorted(at, cuts)] = False
     records = None
-    emit = leaf | ~present | bad
-    if emit.any():
-        rec = np.empty(int(emit.sum()), dtype=RANGE_DTYPE)
-        ent_e = ent[emit]
-        rec["va"] = va[emit]
-        rec["size"] = u64(1 << bits.shift)
-        rec["pa"] = np.where(leaf[emit], ent_e & bits.leaf_mask, u64(0))
+    first = np.flatnonzero(~join)  # a run, or a descended entry, begins at each
+    run = first[d.emit[first]]
+    if len(run):
+        ends = np.append(at[first[1:]], len(flat))[d.emit[first]]
+        rec = np.empty(len(run), dtype=RANGE_DTYPE)
+        rec["va"] = _entry_va(at[run], rows, bits)
+        rec["size"] = (ends - at[run]).astype(u64) << u64(bits.shift)
+        rec["pa"] = d.pa[run]
         rec["level"] = bits.depth
-        # A faulting entry shows as a hole: hardware maps nothing there.
-        rec["prot"] = np.where(bad[emit], u64(0), ent_e & u64(e.FLAGS_MASK))
-        rec["eff"] = np.where(ent_e == 0, np.uint8(0), eff[emit])
-        records = _coalesce_within(rec, barriers)
-    descend = present & ~leaf & ~bad
-    if bits.last or not descend.any():
-        return records, None, bad
-    if bits.depth == 0:
-        halves = np.where(np.arange(512) < 256, np.uint8(HALF_USER), np.uint8(HALF_KERNEL))[None, :]
+        rec["prot"] = d.prot[run]
+        rec["eff"] = d.eff[run]
+        records = rec
+    bad_at = at[d.bad]
+    descend = np.flatnonzero(~d.emit)
+    if bits.last or not len(descend):
+        return records, None, bad_at
+    pos = at[descend]
+    row = pos >> 9
+    halves = (np.where((pos & 511) < 256, np.uint8(HALF_USER), np.uint8(HALF_KERNEL)) if bits.depth == 0
+              else rows.halves[row])
+    below = _Rows(_entry_va(pos, rows, bits), (flat[pos] & bits.table_mask) >> u64(e.PAGE_SHIFT),
+                  d.eff[descend], rows.weight[row], halves)
+    return records, below, bad_at
+
+
+@dataclass
+class _Decoded:
+    """Entries as the walk sees them: a record's fields, or a table to descend to (emit False)."""
+
+    emit: np.ndarray  # a record: a leaf, a hole or a faulting entry
+    bad: np.ndarray  # reserved bits set: shown as a hole, never followed
+    prot: np.ndarray  # the record's flags (0 for a faulting entry)
+    pa: np.ndarray  # the leaf's frame address (0 if not a leaf)
+    eff: np.ndarray  # the rights along the walk (0 for a zero entry)
+
+
+def _decode_entries(v: np.ndarray, parent_eff: np.ndarray, bits: _LevelBits) -> _Decoded:
+    """Decode entries v of the level bits, each under its table's rights parent_eff."""
+    u64 = np.uint64
+    present = (v & u64(e.P)) != 0
+    bad = present & ((v & bits.reserved_high) != 0)
+    if bits.last:
+        leaf = present & ~bad
+    elif bits.leaf_allowed:
+        leaf = present & ((v & u64(e.PS)) != 0)
+        bad |= leaf & ((v & bits.large_low) != 0)
+        leaf &= ~bad
     else:
-        halves = rows.halves[:, None]
-    below = _Rows(va[descend], (ent[descend] & bits.table_mask) >> u64(e.PAGE_SHIFT), eff[descend],
-                  np.broadcast_to(rows.weight[:, None], descend.shape)[descend],
-                  np.broadcast_to(halves, descend.shape)[descend])
-    return records, below, bad
+        bad |= present & ((v & u64(e.PS)) != 0)
+        leaf = np.zeros_like(present)
+    eff = _effective(parent_eff, v)
+    eff[v == 0] = 0
+    # A faulting entry shows as a hole: hardware maps nothing there.
+    return _Decoded(leaf | ~present | bad, bad, np.where(bad, u64(0), v & u64(e.FLAGS_MASK)),
+                    np.where(leaf, v & bits.leaf_mask, u64(0)), eff)
+
+
+def _batch_items(flat: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    """Where the batch's items start (flat positions, ascending): an item is
+    one present entry, or a run of equal non-present entries of one row up
+    to the next cut (see _cuts). The entries of such a run decode alike and
+    always join, so coalescing items gives what coalescing entries gives,
+    for a cost in items (the cpu_entry_area's 1M PTEs are ~150 000 items:
+    zeros, and guard pages whose entries repeat)."""
+    begins = np.empty(len(flat), dtype=bool)
+    begins[0] = True
+    np.not_equal(flat[1:], flat[:-1], out=begins[1:])
+    begins |= (flat & np.uint64(e.P)) != 0
+    begins[::512] = True  # a row's rights differ from the next row's
+    begins[cuts] = True
+    return np.flatnonzero(begins)
+
+
+def _cuts(rows: _Rows, bits: _LevelBits, barriers: np.ndarray) -> np.ndarray:
+    """Flat positions of the entries no record may join to the one before:
+    the first entry of a row not adjacent to the row before (the batch's
+    first included) and the entries at an address in barriers."""
+    u64 = np.uint64
+    reach = u64(512 << bits.shift)
+    apart = np.flatnonzero(np.concatenate(([True], rows.va[1:] != rows.va[:-1] + reach))) * 512
+    row = np.searchsorted(rows.va, barriers, side="right") - 1
+    inside = row >= 0
+    row = row[inside]
+    offset = barriers[inside] - rows.va[row]
+    hit = (offset < reach) & ((offset & u64((1 << bits.shift) - 1)) == 0)
+    at = row[hit] * 512 + (offset[hit] >> u64(bits.shift)).astype(np.intp)
+    return np.concatenate((apart, at))
+
+
+def _joins(emit: np.ndarray, prot: np.ndarray, eff: np.ndarray, pa: np.ndarray, stride: np.uint64) -> np.ndarray:
+    """Whether each item joins the one before it (_coalesce_within's rule;
+    the caller clears it at the cuts): both records, the same flags and
+    rights, and a present one's frame right after the one before's."""
+    join = np.empty(len(emit), dtype=bool)
+    join[0] = False
+    j = join[1:]
+    np.logical_and(emit[1:], emit[:-1], out=j)
+    j &= prot[1:] == prot[:-1]
+    j &= eff[1:] == eff[:-1]
+    present = (prot[1:] & np.uint64(e.P)) != 0
+    j &= ~present | (pa[1:] == pa[:-1] + stride)
+    return join
+
+
+def _entry_va(pos: np.ndarray, rows: _Rows, bits: _LevelBits) -> np.ndarray:
+    """The raw virtual address of the entries at flat positions pos of the batch."""
+    return rows.va[pos >> 9] + ((pos & 511).astype(np.uint64) << np.uint64(bits.shift))
 
 
 def _effective(parent_eff: np.ndarray, ent: np.ndarray) -> np.ndarray:
@@ -693,7 +810,7 @@ def _tables_at_several_levels(geometry: Geometry, tables: list[np.ndarray]) -> l
     found = []
     for depth in range(1, len(tables)):
         for upper in range(depth):
-            both = np.intersect1d(tables[upper], tables[depth])
+            both = np.intersect1d(tables[upper], tables[depth], assume_unique=True)
             if len(both):
                 found.append(Anomaly(
                     "table-at-several-levels", geometry.names[depth], tuple(int(x) for x in both[:16]), len(both),
