@@ -13,6 +13,7 @@ import numpy as np
 
 from ptilab.paging import entry as e
 from ptilab.paging.geometry import Geometry
+from ptilab.paging.walk import sorted_unique
 
 
 class WritableMemory(Protocol):
@@ -119,7 +120,7 @@ def _tables_below(mem: WritableMemory, geometry: Geometry, vas: np.ndarray, slot
                   may_create: bool, created: list[tuple[int, int, int]]) -> np.ndarray:
     """The table each va's entry at slot points at; a missing one becomes a placeholder."""
     heads = np.flatnonzero(np.append(True, slots[1:] != slots[:-1]))  # consecutive vas mostly share a slot
-    distinct, first, inverse = np.unique(slots[heads], return_index=True, return_inverse=True)
+    distinct, first, inverse = sorted_unique(slots[heads], first=True, inverse=True)
     below = np.empty(len(distinct), dtype=np.uint64)
     for j, slot in enumerate(distinct.tolist()):
         if slot & (NEW | MISSING):
