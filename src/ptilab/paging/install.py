@@ -82,16 +82,26 @@ def entry_slots(mem: WritableMemory, geometry: Geometry, pgd: int, vas: np.ndarr
     whose tables are missing gets NO_SLOT. Each table is looked at once per
     batch, not once per va."""
     vas = np.asarray(vas, dtype=np.uint64)
-    tables = np.full(len(vas), pgd, dtype=np.uint64)
-    created: list[tuple[int, int, int]] = []  # (first va index, depth, parent slot) of each table to make
+    # The vas of a run under one table at depth share every table above: the
+    # levels above are resolved for the first va of each run only.
+    table_of = vas >> np.uint64(geometry.shift(depth) + 9)
+    runs = np.flatnonzero(np.append(True, table_of[1:] != table_of[:-1]))
+    heads = vas[runs]
+    tables = np.full(len(heads), pgd, dtype=np.uint64)
+    created: list[tuple[int, int, int]] = []  # (first run, depth, parent slot) of each table to make
     for d in range(depth):
-        slots = tables + (((vas >> np.uint64(geometry.shift(d))) & np.uint64(0x1FF)) << np.uint64(3))
-        tables = _tables_below(mem, geometry, vas, slots, d, alloc is not None, created)
-    slots = tables + (((vas >> np.uint64(geometry.shift(depth))) & np.uint64(0x1FF)) << np.uint64(3))
+        tables = _tables_below(mem, geometry, heads, tables + _index8(heads, geometry, d), d, alloc is not None,
+                               created)
     if created:
-        slots = _resolve(slots, _create(mem, created, alloc, table_flags))
+        tables = _resolve(tables, _create(mem, created, alloc, table_flags))
+    slots = np.repeat(tables, np.diff(np.append(runs, len(vas)))) + _index8(vas, geometry, depth)
     slots[(slots & _MISSING) != 0] = NO_SLOT
     return slots
+
+
+def _index8(vas: np.ndarray, geometry: Geometry, depth: int) -> np.ndarray:
+    """Each va's entry offset (index * 8) in its table at depth."""
+    return ((vas >> np.uint64(geometry.shift(depth))) & np.uint64(0x1FF)) << np.uint64(3)
 
 
 def install_entries(mem: WritableMemory, geometry: Geometry, pgd: int, vas: np.ndarray, values: np.ndarray,
@@ -119,7 +129,7 @@ NO_SLOT = np.uint64((1 << 64) - 1)
 def _tables_below(mem: WritableMemory, geometry: Geometry, vas: np.ndarray, slots: np.ndarray, depth: int,
                   may_create: bool, created: list[tuple[int, int, int]]) -> np.ndarray:
     """The table each va's entry at slot points at; a missing one becomes a placeholder."""
-    heads = np.flatnonzero(np.append(True, slots[1:] != slots[:-1]))  # consecutive vas mostly share a slot
+    heads = np.flatnonzero(np.append(True, slots[1:] != slots[:-1]))  # consecutive runs mostly share a slot
     distinct, first, inverse = sorted_unique(slots[heads], first=True, inverse=True)
     below = np.empty(len(distinct), dtype=np.uint64)
     for j, slot in enumerate(distinct.tolist()):
