@@ -22,7 +22,7 @@ from ptilab.memory.simulated import SimulatedRAM
 from ptilab.paging import entry as e
 from ptilab.paging.cr3 import CR3
 from ptilab.paging.geometry import Geometry
-from ptilab.paging.install import entry_address, install_entries, map_page
+from ptilab.paging.install import AllocTable, entry_address, install_entries, map_page
 from ptilab.linux.profiles import CPU_ENTRY_AREA_MAP_SIZE, ESPFIX_BASE_ADDR, RIGHTS, START_KERNEL_MAP, Piece, Profile
 
 
@@ -110,7 +110,7 @@ class Kernel:
     def symbol_pa(self, name: str) -> int:
         return PHYS_START + SYMBOLS[name]
 
-    def percpu_pa(self, cpu, backing: str):
+    def percpu_pa(self, cpu: int | np.ndarray, backing: str) -> int | np.ndarray:
         """Physical address of a per-CPU variable ('exception_stacks+0x2000' style);
         of each CPU's copy when cpu is a uint64 array."""
         var, _, off = backing.partition("+")
@@ -191,7 +191,7 @@ class Kernel:
         step = self.area_ptes(0, unit_step)
         return lambda cpus: cpu0 + step * np.asarray(cpus, dtype=np.uint64)[..., None]
 
-    def cpu_area_ptes(self, cpus) -> np.ndarray:
+    def cpu_area_ptes(self, cpus: int | np.ndarray) -> np.ndarray:
         """The whole area of a CPU (or a row per CPU of an array) as setup_cpu_entry_area() writes it."""
         if self._area_stamp is None:
             self._area_stamp = self.area_stamp(self.cea_ptes)
@@ -224,7 +224,7 @@ class Kernel:
         self.ram.write_entries(pa, values)
         self.writes[(owner, self.alloc.phase)] += int(np.count_nonzero(values))
 
-    def install(self, owner: str, pgd: int, vas: np.ndarray, ptes: np.ndarray, alloc) -> None:
+    def install(self, owner: str, pgd: int, vas: np.ndarray, ptes: np.ndarray, alloc: AllocTable) -> None:
         """Write ptes as the PTEs for vas under pgd, in order, making missing
         tables with alloc; counted one write per non-zero entry."""
         install_entries(self.ram, self.geometry, pgd, vas, ptes, self.geometry.levels - 1, alloc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from ptilab.errors import FrameOutsideMemory
@@ -93,7 +95,7 @@ class SimulatedRAM(PhysicalMemory):
             raise FrameOutsideMemory(int(slots.max()))
 
     @staticmethod
-    def _by_frame(slots: np.ndarray):
+    def _by_frame(slots: np.ndarray) -> Iterator[tuple[int, np.ndarray, int, int]]:
         """(frame number, entry indices, lo, hi) for each run slots[lo:hi] in one frame."""
         if not len(slots):
             return
