@@ -15,26 +15,16 @@ PAGE_DTYPE = np.dtype([("va", "<u8"), ("pa", "<u8"), ("eff", "u1"), ("glb", "?")
 
 def pages(walk: Walk, start: int, end: int) -> np.ndarray:
     """Every present 4 KiB page of the walk inside [start, end), vectorised."""
-    # Inclusive last bytes: a range ending at the top of the address space
-    # would overflow u64 with an exclusive end.
-    last_wanted = np.uint64(min(end, 1 << 64) - 1)
-    r = walk.ranges_within(start, end)  # expands only the aliases that reach the window
-    r = r[(r["prot"] & np.uint64(e.P)) != 0]
-    last = r["va"] + (r["size"] - np.uint64(1))
-    r = r[(last >= np.uint64(start)) & (r["va"] <= last_wanted)]
-    if not len(r):
-        return np.zeros(0, PAGE_DTYPE)
-    lo = np.maximum(r["va"], np.uint64(start))
-    hi = np.minimum(r["va"] + (r["size"] - np.uint64(1)), last_wanted)
-    counts = (((hi - lo) >> np.uint64(12)) + np.uint64(1)).astype(np.int64)
+    r = _present(walk, start, end)
+    counts = (((r["last"] - r["first"]) >> np.uint64(12)) + np.uint64(1)).astype(np.int64)
     owner = np.repeat(np.arange(len(r)), counts)
     first = np.repeat(np.cumsum(counts) - counts, counts)
     step = (np.arange(counts.sum()) - first).astype(np.uint64) << np.uint64(12)
     out = np.empty(len(owner), PAGE_DTYPE)
-    out["va"] = lo[owner] + step
-    out["pa"] = r["pa"][owner] + (lo[owner] - r["va"][owner]) + step
+    out["va"] = r["first"][owner] + step
+    out["pa"] = r["pa"][owner] + step
     out["eff"] = r["eff"][owner]
-    out["glb"] = (r["prot"][owner] & np.uint64(e.G)) != 0
+    out["glb"] = r["glb"][owner]
     return out
 
 
@@ -68,9 +58,8 @@ def diff(user: Walk, kernel: Walk, start: int, end: int) -> list[Divergence]:
     # Four sorted runs: a stable (merging) sort is near linear on them.
     first = np.sort(np.concatenate((u["first"], u["last"] + np.uint64(1), k["first"], k["last"] + np.uint64(1))),
                     kind="stable")
-    first = first[np.append(True, first[1:] != first[:-1]) & (first >= np.uint64(start))
-                  & (first <= np.uint64(end - 1))]
-    last = np.append(first[1:] - np.uint64(1), np.uint64(end - 1))
+    first = first[np.append(True, first[1:] != first[:-1]) & (first >= np.uint64(start)) & (first <= _last_byte(end))]
+    last = np.append(first[1:] - np.uint64(1), _last_byte(end))
     in_u, u_at = _covering(u, first)
     in_k, k_at = _covering(k, first)
     code = np.zeros(len(first), np.int8)  # index into DIVERGENCE_KINDS
@@ -96,22 +85,29 @@ def diff(user: Walk, kernel: Walk, start: int, end: int) -> list[Divergence]:
                 k_rights[starts].tolist())]
 
 
-_PRESENT_DTYPE = np.dtype([("first", "<u8"), ("last", "<u8"), ("pa", "<u8"), ("eff", "u1")])
+_PRESENT_DTYPE = np.dtype([("first", "<u8"), ("last", "<u8"), ("pa", "<u8"), ("eff", "u1"), ("glb", "?")])
 
 
 def _present(walk: Walk, start: int, end: int) -> np.ndarray:
     """The walk's present leaf ranges clipped to [start, end): first and last
-    byte (inclusive: a range may end at the top of the space), the frame at first."""
-    r = walk.ranges_within(start, end)
+    byte (inclusive: a range ending at the top of the address space would
+    overflow u64 with an exclusive end), the frame at first."""
+    last_wanted = _last_byte(end)
+    r = walk.ranges_within(start, end)  # expands only the aliases that reach the window
     r = r[(r["prot"] & np.uint64(e.P)) != 0]
     last = r["va"] + (r["size"] - np.uint64(1))
-    r, last = (x[(last >= np.uint64(start)) & (r["va"] <= np.uint64(end - 1))] for x in (r, last))
+    r, last = (x[(last >= np.uint64(start)) & (r["va"] <= last_wanted)] for x in (r, last))
     out = np.empty(len(r), _PRESENT_DTYPE)
     out["first"] = np.maximum(r["va"], np.uint64(start))
-    out["last"] = np.minimum(last, np.uint64(end - 1))
+    out["last"] = np.minimum(last, last_wanted)
     out["pa"] = r["pa"] + (out["first"] - r["va"])
     out["eff"] = r["eff"]
+    out["glb"] = (r["prot"] & np.uint64(e.G)) != 0
     return out
+
+
+def _last_byte(end: int) -> np.uint64:
+    return np.uint64(min(end, 1 << 64) - 1)
 
 
 def _covering(view: np.ndarray, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -22,9 +22,8 @@ from ptilab.memory.simulated import SimulatedRAM
 from ptilab.paging import entry as e
 from ptilab.paging.cr3 import CR3
 from ptilab.paging.geometry import Geometry
-from ptilab.paging.install import AllocTable, entry_address, install_entries, map_page
+from ptilab.paging.install import AllocTable, entry_address, install_entries, map_page, page_vas
 from ptilab.linux.profiles import CPU_ENTRY_AREA_MAP_SIZE, ESPFIX_BASE_ADDR, RIGHTS, START_KERNEL_MAP, Piece, Profile
-
 
 
 class PtiHooks(Protocol):
@@ -103,7 +102,7 @@ class Kernel:
         self.espfix_page_random = 35
         self.espfix_slot_random = 0
         self.mm_kernel_pgd = self.mm_user_pgd = 0
-        self._area_stamp: Callable[[int], np.ndarray] | None = None
+        self._area_stamp: Callable[[int | np.ndarray], np.ndarray] | None = None
         design.attach(self)
 
     # -- addresses ---------------------------------------------------------
@@ -171,7 +170,8 @@ class Kernel:
                 out[first:first + piece.pages] = ptes
         return out
 
-    def area_stamp(self, ptes_of: Callable[[Piece, int], np.ndarray | None]) -> Callable[[np.ndarray], np.ndarray]:
+    def area_stamp(self, ptes_of: Callable[[Piece, int], np.ndarray | None]
+                   ) -> Callable[[int | np.ndarray], np.ndarray]:
         """cpus -> a row of area_ptes(cpu, lambda piece: ptes_of(piece, cpu)) per
         CPU (one row for a single cpu), the pieces walked once, not once per CPU.
 
@@ -287,7 +287,6 @@ class Kernel:
         self.design.on_ap_offline(cpu)
         self.alloc.cpu = None
 
-
     def _map(self, va: int, pa: int, flags: int, shift: int, purpose: str, pgd: int | None = None,
              table_flags: int = e.KERNPG_TABLE) -> None:
         map_page(self.ram, self.geometry, self.kernel_pgd if pgd is None else pgd, va, pa, flags,
@@ -318,14 +317,14 @@ class Kernel:
 
     def _map_area_header(self) -> None:
         for piece in self.profile.header:
-            self.set_pte_vaddr(self.piece_va(piece, None) + _page_offsets(piece.pages), self.cea_ptes(piece, None))
+            self.set_pte_vaddr(page_vas([self.piece_va(piece, None)], piece.pages).ravel(), self.cea_ptes(piece, None))
         if self.profile.header:
             self.design.on_area_ready(None, np.array([self.area_base], dtype=np.uint64), self.profile.first_cpu_offset)
 
     def _setup_cpu_entry_areas(self, cpus: np.ndarray) -> None:
         """setup_cpu_entry_area() for each of cpus in turn, then the design's hook once."""
         starts = self.cpu_bases(cpus)
-        vas = starts[:, None] + _page_offsets(self.profile.stride // e.PAGE_SIZE)
+        vas = page_vas(starts, self.profile.stride // e.PAGE_SIZE)
         self.set_pte_vaddr(vas.ravel(), self.cpu_area_ptes(cpus).ravel())
         self.design.on_area_ready(cpus, starts, self.profile.stride)
 
@@ -393,10 +392,6 @@ class Kernel:
         for i in range(256):
             if user[i]:
                 self.write("kernel", self.mm_kernel_pgd + 8 * i, int(user[i]) | e.NX)
-
-
-def _page_offsets(pages: int) -> np.ndarray:
-    return np.arange(pages, dtype=np.uint64) << np.uint64(e.PAGE_SHIFT)
 
 
 def init_cea_offsets(profile: Profile, nr_cpus: int, kaslr: bool, seed: int) -> np.ndarray:

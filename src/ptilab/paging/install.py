@@ -104,6 +104,11 @@ def _index8(vas: np.ndarray, geometry: Geometry, depth: int) -> np.ndarray:
     return ((vas >> np.uint64(geometry.shift(depth))) & np.uint64(0x1FF)) << np.uint64(3)
 
 
+def page_vas(starts: np.ndarray, pages: int) -> np.ndarray:
+    """The addresses of pages consecutive 4 KiB pages from each of starts, a row per start."""
+    return np.asarray(starts, dtype=np.uint64)[:, None] + (np.arange(pages, dtype=np.uint64) << np.uint64(e.PAGE_SHIFT))
+
+
 def install_entries(mem: WritableMemory, geometry: Geometry, pgd: int, vas: np.ndarray, values: np.ndarray,
                     depth: int, alloc: AllocTable, table_flags: int = e.KERNPG_TABLE) -> None:
     """Write values as the entries at depth for vas (distinct addresses), creating missing tables."""
@@ -153,14 +158,13 @@ def _tables_below(mem: WritableMemory, geometry: Geometry, vas: np.ndarray, slot
 def _create(mem: WritableMemory, created: list[tuple[int, int, int]], alloc: AllocTable,
             table_flags: int) -> np.ndarray:
     """Allocate the placeholders' tables in one-at-a-time order and link them; their addresses."""
-    pas = [0] * len(created)
+    pas = np.zeros(len(created), dtype=np.uint64)
     for n in sorted(range(len(created)), key=lambda n: created[n][:2]):
         pas[n] = alloc()
-    for n, (_, _, parent) in enumerate(created):
-        if parent & NEW:  # under a table of this batch, allocated above
-            parent = pas[(parent & ~NEW) >> e.PAGE_SHIFT] + (parent & (e.PAGE_SIZE - 1))
-        mem.write_entry(parent, pas[n] | table_flags)
-    return np.array(pas, dtype=np.uint64)
+    parents = _resolve(np.array([parent for _, _, parent in created], dtype=np.uint64), pas)
+    for parent, pa in zip(parents.tolist(), pas.tolist()):
+        mem.write_entry(parent, pa | table_flags)
+    return pas
 
 
 def _resolve(slots: np.ndarray, pas: np.ndarray) -> np.ndarray:

@@ -19,7 +19,6 @@ def get_design(name: str) -> Design:
         raise UsageError(f"unknown design {name!r}; choose one of: {', '.join(DESIGNS)}") from None
 
 
-
 def boot(profile: str | Profile = "linux-6.1", design: str | Design = "linux", cpus: int = 4,
          levels: int = 4, kaslr: bool = True, seed: int = 0) -> Kernel:
     """Boot a modelled kernel with a PTI design; the public entry point.

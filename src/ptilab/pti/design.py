@@ -13,7 +13,7 @@ import numpy as np
 
 from ptilab.memory.allocators import Allocator
 from ptilab.paging import entry as e
-from ptilab.paging.install import entry_address
+from ptilab.paging.install import entry_address, page_vas
 
 if TYPE_CHECKING:
     from ptilab.linux.kernel import Kernel
@@ -68,7 +68,7 @@ class Design:
         first = nonzero.argmax(axis=1)[:, None]
         last = ptes.shape[1] - 1 - nonzero[:, ::-1].argmax(axis=1)[:, None]
         keep = nonzero.any(axis=1)[:, None] & (pages >= first) & (pages <= last)
-        vas = starts[:, None] + (pages.astype(np.uint64) << np.uint64(e.PAGE_SHIFT))
+        vas = page_vas(starts, ptes.shape[1])
         self.k.install(self.name, self.k.user_pgd, vas[keep], ptes[keep], self._user_alloc(purpose))
 
     def _counting(self, alloc):

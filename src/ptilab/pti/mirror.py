@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ptilab.paging import entry as e
-from ptilab.paging.install import read_entries
+from ptilab.paging.install import page_vas, read_entries
 from ptilab.pti.design import Design
 
 
@@ -18,7 +18,7 @@ class MirrorDesign(Design):
 
     def on_area_ready(self, cpus: np.ndarray | None, starts: np.ndarray, size: int) -> None:
         k = self.k
-        vas = starts[:, None] + (np.arange(size // e.PAGE_SIZE, dtype=np.uint64) << np.uint64(e.PAGE_SHIFT))
+        vas = page_vas(starts, size // e.PAGE_SIZE)
         # Page by page in effect, PAGE_NONE entries too (perf may make them present later).
         ptes = read_entries(k.ram, k.geometry, k.kernel_pgd, vas.ravel(), k.geometry.levels - 1)
         self.set_user_ptes(starts, ptes.reshape(vas.shape), "user pte table for cpu_entry_area")
