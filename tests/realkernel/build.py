@@ -202,7 +202,10 @@ tar -cf - * | gzip -1 > /tmp/oracle.tgz
 cat /tmp/oracle.tgz > /dev/ttyS1
 echo "@@PTILAB-ORACLE $(wc -c < /tmp/oracle.tgz) bytes, uptime $(cut -d' ' -f1 /proc/uptime)"
 echo "@@PTILAB-READY $n busy loops, uptime $(cut -d' ' -f1 /proc/uptime)"
-while :; do sleep 1000; done
+# wait is a builtin and the busy loops never end: no process starts after the
+# oracle listed the tasks, so the CPU the host freezes in user mode runs one of them
+# (a `sleep` here once put a fresh, unlisted mm on that CPU at the freeze)
+while :; do wait; done
 """
 
 # gcc-12 stands in for the compiler a kernel was built with (bullseye: gcc-10,
