@@ -122,6 +122,8 @@ def inputs(tmp_path, monkeypatch) -> Path:
     (tmp_path / "truncated.elf").write_bytes(whole[:-5000])
     (tmp_path / "garbage.elf").write_bytes(b"\x7fELF" + bytes(range(7, 207)))
     (tmp_path / "cut.elf").write_bytes(whole[:40])
+    (tmp_path / "magic.elf").write_bytes(whole[:4])  # DEL E L F is printable enough to pass for text
+    (tmp_path / "magic.lime").write_bytes(b"EMiL")
     (tmp_path / "headers-only.elf").write_bytes(whole[:64])
     write_elf_core(tmp_path / "overlap.elf", [(0, _tiny_tables()), (0x1000, b"\x01" * 4096)],
                    [qemu_cpu_note(cr3=PGD, cs=0x33)])
@@ -190,6 +192,8 @@ REFUSALS = [
     (["audit", "tiny.img", "--cr3", "1000"], "less than one 4 KiB frame"),
     (["audit", "garbage.elf"], "garbage.elf: not a readable ELF core"),
     (["audit", "cut.elf"], "cut.elf: 40 bytes, cut inside its ELF header (64 bytes): truncated"),
+    (["audit", "magic.elf"], "magic.elf: 4 bytes, cut inside its ELF header (64 bytes): truncated"),
+    (["dump", "magic.lime", "--cr3", "1000"], "not a 32-byte LiME header: truncated"),
     (["audit", "headers-only.elf"], "its program-header table (2 entries at file offset 0x40) runs past the end of the file (0x40 bytes)"),
     (["audit", "overlap.elf"], "overlap with different contents (from 0x1000): which one is memory is ambiguous"),
     (["audit", "notes.txt"], "notes.txt: text (it starts 'hello world'), not a memory image"),

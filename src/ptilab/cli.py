@@ -415,6 +415,7 @@ def _refuse_text_image(image: str) -> None:
     from ptilab.formats.textfile import SNIFF, check_text, describe_text
 
     from ptilab.files import open_input, require_image_file
+    from ptilab.memory.images import dump_format
 
     require_image_file(image)
     try:
@@ -422,8 +423,8 @@ def _refuse_text_image(image: str) -> None:
             head = f.read(SNIFF)
     except OSError:
         return  # open_image() says why
-    if not head:
-        return
+    if not head or dump_format(head):
+        return  # open_image() judges a dump by its header, however short
     try:
         check_text(head, image, "text")
     except InputError:

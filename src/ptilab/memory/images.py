@@ -29,10 +29,7 @@ def open_image(path: str | os.PathLike[str], base: int | None = None) -> Physica
     path = os.fspath(path)
     require_image_file(path)
     with open_input(path) as f:
-        magic = f.read(len(FLAT_SIGNATURE))
-    kind = ("an ELF core" if magic.startswith(ELF_MAGIC) else
-            "a kdump-compressed dump" if magic.startswith(KDUMP_SIGNATURE) or magic == FLAT_SIGNATURE else
-            "a LiME dump" if is_lime(magic) else None)
+        kind = dump_format(f.read(len(FLAT_SIGNATURE)))
     if kind and base is not None:
         raise UsageError(f"{path}: is {kind}, which carries its own physical addresses; "
                          f"a base applies only to raw images")
@@ -43,3 +40,13 @@ def open_image(path: str | os.PathLike[str], base: int | None = None) -> Physica
     if kind:
         return KdumpCompressed(path)
     return RawImage(path, 0 if base is None else base)
+
+
+def dump_format(head: bytes) -> str | None:
+    """Which dump format a file's first bytes announce ("an ELF core", "a
+    kdump-compressed dump", "a LiME dump"), or None for a raw image."""
+    if head.startswith(ELF_MAGIC):
+        return "an ELF core"
+    if head.startswith(KDUMP_SIGNATURE) or head.startswith(FLAT_SIGNATURE):
+        return "a kdump-compressed dump"
+    return "a LiME dump" if is_lime(head) else None
