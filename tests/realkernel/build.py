@@ -90,7 +90,8 @@ class Config:
     dumps: bool = False   # also kdump-compressed and makedumpfile dumps of the same memory
 
 
-SUITES = {"5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie"}    # Debian release of each series
+# Debian release of each series; forky is testing, whose kernel moves on (7.2 in November 2026)
+SUITES = {"5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie", "7.2": "forky"}
 FLAVOURS = {"generic": "amd64", "cloud": "cloud-amd64", "rt": "rt-amd64"}  # package name suffixes
 CONFIGS = {
     "pti-4level": Config("6.1", "generic", "pti=on nokaslr"),
@@ -110,6 +111,8 @@ CONFIGS = {
     "6.1-rt-pti-kaslr": Config("6.1", "rt", "pti=on noirqdebug"),
     "6.12-pti": Config("6.12", "generic", "pti=on nokaslr"),
     "6.12-pti-kaslr": Config("6.12", "generic", "pti=on"),
+    "7.2-pti": Config("7.2", "generic", "pti=on nokaslr"),
+    "7.2-pti-kaslr": Config("7.2", "generic", "pti=on"),
 }
 CPUS = 2
 MEMORY = "256M"
@@ -313,7 +316,10 @@ class Archive:
         r = self.root
         opts = {"Dir::Etc::SourceList": r / "sources.list", "Dir::Etc::SourceParts": r / "sources.list.d",
                 "Dir::State": r / "state", "Dir::State::Lists": r / "lists",
-                "Dir::State::status": r / "status", "Dir::Cache": r / "cache"}
+                "Dir::State::status": r / "status", "Dir::Cache": r / "cache",
+                # testing's Release files expire a week after signing: a mirror that has
+                # not synced since must still serve the kernel it holds
+                "Acquire::Check-Valid-Until": "false"}
         if os.geteuid() == 0:
             opts["APT::Sandbox::User"] = "root"  # _apt cannot write into the cache directories
         return [a for k, v in opts.items() for a in ("-o", f"{k}={v}")]
@@ -393,7 +399,8 @@ class Kernel:
 
     @property
     def vmlinuz(self) -> Path:
-        return self.root / "boot" / f"vmlinuz-{self.uname}"
+        boot = self.root / "boot" / f"vmlinuz-{self.uname}"
+        return boot if boot.exists() else self.root / "usr/lib/modules" / self.uname / "vmlinuz"  # 7.x
 
     @property
     def headers(self) -> Path:
@@ -410,6 +417,8 @@ def fetch_kernel(archive: Archive, cache: Path, release: str, flavour: str) -> K
     headers = f"linux-headers-{uname}"
     # -common[-rt] holds the headers, linux-kbuild-* the tools that build modules
     needed = [p for p in archive.depends(headers) if p.startswith(("linux-headers-", "linux-kbuild-"))]
+    # since 7.x linux-image-<abi> is a shell: vmlinuz is in linux-binary-<abi>, the modules in linux-modules-<abi>
+    needed += [p for p in archive.depends(image[0]) if p.startswith(("linux-binary-", "linux-modules-"))]
     debs = archive.download([image[0], headers, *needed])
     root = cache / "kernels" / uname
     for deb in debs:
@@ -417,7 +426,7 @@ def fetch_kernel(archive: Archive, cache: Path, release: str, flavour: str) -> K
     version = debs[0].name.split("_")[1]
     kernel = Kernel(release, flavour, uname, image[0], version, root)
     if not kernel.vmlinuz.exists():
-        raise Failure(f"{image[0]} holds no boot/vmlinuz-{uname}")
+        raise Failure(f"{image[0]} and its linux-binary- package hold no vmlinuz for {uname}")
     kernel.vmlinuz.chmod(0o644)  # Debian ships it 0600
     return kernel
 
@@ -430,9 +439,12 @@ def kbuild_tool_overrides(kernel: Kernel, archive: Archive, cache: Path) -> list
     kbuild = next(kernel.root.glob("usr/lib/linux-kbuild-*"), None)
     if kbuild is None:
         raise Failure(f"no linux-kbuild directory under {kernel.root}")
-    # Debian's modpost and objtool are dispatchers that exec modpost.real-lsb-64 / objtool.real-x86
-    tools = {"MODPOST": kbuild / "scripts/mod/modpost.real-lsb-64", "objtool": kbuild / "tools/objtool/objtool.real-x86"}
-    tools = {k: v if v.exists() else v.with_name(v.name.split(".")[0]) for k, v in tools.items()}
+    # Debian's modpost and objtool are dispatchers that exec modpost.real-lsb-64 / objtool.real-x86;
+    # 7.x ships objtool in the headers package, not in linux-kbuild-*
+    tools = {var: next((d / rel for d in (kbuild, kernel.headers) for rel in (real, real.split(".")[0])
+                        if (d / rel).exists()), kbuild / real)
+             for var, real in (("MODPOST", "scripts/mod/modpost.real-lsb-64"),
+                               ("objtool", "tools/objtool/objtool.real-x86"))}
     probe = subprocess.run([str(tools["MODPOST"])], capture_output=True, text=True)
     if "GLIBC_" not in probe.stderr:
         return []
@@ -470,10 +482,10 @@ def make_module(kernel: Kernel, archive: Archive, cache: Path, source: Path, nam
     ko = work / f"{name}.ko"
     if ko.exists() and ko.stat().st_mtime > max(f.stat().st_mtime for f in source.iterdir()):
         return ko
-    makefile = kernel.headers / "Makefile"  # Debian's includes /usr/src/linux-headers-*-common by absolute path
+    # Debian's names /usr/src/linux-headers-* by absolute path: the -common include, and since 7.x KBUILD_OUTPUT
+    makefile = kernel.headers / "Makefile"
     text = makefile.read_text()
-    if "include /usr/src/" in text:
-        makefile.write_text(text.replace("include /usr/src/", f"include {kernel.root}/usr/src/"))
+    makefile.write_text(re.sub(r"(^|[\s=])/usr/src/", rf"\g<1>{kernel.root}/usr/src/", text, flags=re.M))
     gcc = cache / "gcc-wrapper"
     if not gcc.exists() or gcc.read_text() != GCC_WRAPPER:
         gcc.write_text(GCC_WRAPPER)

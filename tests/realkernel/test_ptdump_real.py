@@ -8,7 +8,7 @@ import pytest
 from ptilab.formats.ptdump import format_walk, linux_markers
 from ptilab.linux.memory_layout import NOKASLR_BASES, has_espfix, layout_from_symbols, layout_from_tables
 from ptilab.paging import walk
-from tests.realkernel.conftest import real_kernel
+from tests.realkernel.conftest import PTI_CONFIGS, real_kernel
 
 
 def _user_text(config: str) -> str:
@@ -27,9 +27,7 @@ def test_a_five_level_boot_has_pgd_and_p4d_lines():
 
 
 # Every PTI fixture the kernel's own ptdump was taken on (the oracle module, see build.py).
-ORACLE_CONFIGS = ["pti-4level", "pti-5level", "pti-kaslr", "pti-auto-5level", "5.10-pti", "5.10-pti-kaslr",
-                  "6.1-cloud-pti", "6.1-cloud-pti-kaslr", "6.1-rt-pti", "6.1-rt-pti-kaslr", "6.12-pti",
-                  "6.12-pti-kaslr"]
+ORACLE_CONFIGS = PTI_CONFIGS
 
 
 def _oracle(config: str):

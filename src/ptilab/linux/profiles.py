@@ -4,7 +4,7 @@ Offsets are from each CPU's area. Sources: the seed (Dave Hansen's list,
 Nov 2017), Linux 4.15 arch/x86/include/asm/cpu_entry_area.h, Linux 6.1's
 as observed on a real Debian 6.1 kernel under QEMU (see DESIGN.md), and
 Linux 6.12's arch/x86/mm/cpu_entry_area.c (init_cea_offsets()), checked
-against a real Debian 6.12 boot (tests/realkernel).
+against real Debian 6.12 and 7.2 boots (tests/realkernel).
 """
 
 from __future__ import annotations
@@ -171,9 +171,9 @@ LINUX_6_1 = Profile(
     clone_cpu_tss_rw=True,
 )
 
-# 6.12: struct cpu_entry_area as in 6.1 (a real Debian 6.12 boot: the same
-# pieces, offsets, rights and stride), but since 6.2 each CPU's area sits at
-# get_cpu_entry_area() = CPU_ENTRY_AREA_PER_CPU + cea_offset(cpu) * stride.
+# 6.12: struct cpu_entry_area as in 6.1 (real Debian 6.12 and 7.2 boots: the
+# same pieces, offsets, rights and stride), but since 6.2 each CPU's area sits
+# at get_cpu_entry_area() = CPU_ENTRY_AREA_PER_CPU + cea_offset(cpu) * stride.
 LINUX_6_12 = replace(
     LINUX_6_1,
     name="linux-6.12",

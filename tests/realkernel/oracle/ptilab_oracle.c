@@ -3,11 +3,13 @@
  * ptilab_oracle: the kernel's own ptdump of one task's page tables, for the
  * real-kernel fixtures (tests/realkernel/build.py).
  *
- * Debian builds its kernels with CONFIG_PTDUMP_CORE but without
- * CONFIG_PTDUMP_DEBUGFS, so /sys/kernel/debug/page_tables/ is absent; the
- * walker itself, ptdump_walk_pgd_level_debugfs() in
- * arch/x86/mm/dump_pagetables.c, is built in and exported (GPL).  This module
- * calls it for the mm of the task given as `pid=` and shows, under
+ * Debian builds its kernels with CONFIG_PTDUMP_CORE (7.x: CONFIG_PTDUMP) but
+ * without CONFIG_PTDUMP_DEBUGFS, so /sys/kernel/debug/page_tables/ is absent;
+ * the walker itself, ptdump_walk_pgd_level_debugfs() in
+ * arch/x86/mm/dump_pagetables.c, is built in.  Up to 6.x it is exported (GPL);
+ * 7.x no longer exports it, so the module finds it as kprobes do, by name
+ * (register_kprobe() resolves kp.symbol_name), on every kernel alike.  This
+ * module calls it for the mm of the task given as `pid=` and shows, under
  * /sys/kernel/debug/ptilab_oracle/:
  *
  *   user    ptdump of that mm's user PGD (kernel_to_user_pgdp() under PTI),
@@ -20,6 +22,7 @@
  * next page (PTI_PGTABLE_SWITCH_BIT, bit 12).
  */
 #include <linux/debugfs.h>
+#include <linux/kprobes.h>
 #include <linux/module.h>
 #include <linux/mm.h>
 #include <linux/pid.h>
@@ -35,6 +38,20 @@ module_param(pid, int, 0444);
 MODULE_PARM_DESC(pid, "the task whose page tables user/kernel/task show");
 
 static struct dentry *dir;
+static void (*walk_debugfs)(struct seq_file *m, struct mm_struct *mm, bool user);
+
+/* The address of a built-in function by name, exported or not, or NULL. */
+static void *lookup(const char *name)
+{
+	struct kprobe kp = { .symbol_name = name };
+	void *addr;
+
+	if (register_kprobe(&kp) < 0)
+		return NULL;
+	addr = kp.addr;
+	unregister_kprobe(&kp);
+	return addr;
+}
 
 /* The mm of `pid`, with a reference held (mmput() it), or NULL. */
 static struct mm_struct *target_mm(struct task_struct **taskp)
@@ -61,7 +78,7 @@ static int show_walk(struct seq_file *m, bool user)
 
 	if (!mm)
 		return -ESRCH;
-	ptdump_walk_pgd_level_debugfs(m, mm, user);
+	walk_debugfs(m, mm, user);
 	mmput(mm);
 	put_task_struct(task);
 	return 0;
@@ -119,6 +136,11 @@ DEFINE_SHOW_ATTRIBUTE(tasks);
 
 static int __init oracle_init(void)
 {
+	walk_debugfs = lookup("ptdump_walk_pgd_level_debugfs");
+	if (!walk_debugfs) {
+		pr_err("ptilab_oracle: ptdump_walk_pgd_level_debugfs not found\n");
+		return -ENOENT;
+	}
 	dir = debugfs_create_dir("ptilab_oracle", NULL);
 	debugfs_create_file("user", 0400, dir, NULL, &user_fops);
 	debugfs_create_file("kernel", 0400, dir, NULL, &kernel_fops);

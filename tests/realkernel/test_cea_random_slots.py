@@ -1,4 +1,6 @@
-"""The linux-6.12 profile judged against Debian's 6.12 booted under QEMU, KASLR off and on.
+"""The linux-6.12 profile judged against every Debian kernel since 6.2 (6.12 and
+7.2) booted under QEMU, KASLR off and on: 7.2's struct cpu_entry_area and its
+init_cea_offsets() are 6.12's, so the one profile must match both.
 
 The real boot's user tables give each CPU's cpu_entry_area slot (6.2+:
 init_cea_offsets()); the model, booted with those very slots, must map the
@@ -15,13 +17,19 @@ from ptilab.pti import boot
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_MAP_SIZE, LINUX_6_12
 from ptilab.paging import walk
 from ptilab.paging.cr3 import CR3
-from tests.realkernel.conftest import RealKernel, real_kernel
+from tests.realkernel.build import CONFIGS
+from tests.realkernel.conftest import RealKernel, nokaslr_sibling, real_kernel
 
 AREA = (CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + CPU_ENTRY_AREA_MAP_SIZE)
+# 6.2 brought init_cea_offsets(): under KASLR each CPU's area sits at a random slot
+RANDOM_SLOT_CONFIGS = [c for c, spec in CONFIGS.items()
+                       if spec.pti and tuple(map(int, spec.release.split("."))) >= (6, 2)]
+RANDOM_SLOT_KASLR = [c for c in RANDOM_SLOT_CONFIGS if "nokaslr" not in CONFIGS[c].append.split()]
+RANDOM_SLOT_NOKASLR = [c for c in RANDOM_SLOT_CONFIGS if c not in RANDOM_SLOT_KASLR]
 
 
-@pytest.fixture(params=["6.12-pti", "6.12-pti-kaslr"])
-def kernel_6_12(request) -> RealKernel:
+@pytest.fixture(params=RANDOM_SLOT_CONFIGS)
+def booted(request) -> RealKernel:
     return real_kernel(request.param)
 
 
@@ -49,61 +57,63 @@ def boot_with_slots(monkeypatch, real: RealKernel, slots: list[int], design: str
     return boot("linux-6.12", design, cpus=len(real.meta["cpus"]), levels=real.geometry.levels)
 
 
-def test_fixture_is_debian_6_12_with_pti(kernel_6_12):
-    meta = kernel_6_12.meta
-    assert meta["kernel_release"].startswith("6.12") and meta["pti"]
-    assert "Kernel/User page tables isolation: enabled" in (kernel_6_12.path / "dmesg.txt").read_text()
+def test_fixture_is_the_debian_release_it_names_with_pti(booted):
+    meta = booted.meta
+    assert meta["kernel_release"].startswith(CONFIGS[booted.config].release + ".") and meta["pti"]
+    assert "Kernel/User page tables isolation: enabled" in (booted.path / "dmesg.txt").read_text()
 
 
-def test_each_cpu_has_its_slot_and_the_idt_stays_at_the_base(kernel_6_12):
-    real = pages(walk(kernel_6_12.mem, kernel_6_12.cpu()["cr3"], kernel_6_12.geometry), *AREA)
+def test_each_cpu_has_its_slot_and_the_idt_stays_at_the_base(booted):
+    real = pages(walk(booted.mem, booted.cpu()["cr3"], booted.geometry), *AREA)
     slots = real_slots(real)
     assert int(real["va"][0]) == CPU_ENTRY_AREA_BASE and rights(int(real["eff"][0])) == "ro NX"
-    assert len(slots) == len(kernel_6_12.meta["cpus"])
+    assert len(slots) == len(booted.meta["cpus"])
     assert max(slots) < LINUX_6_12.max_cea()
-    if kernel_6_12.meta["kaslr"]:
+    if booted.meta["kaslr"]:
         assert slots != list(range(len(slots)))  # scattered (by chance only 1 in 2.27 million squared not)
     else:
         assert slots == list(range(len(slots)))  # nokaslr: slot = CPU, as 6.1 lays it out
 
 
 @pytest.mark.parametrize("design", ["linux", "shared-pmd", "mirror"])
-def test_model_with_the_real_slots_maps_the_area_page_for_page(kernel_6_12, design, monkeypatch):
-    cr3 = kernel_6_12.cpu()["cr3"]
-    real = pages(walk(kernel_6_12.mem, cr3, kernel_6_12.geometry), *AREA)
-    k = boot_with_slots(monkeypatch, kernel_6_12, real_slots(real), design)
+def test_model_with_the_real_slots_maps_the_area_page_for_page(booted, design, monkeypatch):
+    cr3 = booted.cpu()["cr3"]
+    real = pages(walk(booted.mem, cr3, booted.geometry), *AREA)
+    k = boot_with_slots(monkeypatch, booted, real_slots(real), design)
     model = pages(walk(k.ram, k.user_cr3(), k.geometry), *AREA)
     assert as_offsets(model) == as_offsets(real)
     # The TSS pages alias cpu_tss_rw; the model's frames differ, the aliasing must not.
     assert len(np.unique(real["pa"])) == len(np.unique(model["pa"]))
 
 
-def test_model_builds_the_kernels_tables_for_the_real_slots(kernel_6_12, monkeypatch):
+def test_model_builds_the_kernels_tables_for_the_real_slots(booted, monkeypatch):
     """One PUD table, a PMD table per GiB and a PTE table per 2 MiB the slots
     touch (an area across a 2 MiB boundary takes two), in both halves of the pair."""
-    cr3 = kernel_6_12.cpu()["cr3"]
-    real = pages(walk(kernel_6_12.mem, cr3, kernel_6_12.geometry), *AREA)
-    k = boot_with_slots(monkeypatch, kernel_6_12, real_slots(real))
+    cr3 = booted.cpu()["cr3"]
+    real = pages(walk(booted.mem, cr3, booted.geometry), *AREA)
+    k = boot_with_slots(monkeypatch, booted, real_slots(real))
     for model_cr3, real_cr3 in ((k.user_cr3(), CR3(cr3).user()), (k.kernel_cr3(), CR3(cr3).kernel())):
         assert area_table_pages(k.ram, model_cr3, k.geometry) == \
-            area_table_pages(kernel_6_12.mem, real_cr3, kernel_6_12.geometry)
+            area_table_pages(booted.mem, real_cr3, booted.geometry)
 
 
-def test_nokaslr_model_is_the_real_boot_without_help():
-    real_boot = real_kernel("6.12-pti")
+@pytest.mark.parametrize("config", RANDOM_SLOT_NOKASLR)
+def test_nokaslr_model_is_the_real_boot_without_help(config):
+    real_boot = real_kernel(config)
     real = pages(walk(real_boot.mem, real_boot.cpu()["cr3"], real_boot.geometry), *AREA)
     k = boot("linux-6.12", "linux", cpus=len(real_boot.meta["cpus"]), kaslr=False)
     assert as_offsets(pages(walk(k.ram, k.user_cr3(), k.geometry), *AREA)) == as_offsets(real)
 
 
-def test_random_slots_leave_the_idt_and_so_the_kaslr_slide_to_meltdown():
+@pytest.mark.parametrize("config", RANDOM_SLOT_KASLR)
+def test_random_slots_leave_the_idt_and_so_the_kaslr_slide_to_meltdown(config):
     """6.2's randomisation moves the CPU areas, not the RO IDT page at the base:
     its first gate still gives the kernel's slide, read through the user tables."""
     from ptilab.audit.sources import views_from_image
     from ptilab.mmu.meltdown import exposure
 
-    unslid = real_kernel("6.12-pti").symbols
-    k = real_kernel("6.12-pti-kaslr")
+    unslid = real_kernel(nokaslr_sibling(config)).symbols
+    k = real_kernel(config)
     found = views_from_image(k.mem, k.cpu()["cr3"], k.geometry)
     result = exposure(k.mem, found.user, unslid)
     assert result.text_base == k.symbols["_text"] != unslid["_text"]
@@ -118,29 +128,29 @@ def ptdump_section(text: str, marker: str = "---[ CPU entry Area ]---") -> list[
 
 
 @pytest.mark.parametrize("design", ["linux", "shared-pmd", "mirror"])
-def test_models_ptdump_of_the_area_is_the_kernels_own_byte_for_byte(kernel_6_12, design, monkeypatch):
+def test_models_ptdump_of_the_area_is_the_kernels_own_byte_for_byte(booted, design, monkeypatch):
     """The kernel's ptdump_walk_pgd_level_debugfs() of the stopped task's user PGD
     (the oracle module's text) against ptilab's ptdump of the model's, given the
     real slots: every page, every hole at every level, line for line."""
     from ptilab.formats.ptdump import format_walk, linux_markers
 
-    assert kernel_6_12.meta["oracle"], kernel_6_12.meta.get("oracle_error")
-    real = pages(walk(kernel_6_12.mem, kernel_6_12.cpu()["cr3"], kernel_6_12.geometry), *AREA)
-    k = boot_with_slots(monkeypatch, kernel_6_12, real_slots(real), design)
+    assert booted.meta["oracle"], booted.meta.get("oracle_error")
+    real = pages(walk(booted.mem, booted.cpu()["cr3"], booted.geometry), *AREA)
+    k = boot_with_slots(monkeypatch, booted, real_slots(real), design)
     model = format_walk(walk(k.ram, k.user_cr3(), k.geometry), linux_markers(k.geometry))
-    oracle = (kernel_6_12.path / "oracle_user.txt").read_text()
+    oracle = (booted.path / "oracle_user.txt").read_text()
     assert ptdump_section(model) == ptdump_section(oracle)
     assert len(ptdump_section(oracle)) > 30
 
 
-def test_the_audit_calls_the_area_guessable_only_when_a_cpu_sits_at_the_fixed_slot(kernel_6_12):
+def test_the_audit_calls_the_area_guessable_only_when_a_cpu_sits_at_the_fixed_slot(booted):
     from ptilab.audit import audit
     from ptilab.audit.sources import views_from_image
 
-    cr3 = kernel_6_12.cpu()["cr3"]
-    fixed = 0 in real_slots(pages(walk(kernel_6_12.mem, cr3, kernel_6_12.geometry), *AREA))
-    findings = audit(views_from_image(kernel_6_12.mem, cr3, kernel_6_12.geometry).views)
-    assert ("PTI-CEA-FIXED" in {f.id for f in findings}) == fixed == (not kernel_6_12.meta["kaslr"])
+    cr3 = booted.cpu()["cr3"]
+    fixed = 0 in real_slots(pages(walk(booted.mem, cr3, booted.geometry), *AREA))
+    findings = audit(views_from_image(booted.mem, cr3, booted.geometry).views)
+    assert ("PTI-CEA-FIXED" in {f.id for f in findings}) == fixed == (not booted.meta["kaslr"])
     (summary,) = [f.explanation for f in findings if f.id == "PTI-USER-VIEW"]
     assert ("see PTI-CEA-FIXED" in summary) == fixed
     assert ("slots are randomised" in summary) == (not fixed)
