@@ -8,7 +8,7 @@ import pytest
 from ptilab.formats.ptdump import format_walk, linux_markers
 from ptilab.linux.memory_layout import NOKASLR_BASES, has_espfix, layout_from_symbols, layout_from_tables
 from ptilab.paging import walk
-from tests.realkernel.conftest import PTI_CONFIGS, real_kernel
+from tests.realkernel.conftest import PTI_CONFIGS, assert_same_but_accessed_bits, real_kernel
 
 
 def _user_text(config: str) -> str:
@@ -44,12 +44,21 @@ def ptilab(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("config", ORACLE_CONFIGS)
 def test_the_user_pgd_prints_byte_for_byte_what_the_kernels_ptdump_printed(config):
-    # The pgd label, the KASLR markers inferred from the kernel tables, and the
-    # ESPfix marker only where the kernel has ESPfix (not the cloud flavour).
+    """The pgd label, the KASLR markers inferred from the kernel tables, and the
+    ESPfix marker only where the kernel has ESPfix (not the cloud flavour).
+
+    The task is stopped, but the kernel may still clear the Accessed bit of its
+    pages between the oracle's read and the freeze (reclaim's folio_referenced();
+    seen once on 7.2: two text pages of 16): ptdump then splits a line there. Where
+    the texts differ, they must be the same once lines printing the same flags are
+    joined, and the frozen tables must differ in the Accessed bit alone at each
+    line start only one of them has."""
     k, pgd = _oracle(config)
     done = ptilab("dump", str(k.path / "core.elf"), "--cr3", f"{pgd + 0x1000:x}")
     assert done.returncode == 0, done.stderr
-    assert done.stdout == (k.path / "oracle_user.txt").read_text()
+    text, oracle = done.stdout, (k.path / "oracle_user.txt").read_text()
+    if text != oracle:
+        assert_same_but_accessed_bits(text, oracle, walk(k.mem, pgd + 0x1000, k.geometry))
 
 
 @pytest.mark.parametrize("config", [c for c in ORACLE_CONFIGS if "kaslr" in c or "5level" in c])
