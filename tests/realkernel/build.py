@@ -113,6 +113,8 @@ CONFIGS = {
     "6.12-pti-kaslr": Config("6.12", "generic", "pti=on"),
     "7.2-pti": Config("7.2", "generic", "pti=on nokaslr"),
     "7.2-pti-kaslr": Config("7.2", "generic", "pti=on"),
+    # KASLR under LA57: page_offset_base and friends start from 0xff11000000000000
+    "7.2-pti-5level-kaslr": Config("7.2", "generic", "pti=on", la57=True),
 }
 CPUS = 2
 MEMORY = "256M"

@@ -15,7 +15,8 @@ from ptilab.compare.views import pages, rights
 from ptilab.linux import kernel as kernel_module
 from ptilab.pti import boot
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_MAP_SIZE, LINUX_6_12
-from ptilab.paging import walk
+from ptilab.paging import Geometry, walk
+from ptilab.paging.entry import ADDRESS_MASK, PAGE_SIZE
 from ptilab.paging.cr3 import CR3
 from tests.realkernel.build import CONFIGS
 from tests.realkernel.conftest import RealKernel, nokaslr_sibling, real_kernel
@@ -45,10 +46,16 @@ def real_slots(view: np.ndarray) -> list[int]:
     return sorted(set((offsets[above_idt] // np.uint64(LINUX_6_12.stride)).tolist()))
 
 
-def area_table_pages(mem, cr3: int, geometry) -> list[int]:
-    """Table pages per level under the cpu_entry_area's top-level slot (4-level: its PGD entry)."""
+def area_table_pages(mem, cr3: CR3, geometry) -> list[int]:
+    """Table pages per level under the cpu_entry_area's P4D entry (4-level: its PGD entry), the
+    unit Linux reserves for it. A 5-level PGD entry spans 256 TiB (the kernel image, modules and
+    ESPfix too): the walk then starts at its P4D table, whose entries are laid out as a PGD's."""
+    top = cr3.pgd
+    if geometry.levels == 5:
+        pgd_entry = int(mem.read_frame(top // PAGE_SIZE)[geometry.pgd_index(CPU_ENTRY_AREA_BASE)])
+        top, geometry = pgd_entry & ADDRESS_MASK, Geometry(4)
     slot = geometry.pgd_index(CPU_ENTRY_AREA_BASE)
-    return [len(t) for t in walk(mem, cr3, geometry, top_slots=(slot, slot + 1)).tables]
+    return [len(t) for t in walk(mem, top, geometry, top_slots=(slot, slot + 1)).tables]
 
 
 def boot_with_slots(monkeypatch, real: RealKernel, slots: list[int], design: str = "linux"):
