@@ -55,6 +55,9 @@ REAL_CONFIGS = sorted(CONFIGS)
 PTI_CONFIGS = [c for c, spec in CONFIGS.items() if spec.pti]
 PTI_ON_CONFIGS = [c for c, spec in CONFIGS.items() if "pti=on" in spec.append.split()]  # not auto mode
 KASLR_CONFIGS = [c for c, spec in CONFIGS.items() if "nokaslr" not in spec.append.split()]
+# The boots also saved as kdump, QEMU kdump-compressed and makedumpfile files; some with LiME too.
+DUMP_CONFIGS = [c for c, spec in CONFIGS.items() if spec.dumps]
+LIME_CONFIGS = [c for c in DUMP_CONFIGS if CONFIGS[c].lime]
 
 
 def nokaslr_sibling(config: str) -> str:

@@ -1,9 +1,10 @@
 """The same real kernel's memory in every format users hold: each audits, dumps and reads like core.elf.
 
-pti-kaslr's fixture holds, of one boot: core.elf (QEMU's ELF), kdump.elf (kdump's
-ELF vmcore shape: no CR3), kdump-zlib.dump (QEMU's dump-guest-memory -z, a
-flattened diskdump), makedumpfile-{zlib,lzo}.dump (Debian's makedumpfile -c/-l
--d 31) and lime.dump (Debian's LiME module, run in the guest at boot).
+Each config with dumps (6.1's pti-kaslr, 7.2's 7.2-pti-kaslr) holds, of one boot:
+core.elf (QEMU's ELF), kdump.elf (kdump's ELF vmcore shape: no CR3),
+kdump-zlib.dump (QEMU's dump-guest-memory -z, a flattened diskdump),
+makedumpfile-{zlib,lzo}.dump (Debian's makedumpfile -c/-l -d 31) and, where
+Debian's LiME builds for the kernel (6.1), lime.dump (LiME run in the guest at boot).
 """
 
 import json
@@ -18,16 +19,25 @@ from ptilab.memory.kdump import KdumpCompressed
 from ptilab.memory.lime import LimeImage
 from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
 from tests.memory.dumpfiles import lime_bytes
-from tests.realkernel.conftest import real_kernel
+from tests.realkernel.conftest import DUMP_CONFIGS, LIME_CONFIGS, real_kernel
 
 KDUMPS = ["kdump-zlib.dump", "makedumpfile-zlib.dump", "makedumpfile-lzo.dump"]
 
 
-@pytest.fixture(scope="module")
-def kaslr():
-    k = real_kernel("pti-kaslr")
+def _with_init_mm(config: str):
+    k = real_kernel(config)
     k.kernel_pgd = parse_vmcoreinfo(k.mem.vmcoreinfo_text).kernel_pgd
     return k
+
+
+@pytest.fixture(scope="module", params=DUMP_CONFIGS)
+def kaslr(request):
+    return _with_init_mm(request.param)
+
+
+@pytest.fixture(scope="module", params=LIME_CONFIGS)
+def with_lime(request):
+    return _with_init_mm(request.param)
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
@@ -70,17 +80,25 @@ def test_makedumpfile_excludes_pages_at_dump_level_31_but_no_page_table(kaslr):
     assert _audit(kaslr.path / "makedumpfile-lzo.dump")["user_view"]["table_pages"] == tables
 
 
-@pytest.mark.parametrize("name", KDUMPS + ["kdump.elf", "lime.dump"])
-def test_audit_of_every_format_equals_the_elf_cores(kaslr, name):
+def _audits_like_the_core(k, name: str) -> None:
     # QEMU's kdump file carries QEMU's CPU notes: the user-mode CPU's CR3, as
     # core.elf; kdump.elf and makedumpfile's have VMCOREINFO only: init_mm's
     # pair; LiME has neither: give it init_mm's.
-    init_mm = ["--cr3", f"{kaslr.kernel_pgd:x}"]
-    got = _audit(kaslr.path / name, *(init_mm if name == "lime.dump" else []))
-    want = _audit(kaslr.path / "core.elf", *([] if name == "kdump-zlib.dump" else init_mm))
+    init_mm = ["--cr3", f"{k.kernel_pgd:x}"]
+    got = _audit(k.path / name, *(init_mm if name == "lime.dump" else []))
+    want = _audit(k.path / "core.elf", *([] if name == "kdump-zlib.dump" else init_mm))
     assert got["pti_pair"] == want["pti_pair"] and got["pti_pair"]["is_pti"]
     assert got["findings"] == want["findings"]
     assert got["user_view"] == want["user_view"]
+
+
+@pytest.mark.parametrize("name", KDUMPS + ["kdump.elf"])
+def test_audit_of_every_format_equals_the_elf_cores(kaslr, name):
+    _audits_like_the_core(kaslr, name)
+
+
+def test_audit_of_the_lime_dump_equals_the_elf_cores(with_lime):
+    _audits_like_the_core(with_lime, "lime.dump")
 
 
 def test_dump_and_meltdown_read_a_kdump_file_as_they_read_the_core(kaslr):
@@ -93,14 +111,14 @@ def test_dump_and_meltdown_read_a_kdump_file_as_they_read_the_core(kaslr):
         assert len(from_kdump.stdout) > 1000
 
 
-def test_real_lime_module_dumps_the_system_ram_ranges(kaslr):
-    dump = open_image(kaslr.path / "lime.dump")
+def test_real_lime_module_dumps_the_system_ram_ranges(with_lime):
+    dump = open_image(with_lime.path / "lime.dump")
     assert isinstance(dump, LimeImage)
     # /proc/iomem's "System RAM" of a 256 MiB q35 guest: below 640 KiB, then from 1 MiB.
     assert [start for start, _ in dump.segments] == [0x1000, 0x100000]
     assert dump.segments[-1][1] <= 256 << 20
     # lime.ko was built for the very kernel the guest ran (its vermagic names that release)
-    assert kaslr.meta["lime"].split()[0] == kaslr.meta["kernel_release"]
+    assert with_lime.meta["lime"].split()[0] == with_lime.meta["kernel_release"]
 
 
 def test_a_lime_file_of_the_cores_ranges_audits_like_the_core(kaslr, tmp_path):

@@ -20,7 +20,7 @@ from ptilab.memory.images import open_image
 from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
 from ptilab.paging import Geometry, translate, walk
 from ptilab.paging.translate import PageFault
-from tests.realkernel.conftest import real_kernel
+from tests.realkernel.conftest import DUMP_CONFIGS, real_kernel
 
 SAMPLES = 10_000  # per view, half inside mapped ranges, half anywhere canonical
 
@@ -77,10 +77,11 @@ def agree(path, samples: int, seed: int = 12) -> tuple[int, int]:
     return compared, mapped
 
 
+@pytest.mark.parametrize("config", DUMP_CONFIGS)
 @pytest.mark.parametrize("name, samples", [("core.elf", SAMPLES), ("makedumpfile-lzo.dump", SAMPLES),
                                            ("kdump.elf", 2000), ("makedumpfile-zlib.dump", 2000)])
-def test_drgn_and_ptilab_translate_init_mms_both_views_alike(name, samples):
-    compared, mapped = agree(real_kernel("pti-kaslr").path / name, samples)
+def test_drgn_and_ptilab_translate_init_mms_both_views_alike(config, name, samples):
+    compared, mapped = agree(real_kernel(config).path / name, samples)
     assert compared == 2 * samples and mapped > samples // 2
 
 

@@ -5,10 +5,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from ptilab.memory.elfcore import ElfCore
 from ptilab.memory.vmcoreinfo import START_KERNEL_MAP, parse_vmcoreinfo
-from tests.realkernel.conftest import real_kernel
+from tests.realkernel.conftest import DUMP_CONFIGS, real_kernel
 
 TEXT_START = 0xFFFFFFFF81000000  # __START_KERNEL without KASLR: _stext of an unslid x86-64 kernel
 
@@ -44,10 +45,11 @@ def _audit_json(*args) -> dict:
     return json.loads(done.stdout)
 
 
-def test_kdump_shaped_vmcore_is_audited_from_its_vmcoreinfo_alone():
+@pytest.mark.parametrize("config", DUMP_CONFIGS)
+def test_kdump_shaped_vmcore_is_audited_from_its_vmcoreinfo_alone(config):
     # kdump.elf: core.elf as kdump's /proc/vmcore has it: NT_PRSTATUS and
     # VMCOREINFO notes, no QEMU CPU notes, so no CR3 anywhere in the file.
-    k = real_kernel("pti-kaslr")
+    k = real_kernel(config)
     vmcore = ElfCore(k.path / "kdump.elf")
     assert vmcore.cpus == () and vmcore.prstatus_cpus == 2
     info = parse_vmcoreinfo(vmcore.vmcoreinfo_text)
