@@ -90,6 +90,10 @@ class Config:
     dumps: bool = False   # also kdump-compressed and makedumpfile dumps of the same memory
     lime: bool = True     # with dumps: and a LiME dump (Debian's lime-forensics-dkms, built for the kernel)
 
+    @property
+    def lime_dump(self) -> bool:
+        return self.dumps and self.lime
+
 
 # Debian release of each series; forky is testing, whose kernel moves on (7.2 in November 2026)
 SUITES = {"5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie", "7.2": "forky"}
@@ -535,7 +539,7 @@ def prepare_kernels(configs: list[str], cache: Path) -> dict[tuple[str, str], Ke
     """Each needed (release, flavour): fetched, unpacked, its oracle module built; suites in parallel."""
     wanted = sorted({(CONFIGS[c].release, CONFIGS[c].flavour) for c in configs})
     archives = {r: Archive(cache, SUITES[r]) for r, _ in wanted}
-    with_lime = {(CONFIGS[c].release, CONFIGS[c].flavour) for c in configs if CONFIGS[c].dumps and CONFIGS[c].lime}
+    with_lime = {(CONFIGS[c].release, CONFIGS[c].flavour) for c in configs if CONFIGS[c].lime_dump}
 
     def one(key: tuple[str, str]) -> Kernel | Failure:
         release, flavour = key
@@ -897,7 +901,7 @@ def start_qemu(config: str, spec: Config, kernel: Kernel, initrd: Path, work: Pa
            "-append", append, "-device", "vmcoreinfo", "-display", "none", "-vga", "none", "-nic", "none", "-no-reboot",
            "-serial", f"file:{paths['console']}", "-serial", f"file:{paths['data']}",
            "-qmp", f"unix:{paths['qmp']},server=on,wait=off"]
-    if spec.dumps and spec.lime and add_lime_disk(cmd, work, kernel):
+    if spec.lime_dump and add_lime_disk(cmd, work, kernel):
         say(f"{config}: LiME dumps RAM to a virtio disk at boot")
     say(f"{config}: booting {kernel.package} (-cpu {cpu_model}; {spec.append})")
     with paths["errors"].open("wb") as err_file:
@@ -1082,7 +1086,7 @@ def write_fixture(config: str, spec: Config, kernel: Kernel, stage: Path, out: P
         "kaslr": "nokaslr" not in run_["append"].split(),
         "oracle": oracle,
         "oracle_error": oracle_error,
-        "lime": vermagic(kernel.lime) if spec.dumps and spec.lime and kernel.lime else None,  # the LiME module lime.dump came from
+        "lime": vermagic(kernel.lime) if spec.lime_dump and kernel.lime else None,  # the LiME module lime.dump came from
         "ptdump_available": bool(ptdump),
         "ptdump_files": ptdump,
         "cpu_model": run_["cpu_model"],

@@ -57,7 +57,7 @@ PTI_ON_CONFIGS = [c for c, spec in CONFIGS.items() if "pti=on" in spec.append.sp
 KASLR_CONFIGS = [c for c, spec in CONFIGS.items() if "nokaslr" not in spec.append.split()]
 # The boots also saved as kdump, QEMU kdump-compressed and makedumpfile files; some with LiME too.
 DUMP_CONFIGS = [c for c, spec in CONFIGS.items() if spec.dumps]
-LIME_CONFIGS = [c for c in DUMP_CONFIGS if CONFIGS[c].lime]
+LIME_CONFIGS = [c for c, spec in CONFIGS.items() if spec.lime_dump]
 
 
 def nokaslr_sibling(config: str) -> str:
