@@ -474,13 +474,45 @@ def kbuild_tool_overrides(kernel: Kernel, archive: Archive, cache: Path) -> list
     return overrides
 
 
+def modinfo(data: bytes, key: str) -> str | None:
+    """A `key=value` string of a module's .modinfo section, or None."""
+    at = data.find(b"\0" + key.encode() + b"=")
+    return None if at < 0 else data[at + len(key) + 2:data.index(b"\0", at + 1)].decode()
+
+
 def vermagic(ko: Path) -> str:
     """The module's vermagic= string from its .modinfo section."""
-    data = ko.read_bytes()
-    at = data.find(b"vermagic=")
-    if at < 0:
+    magic = modinfo(ko.read_bytes(), "vermagic")
+    if magic is None:
         raise Failure(f"{ko.name} has no vermagic")
-    return data[at + 9:data.index(b"\0", at)].decode()
+    return magic
+
+
+def modules_with_dependencies(kernel: Kernel, names: list[str]) -> list[tuple[str, bytes]]:
+    """The named modules of the kernel's package and those they need (each one's
+    .modinfo depends=, as modprobe reads modules.dep), dependencies first, as
+    (name, plain .ko bytes): xz-compressed from 6.12 on, and busybox's insmod wants
+    them plain. A name the package lacks is built in (7.2 builds virtio in) and skipped."""
+    order: dict[str, bytes] = {}
+
+    def add(name: str) -> None:
+        if name in order:
+            return
+        found = sorted(m for d in ("lib", "usr/lib") for stem in {name, name.replace("_", "-")}
+                       for m in kernel.root.glob(f"{d}/modules/{kernel.uname}/kernel/**/{stem}.ko*"))
+        if not found:
+            return
+        data = found[0].read_bytes()
+        data = lzma.decompress(data) if found[0].suffix == ".xz" else data
+        order[name] = b""  # placed after its dependencies, and never visited twice
+        for dep in filter(None, (modinfo(data, "depends") or "").split(",")):
+            add(dep)
+        del order[name]
+        order[name] = data
+
+    for name in names:
+        add(name)
+    return list(order.items())
 
 
 def make_module(kernel: Kernel, archive: Archive, cache: Path, source: Path, name: str) -> Path:

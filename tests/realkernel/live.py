@@ -1,6 +1,7 @@
 """`ptilab audit --live` inside a real guest: Debian's kernel under QEMU, the host's root as its root.
 
-The guest boots the fixture kernel (pti=on, KASLR on) with a busybox
+The guest boots a fixture's kernel (LIVE_CONFIGS: Debian 6.1 for `live`, 7.2
+for `live-7.2`; pti=on, KASLR on) with a busybox
 initramfs that loads the 9p modules from the host's /lib/modules (Debian
 builds virtio, 9pnet, 9p, netfs and fscache as modules), mounts the host's
 root filesystem read-only over virtio-9p, mounts proc, sys, dev, debugfs and
@@ -16,7 +17,7 @@ there: the host's Python, numpy and this checkout's src run unchanged. In it:
 Then the host stops the VM and saves `dump-guest-memory` as guest.elf: the
 same guest, audited from outside.
 
-Usage: python tests/realkernel/live.py [--out DIR] [--force]
+Usage: python tests/realkernel/live.py [--out DIR] [--config live|live-7.2] [--force]
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 import build  # noqa: E402  (tests/realkernel/build.py: Qmp, packages, kernel image)
 
-CONFIG = "live"
+# Each live guest and the fixture config whose kernel it boots (as build.py fetches it).
+LIVE_CONFIGS = {"live": "pti-4level", "live-7.2": "7.2-pti-kaslr"}
 APPEND = "console=ttyS0 panic=-1 quiet loglevel=4 pti=on"
 MEMORY = "512M"
 # The host's numpy is built for x86-64-v2 (SSSE3, SSE4.1/4.2, POPCNT, CX16): qemu64 alone has
@@ -47,10 +49,8 @@ MEMORY = "512M"
 CPU = "qemu64,vendor=GenuineIntel,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"
 BOOT_TIMEOUT = 120
 GUEST_TIMEOUT = 900  # QEMU start -> the guest's last marker: Python over 9p under TCG is slow
-# Module paths under /lib/modules/RELEASE/kernel, in load order (modules.dep).
-MODULES = ["drivers/virtio/virtio_ring.ko", "drivers/virtio/virtio.ko", "drivers/virtio/virtio_pci_legacy_dev.ko",
-           "drivers/virtio/virtio_pci_modern_dev.ko", "drivers/virtio/virtio_pci.ko", "net/9p/9pnet.ko",
-           "net/9p/9pnet_virtio.ko", "fs/netfs/netfs.ko", "fs/fscache/fscache.ko", "fs/9p/9p.ko"]
+# What mounting the host's root over virtio-9p takes; what these need comes along (build.py).
+MODULES = ["virtio_pci", "9pnet_virtio", "9p"]
 DONE = "@@LIVE-DONE"
 # Drop to nobody after the imports: /root (where pyenv keeps this Python) is closed to nobody.
 AS_NOBODY = ("import os, sys, numpy, ptilab.cli, ptilab.audit.live, ptilab.audit.checks, ptilab.report.tables; "
@@ -100,18 +100,18 @@ def say(msg: str) -> None:
     print(f"realkernel: live: {msg}", flush=True)
 
 
-def build_initramfs(work: Path, release: str, modules: Path) -> Path:
+def build_initramfs(work: Path, kernel: build.Kernel) -> Path:
     root = work / "root"
     for d in ("bin", "dev", "proc", "sys", "modules"):
         (root / d).mkdir(parents=True, exist_ok=True)
     shutil.copy("/bin/busybox", root / "bin" / "busybox")
     (root / "init").write_text(INIT)
     (root / "init").chmod(0o755)
-    for i, rel in enumerate(MODULES):
-        src = modules / "kernel" / rel
-        if not src.exists():
-            raise build.Failure(f"{src} missing: the 9p modules come with the kernel's package")
-        shutil.copy(src, root / "modules" / f"{i:02d}-{src.name}")
+    modules = build.modules_with_dependencies(kernel, MODULES)
+    if "9p" not in dict(modules):
+        raise build.Failure(f"{kernel.package} has no 9p.ko: the 9p modules come with the kernel's package")
+    for i, (name, data) in enumerate(modules):
+        (root / "modules" / f"{i:02d}-{name}.ko").write_bytes(data)
     files = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True).stdout
     archive = subprocess.run(["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"], cwd=root,
                              input=files.encode(), capture_output=True, check=True).stdout
@@ -139,27 +139,27 @@ def up_to_date(dest: Path) -> bool:
         return False
 
 
-def run(out: Path, force: bool = False) -> Path:
-    """Boot, let the guest audit itself, dump it; the results land in out/live."""
-    dest = out / CONFIG
+def run(out: Path, config: str, force: bool = False) -> Path:
+    """Boot, let the guest audit itself, dump it; the results land in out/CONFIG."""
+    dest = out / config
     if not force and up_to_date(dest):
         say(f"up to date ({dest / 'meta.json'}), skipped")
         return dest
     started = time.time()
     stamp = fingerprint()  # of the code the guest is about to run
     build.ensure_packages()
-    # The pti-4level fixture's kernel (Debian 6.1 generic), as build.py fetches and unpacks it.
-    spec = build.CONFIGS["pti-4level"]
-    kernel = build.prepare_kernels(["pti-4level"], out / ".cache")[(spec.release, spec.flavour)]
+    fixture = LIVE_CONFIGS[config]
+    spec = build.CONFIGS[fixture]
+    kernel = build.prepare_kernels([fixture], out / ".cache")[(spec.release, spec.flavour)]
     if isinstance(kernel, build.Failure):
         raise kernel
     python = os.path.realpath(sys.executable)
-    stage = make_stage(out, python)
+    stage = make_stage(out, config, python)
     with tempfile.TemporaryDirectory(prefix="ptilab-live-") as tmp:
         work = Path(tmp)
-        initrd = build_initramfs(work, kernel.uname, kernel.root / "lib" / "modules" / kernel.uname)
+        initrd = build_initramfs(work, kernel)
         guest_done = boot_guest(work, stage, kernel.vmlinuz, initrd, started)
-    meta = {"config": CONFIG, "fingerprint": stamp, "append": APPEND, "cpu": CPU, "memory": MEMORY,
+    meta = {"config": config, "fingerprint": stamp, "append": APPEND, "cpu": CPU, "memory": MEMORY,
             "vmlinuz": str(kernel.vmlinuz), "python": python,
             "seconds": round(time.time() - started, 1), "guest_seconds": round(guest_done - started, 1)}
     (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -170,9 +170,9 @@ def run(out: Path, force: bool = False) -> Path:
     return dest
 
 
-def make_stage(out: Path, python: str) -> Path:
+def make_stage(out: Path, config: str, python: str) -> Path:
     """The directory the guest writes its results to (over 9p), with the steps it runs."""
-    stage = out / f".{CONFIG}.partial.{os.getpid()}"  # two test runs at once each boot their own guest
+    stage = out / f".{config}.partial.{os.getpid()}"  # two test runs at once each boot their own guest
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     steps = (STEPS.replace("@PY@", python).replace("@SRC@", str(REPO / "src")).replace("@NOBODY@", AS_NOBODY)
@@ -235,12 +235,13 @@ def wait_for_guest(qemu: subprocess.Popen, console: Path, stderr: Path, deadline
 def main() -> int:
     parser = argparse.ArgumentParser(description="Run ptilab audit --live in a QEMU guest of the fixture kernel.")
     parser.add_argument("--out", type=Path, default=HERE / "out")
+    parser.add_argument("--config", choices=sorted(LIVE_CONFIGS), default="live")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     try:
-        run(args.out.resolve(), args.force)
+        run(args.out.resolve(), args.config, args.force)
     except build.Failure as e:
-        print(f"realkernel: error: live: {e}", file=sys.stderr, flush=True)
+        print(f"realkernel: error: {args.config}: {e}", file=sys.stderr, flush=True)
         return 1
     return 0
 
