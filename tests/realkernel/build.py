@@ -157,14 +157,12 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
-insmod /lib/qemu_fw_cfg.ko 2>/dev/null  # hands the kernel's VMCOREINFO to QEMU's vmcoreinfo device
+for m in /lib/fw_cfg/*.ko; do insmod $m 2>/dev/null; done  # hands the kernel's VMCOREINFO to QEMU's vmcoreinfo device
 exec </dev/console >/dev/console 2>&1
 echo "@@PTILAB-BOOTED $(uname -r) uptime $(cut -d' ' -f1 /proc/uptime)"
 if [ -r /lib/lime.ko ] && grep -qs 0x1af4 /sys/bus/pci/devices/*/vendor; then
   # a virtio disk is attached: LiME dumps RAM onto it (format=lime, no page skipped)
-  for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
-    insmod /lib/$m.ko
-  done
+  for m in /lib/virtio/*.ko; do insmod $m; done
   i=0
   while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
   insmod /lib/lime.ko "path=/dev/vda format=lime timeout=0" && echo "@@PTILAB-LIME uptime $(cut -d' ' -f1 /proc/uptime)"
@@ -755,21 +753,21 @@ def check_sections(config: str, spec: Config, sections: dict[str, str]) -> None:
 
 # -- the same memory in the formats users hold ---------------------------------------
 
+def add_modules(directory: Path, kernel: Kernel, names: list[str]) -> list[str]:
+    """The named modules and what they need, as directory/NN-name.ko in load order
+    (the init's `for m in DIR/*.ko; do insmod $m; done`); returns their names."""
+    modules = modules_with_dependencies(kernel, names)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, (name, data) in enumerate(modules):
+        (directory / f"{i:02d}-{name}.ko").write_bytes(data)
+    return [name for name, _ in modules]
+
+
 def add_fw_cfg_module(lib: Path, kernel: Kernel) -> None:
     """qemu_fw_cfg.ko of the kernel, for the initramfs: loaded, it hands the
     kernel's VMCOREINFO to QEMU's vmcoreinfo device, and QEMU then writes it
-    into every dump (a module on Debian, built in elsewhere; xz-compressed
-    from 6.12 on, and busybox's insmod wants it plain)."""
-    found = [m for d in ("lib", "usr/lib")  # trixie's packages ship merged /usr
-             for m in sorted(kernel.root.glob(f"{d}/modules/{kernel.uname}/kernel/drivers/firmware/qemu_fw_cfg.ko*"))]
-    if not found:
-        return
-    lib.mkdir(parents=True, exist_ok=True)
-    data = found[0].read_bytes()
-    (lib / "qemu_fw_cfg.ko").write_bytes(lzma.decompress(data) if found[0].suffix == ".xz" else data)
-
-
-VIRTIO_BLK = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk"]
+    into every dump (a module on Debian, built in elsewhere)."""
+    add_modules(lib / "fw_cfg", kernel, ["qemu_fw_cfg"])
 
 
 def add_lime_modules(lib: Path, kernel: Kernel) -> None:
@@ -778,12 +776,7 @@ def add_lime_modules(lib: Path, kernel: Kernel) -> None:
         return
     lib.mkdir(parents=True, exist_ok=True)
     shutil.copy(kernel.lime, lib / "lime.ko")
-    for name in VIRTIO_BLK:
-        found = [m for d in ("lib", "usr/lib")
-                 for m in sorted(kernel.root.glob(f"{d}/modules/{kernel.uname}/kernel/drivers/*/{name}.ko"))]
-        if not found:
-            raise Failure(f"no {name}.ko for {kernel.uname}: LiME would have no disk to write to")
-        shutil.copy(found[0], lib / f"{name}.ko")
+    add_modules(lib / "virtio", kernel, ["virtio_pci", "virtio_blk"])
 
 
 def lime_from_disk(disk: Path, out: Path) -> int:

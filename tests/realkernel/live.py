@@ -107,11 +107,8 @@ def build_initramfs(work: Path, kernel: build.Kernel) -> Path:
     shutil.copy("/bin/busybox", root / "bin" / "busybox")
     (root / "init").write_text(INIT)
     (root / "init").chmod(0o755)
-    modules = build.modules_with_dependencies(kernel, MODULES)
-    if "9p" not in dict(modules):
+    if "9p" not in build.add_modules(root / "modules", kernel, MODULES):
         raise build.Failure(f"{kernel.package} has no 9p.ko: the 9p modules come with the kernel's package")
-    for i, (name, data) in enumerate(modules):
-        (root / "modules" / f"{i:02d}-{name}.ko").write_bytes(data)
     files = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True).stdout
     archive = subprocess.run(["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"], cwd=root,
                              input=files.encode(), capture_output=True, check=True).stdout
