@@ -2,8 +2,8 @@
 
 The guest boots a fixture's kernel (LIVE_CONFIGS: Debian 6.1 for `live`, 7.2
 for `live-7.2`; pti=on, KASLR on) with a busybox
-initramfs that loads the 9p modules from the host's /lib/modules (Debian
-builds virtio, 9pnet, 9p, netfs and fscache as modules), mounts the host's
+initramfs that loads the kernel package's 9p modules and what they depend on
+(6.1: virtio, 9pnet, netfs, fscache; 7.2 builds virtio in), mounts the host's
 root filesystem read-only over virtio-9p, mounts proc, sys, dev, debugfs and
 securityfs inside it, a second (writable) share over its /mnt, and chroots
 there: the host's Python, numpy and this checkout's src run unchanged. In it:
