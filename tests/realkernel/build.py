@@ -474,8 +474,8 @@ def kbuild_tool_overrides(kernel: Kernel, archive: Archive, cache: Path) -> list
 
 def modinfo(data: bytes, key: str) -> str | None:
     """A `key=value` string of a module's .modinfo section, or None."""
-    at = data.find(b"\0" + key.encode() + b"=")
-    return None if at < 0 else data[at + len(key) + 2:data.index(b"\0", at + 1)].decode()
+    at = data.find(key.encode() + b"=")
+    return None if at < 0 else data[at + len(key) + 1:data.index(b"\0", at)].decode()
 
 
 def vermagic(ko: Path) -> str:
@@ -776,7 +776,8 @@ def add_lime_modules(lib: Path, kernel: Kernel) -> None:
         return
     lib.mkdir(parents=True, exist_ok=True)
     shutil.copy(kernel.lime, lib / "lime.ko")
-    add_modules(lib / "virtio", kernel, ["virtio_pci", "virtio_blk"])
+    if "virtio_blk" not in add_modules(lib / "virtio", kernel, ["virtio_pci", "virtio_blk"]):
+        raise Failure(f"no virtio_blk.ko for {kernel.uname}: LiME would have no disk to write to")
 
 
 def lime_from_disk(disk: Path, out: Path) -> int:
