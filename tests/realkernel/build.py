@@ -79,6 +79,10 @@ ORACLE_SOURCE = HERE / "oracle"
 PACKAGES = ["qemu-system-x86", "busybox-static", "cpio", "gcc", "make", "makedumpfile"]
 
 
+# An Intel CPU without ARCH_CAPABILITIES: Linux sets X86_BUG_CPU_MELTDOWN on it (cpu_set_bug_bits()).
+INTEL = "qemu64,vendor=GenuineIntel"
+
+
 @dataclass(frozen=True)
 class Config:
     """One boot: which Debian kernel, which command line, 4- or 5-level paging."""
@@ -89,6 +93,7 @@ class Config:
     pti: bool = True      # dmesg must (not) say PTI is enabled
     dumps: bool = False   # also kdump-compressed and makedumpfile dumps of the same memory
     lime: bool = True     # with dumps: and a LiME dump (Debian's lime-forensics-dkms, built for the kernel)
+    cpu: str = INTEL      # QEMU's -cpu model (TCG); the kernel decides Meltdown exposure from its vendor and family
 
     @property
     def lime_dump(self) -> bool:
@@ -121,6 +126,12 @@ CONFIGS = {
     "7.2-pti-kaslr": Config("7.2", "generic", "pti=on", dumps=True, lime=False),
     # KASLR under LA57: page_offset_base and friends start from 0xff11000000000000
     "7.2-pti-5level-kaslr": Config("7.2", "generic", "pti=on", la57=True),
+    # AMD: cpu_vuln_whitelist says NO_MELTDOWN, so PTI left to the kernel stays off ("Not affected")
+    "epyc-auto-kaslr": Config("6.1", "generic", "", pti=False, dumps=True, lime=False, cpu="EPYC"),
+    # isolation forced on a CPU that needs none: sysfs still says "Not affected"
+    "epyc-pti-on": Config("6.1", "generic", "pti=on nokaslr", cpu="EPYC"),
+    # an affected Intel CPU with every mitigation turned off: "Vulnerable"
+    "mitigations-off": Config("6.1", "generic", "mitigations=off nokaslr", pti=False),
 }
 CPUS = 2
 MEMORY = "256M"
@@ -134,6 +145,7 @@ SECTION_FILES = {
     "kallsyms": "kallsyms.txt",
     "dmesg": "dmesg.txt",
     "cpuinfo": "cpuinfo.txt",
+    "vulnerabilities": "vulnerabilities.txt",
     "ptdump_kernel": "ptdump_kernel.txt",
     "ptdump_current_user": "ptdump_current_user.txt",
     "ptdump_current_kernel": "ptdump_current_kernel.txt",
@@ -176,6 +188,7 @@ cat /proc/cmdline > cmdline
 cat /proc/kallsyms > kallsyms
 dmesg > dmesg
 cat /proc/cpuinfo > cpuinfo
+grep . /sys/devices/system/cpu/vulnerabilities/* > vulnerabilities 2>/dev/null
 ls /sys/kernel/debug/page_tables > ptdump_ls 2>/dev/null
 for f in kernel current_user current_kernel; do
   [ -r /sys/kernel/debug/page_tables/$f ] && cat /sys/kernel/debug/page_tables/$f > ptdump_$f
@@ -738,7 +751,7 @@ def unpack_data(console_text: str, data: Path) -> dict[str, str]:
 
 
 def check_sections(config: str, spec: Config, sections: dict[str, str]) -> None:
-    for name in ("uname", "kallsyms", "dmesg", "cpuinfo"):
+    for name in ("uname", "kallsyms", "dmesg", "cpuinfo", "vulnerabilities"):
         if not sections.get(name, "").strip():
             raise Failure(f"the guest sent no {name}")
     symbols = sections["kallsyms"].splitlines()
@@ -918,7 +931,7 @@ _qemus_lock = threading.Lock()
 
 
 def start_qemu(config: str, spec: Config, kernel: Kernel, initrd: Path, work: Path) -> tuple[subprocess.Popen, dict]:
-    cpu_model = "qemu64,vendor=GenuineIntel" + (",+la57" if spec.la57 else "")
+    cpu_model = spec.cpu + (",+la57" if spec.la57 else "")
     append = f"console=ttyS0 panic=-1 quiet loglevel=4 {spec.append}"
     paths = {"console": work / "console.log", "data": work / "data.tgz", "qmp": work / "qmp.sock",
              "errors": work / "qemu.stderr"}
