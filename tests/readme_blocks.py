@@ -199,27 +199,47 @@ def parse(shown: list[str], volatile: bool) -> list[Shown | Marker]:
     return items
 
 
+@dataclass
+class _Output:
+    """The printed lines as the check reads them: words collapsed, and which lines start a record."""
+
+    lines: list[str]
+
+    def __post_init__(self) -> None:
+        self.words = [_words(line) for line in self.lines]
+        self.starts = [bool(line) and not line[0].isspace() for line in self.lines]
+
+    def continued(self, p: int) -> int:
+        """The first output line from p on that does not continue a table row."""
+        while p < len(self.lines) and not self.starts[p]:
+            p += 1
+        return p
+
+    def follows(self, p: int, was_open: bool, marker: Marker | None, q: int) -> bool:
+        """Whether output line q (len(lines): the end) may be the next one shown, when
+        the last one shown ended at p: straight on, past the rest of an open row,
+        or past what a marker stands for."""
+        for s in range(p, (self.continued(p) if was_open else p) + 1):
+            if (q == s) if marker is None else marker.covers(self.lines, self.starts, s, q):
+                return True
+        return False
+
+
 def problems(shown: list[str], printed: list[str], volatile: bool = False) -> list[str]:
     """What a block's shown lines get wrong about the output (empty: nothing).
 
     Each shown line is placed on an output line, in order; the output lines
     between two placed ones (and before the first, after the last) must be
     the continuation of an open line or stand under a marker that says so.
+    Every placement that fits is followed, so a line that repeats cannot
+    mislead it.
     """
     try:
         items = parse(shown, volatile)
     except ValueError as unreadable:
         return [str(unreadable)]
-    words = [_words(line) for line in printed]
-    starts = [bool(line) and not line[0].isspace() for line in printed]
+    out = _Output(printed)
     n = len(printed)
-
-    def continued(p: int) -> int:
-        """The first output line from p on that does not continue a table row."""
-        while p < n and not starts[p]:
-            p += 1
-        return p
-
     positions = {0}  # where the next output line to account for may be
     was_open = False
     marker: Marker | None = None
@@ -229,30 +249,21 @@ def problems(shown: list[str], printed: list[str], volatile: bool = False) -> li
                 return [f"two markers in a row: {marker.text!r}, {item.text!r}"]
             marker = item
             continue
-        targets = [q for q in range(n) if item.pattern.fullmatch(words[q])]
+        targets = [q for q in range(n) if item.pattern.fullmatch(out.words[q])]
         if not targets:
             return [f"not a line of the output: {item.text!r}"]
-        following: set[int] = set()
-        for p in positions:
-            for s in range(p, (continued(p) if was_open else p) + 1):
-                for q in targets:
-                    if (q == s and marker is None) or (marker is not None and marker.covers(printed, starts, s, q)):
-                        following.add(q + 1)
+        following = {q + 1 for p in positions for q in targets if out.follows(p, was_open, marker, q)}
         if not following:
-            where = sorted(positions)[0]
+            where = min(positions)
             told = f"after the marker {marker.text!r}" if marker else "as the next output line"
             actual = printed[where] if where < n else "(the end of the output)"
             return [f"{item.text!r} is not where the block puts it ({told}); output line {where + 1} is {actual!r}"]
         positions, was_open, marker = following, item.open, None
-    ends = False
-    for p in positions:
-        for s in range(p, (continued(p) if was_open else p) + 1):
-            ends |= (s == n and marker is None) or (marker is not None and marker.covers(printed, starts, s, n))
-    if ends:
+    if any(out.follows(p, was_open, marker, n) for p in positions):
         return []
-    if marker is not None:
-        return [f"the marker {marker.text!r} does not stand for the {n - min(positions)} line(s) it ends the block on"]
     where = min(positions)
+    if marker is not None:
+        return [f"the marker {marker.text!r} does not stand for the {n - where} line(s) it ends the block on"]
     return [f"the output goes on after the block's last line, unmarked: {n - where} more line(s), "
             f"from {printed[where]!r}"]
 

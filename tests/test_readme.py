@@ -97,6 +97,12 @@ def test_a_block_that_drops_output_silently_fails(shown, why):
     assert problems(shown, OUTPUT) != [], why
 
 
+def test_a_line_that_repeats_is_placed_where_the_rest_of_the_block_fits():
+    printed = ["title", "x", "row", "x", "end"]
+    assert problems(["title", "...", "x", "end"], printed) == []
+    assert problems(["title", "x", "end"], printed) != []
+
+
 def test_volatile_numbers_match_any_on_fixtures():
     printed = ["PGD pair: kernel 0x62ae000, user 0x62af000, 552 MiB mapped"]
     shown = ["PGD pair: kernel 0x611c000, user 0x611d000, 575 MiB mapped"]
