@@ -186,7 +186,11 @@ def _layout(info: VmcoreInfo) -> dict[str, int]:
         raise InputError(f"VMCOREINFO lacks {', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''}: "
                          f"the printk ring cannot be read without them")
     layout = {"prb_symbol": info.symbols["prb"]}
-    for key in NEEDED:
+    # atomic_long_t.counter is 0 on every arch; VMCOREINFO says so since 5.10.
+    for key in (*NEEDED, "OFFSET(atomic_long_t.counter)"):
+        if key not in info.entries:
+            layout[key[key.index("(") + 1:-1]] = 0
+            continue
         try:
             value = int(info.entries[key], 10)
         except ValueError:
@@ -194,15 +198,13 @@ def _layout(info: VmcoreInfo) -> dict[str, int]:
         if not 0 <= value < 1 << 16:
             raise InputError(f"VMCOREINFO {key}={value}: no printk structure is that large")
         layout[key[key.index("(") + 1:-1]] = value
-    # atomic_long_t.counter is 0 on every arch; VMCOREINFO says so since 5.10.
-    layout["atomic_long_t.counter"] = int(info.entries.get("OFFSET(atomic_long_t.counter)", "0") or 0)
     _check_fits(layout)
     return layout
 
 
 def _check_fits(layout: dict[str, int]) -> None:
     """Each member inside its structure: a layout that says otherwise is not printk's."""
-    fits = (("prb_desc", "prb_desc.state_var", 8),
+    fits = (("prb_desc", "prb_desc.state_var", layout["atomic_long_t.counter"] + 8),
             ("prb_desc", "prb_desc.text_blk_lpos", max(layout["prb_data_blk_lpos.begin"],
                                                        layout["prb_data_blk_lpos.next"]) + 8),
             ("printk_info", "printk_info.seq", 8), ("printk_info", "printk_info.ts_nsec", 8),
