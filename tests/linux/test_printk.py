@@ -240,3 +240,52 @@ def test_a_prb_pointer_into_unmapped_memory_is_refused():
     ring.poke(ring.prb - 0x40, "<Q", 0xFFFF_C900_0000_0000)
     with pytest.raises(InputError, match="header at 0xffffc90000000000 is not mapped"):
         _read(ring)
+
+
+# -- the command, on an ELF core of the synthetic ring -----------------------------------
+
+def _core(tmp_path, ring, vmcoreinfo: str | None = None):
+    from ptilab.memory.elfwrite import write_memory_core
+
+    path = tmp_path / "ring.elf"
+    pfns = [int(p) for p in ring.ram._frames]
+    write_memory_core(path, ring.ram, pfns, [(b"VMCOREINFO", 0, (vmcoreinfo or ring.vmcoreinfo).encode())])
+    return path
+
+
+def _ptilab(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    return subprocess.run([sys.executable, "-m", "ptilab.cli", *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=src))
+
+
+def test_ptilab_log_prints_the_ring_of_an_elf_core(tmp_path):
+    import json
+
+    ring = build_ring([Message(b"hello\nworld", ts_nsec=1_500_000_000)] + _messages(10), count_bits=5)
+    path = _core(tmp_path, ring)
+    done = _ptilab("log", path)
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.startswith("[    1.500000] hello\n               world\n[    0.000000] message 0\n")
+    records = json.loads(_ptilab("log", "--json", path).stdout)["records"]
+    assert [r["seq"] for r in records] == [seq for seq, _ in ring.survivors]
+    assert records[0]["text"] == "hello\nworld" and records[0]["time"] == "1.500000"
+
+
+def test_ptilab_log_refuses_a_hostile_ring_in_one_line(tmp_path):
+    ring = build_ring(_messages(10))
+    ring.poke(ring.prb + RB_COUNT_BITS, "<I", 60)
+    done = _ptilab("log", _core(tmp_path, ring))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == f"ptilab: error: the printk ring at {ring.prb:#x} has count_bits 60: printk never " \
+                          f"allocates more than 2^28 descriptors\n"
+
+
+def test_ptilab_log_needs_an_image_or_live():
+    done = _ptilab("log")
+    assert done.returncode == 2 and done.stderr == "ptilab: error: give an IMAGE to read the log of, or --live\n"
