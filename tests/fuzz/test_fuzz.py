@@ -50,14 +50,13 @@ def test_the_small_kcore_is_valid():
     import tempfile
 
     from ptilab.memory.kcore import Kcore
-    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
 
     fd, path = tempfile.mkstemp()
     os.write(fd, targets.small_kcore())
     os.close(fd)
     try:
         with Kcore(path) as kc:
-            info = parse_vmcoreinfo(kc.vmcoreinfo_text)
+            info = kc.vmcoreinfo
             w = walk(kc, info.kernel_pgd, Geometry(info.levels))
             assert info.kernel_pgd == 0x1000 and w.mapped_bytes() > 0
     finally:

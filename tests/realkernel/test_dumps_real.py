@@ -17,7 +17,6 @@ import pytest
 from ptilab.memory.images import open_image
 from ptilab.memory.kdump import KdumpCompressed
 from ptilab.memory.lime import LimeImage
-from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
 from tests.memory.dumpfiles import lime_bytes
 from tests.realkernel.conftest import DUMP_CONFIGS, LIME_CONFIGS, real_kernel
 
@@ -26,7 +25,7 @@ KDUMPS = ["kdump-zlib.dump", "makedumpfile-zlib.dump", "makedumpfile-lzo.dump"]
 
 def _with_init_mm(config: str):
     k = real_kernel(config)
-    k.kernel_pgd = parse_vmcoreinfo(k.mem.vmcoreinfo_text).kernel_pgd
+    k.kernel_pgd = k.mem.vmcoreinfo.kernel_pgd
     return k
 
 
@@ -60,7 +59,7 @@ def test_every_dumped_frame_of_a_kdump_file_equals_the_elf_cores(kaslr, name):
     assert kaslr.mem.frames_present(dumped).all()
     for chunk in np.array_split(dumped, 8):
         assert np.array_equal(dump.read_frames(chunk), kaslr.mem.read_frames(chunk))
-    info = parse_vmcoreinfo(dump.vmcoreinfo_text)
+    info = dump.vmcoreinfo
     assert info.osrelease == kaslr.meta["kernel_release"] and info.kernel_pgd == kaslr.kernel_pgd
 
 

@@ -13,7 +13,6 @@ import pytest
 from ptilab.audit import Severity, audit
 from ptilab.audit.sources import views_from_image
 from ptilab.memory.images import open_image
-from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
 from ptilab.paging import entry as e
 from ptilab.scan import roots, scan_image
 from ptilab.scan.spaces import KERNEL_ONLY, NO_ISOLATION, PTI_PAIR
@@ -75,14 +74,12 @@ def test_every_task_with_an_mm_is_found(any_kernel):
 
 
 def test_init_mm_and_the_trampoline_are_kernel_only_roots(any_kernel):
-    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
-
     k = any_kernel
     spaces = {s.kernel_pgd: s for s in _scan(k).spaces}
     trampoline = [s for pgd, s in spaces.items() if pgd < 1 << 20]
     assert [s.kind for s in trampoline] == [KERNEL_ONLY]  # trampoline_pgd, in the real-mode area
     if k.mem.vmcoreinfo_text:
-        init = parse_vmcoreinfo(k.mem.vmcoreinfo_text).kernel_pgd  # init_top_pgt, wherever KASLR put it
+        init = k.mem.vmcoreinfo.kernel_pgd  # init_top_pgt, wherever KASLR put it
     elif not k.meta["kaslr"]:  # phys_base is 0: init_top_pgt lies at its symbol minus __START_KERNEL_map
         init = k.symbols["init_top_pgt"] - START_KERNEL_MAP
     else:
@@ -154,7 +151,7 @@ def test_a_lime_dump_finds_its_roots_at_their_physical_addresses(config):
     lime = open_image(path)
     assert len(lime.segments) >= 2 and lime.segments[0][0] > 0
     result = scan_image(str(path))
-    init_mm = parse_vmcoreinfo(k.mem.vmcoreinfo_text).kernel_pgd
+    init_mm = k.mem.vmcoreinfo.kernel_pgd
     assert "frames share" in result.reference.source and result.reference.pti
     assert np.array_equal(result.reference.kernel_half & ~roots.IGNORED,
                           k.mem.read_frame(init_mm >> e.PAGE_SHIFT)[roots.HALF:] & ~roots.IGNORED)
@@ -182,7 +179,7 @@ def test_many_images_audit_a_kdump_vmcore_as_the_single_image_audit_does(config,
 
     k, kdump = _dump_file(config, "kdump.elf")
     rows = audit_images([str(k.path / "core.elf"), str(kdump)], None, None, None, workers=0)
-    init_mm = parse_vmcoreinfo(k.mem.vmcoreinfo_text).kernel_pgd
+    init_mm = k.mem.vmcoreinfo.kernel_pgd
     assert rows[1]["cr3"] == f"{init_mm:#x}"
     assert rows[0]["cr3"] == f"{k.cpu()['cr3']:#x}"
     single = json.loads(subprocess.run([sys.executable, "-m", "ptilab.cli", "audit", "--json", str(kdump)],
