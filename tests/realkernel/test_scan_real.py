@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -142,8 +143,9 @@ def test_a_compressed_kdump_gives_the_cores_roots_that_it_holds(config, name):
 @pytest.mark.parametrize("config", LIME_CONFIGS)
 def test_a_lime_dump_finds_its_roots_at_their_physical_addresses(config):
     """LiME saves System RAM ranges (a gap below 1 MiB, the first page left out)
-    with no CPU state and no VMCOREINFO, at boot: an earlier moment of the same
-    boot as core.elf. The kernel half most frames share is init_top_pgt's; init
+    with no CPU state and no VMCOREINFO note, at boot: an earlier moment of the
+    same boot as core.elf. The reference is init_top_pgt's kernel half, from the
+    VMCOREINFO the kernel keeps in RAM, and the census agrees with it; init
     (pid 1, alive since before LiME ran), init_mm and the trampoline are roots at
     the physical addresses the core gives them; and every PGD pair whose frames
     are the same bytes in both dumps is a root in both, of the same kind."""
@@ -152,9 +154,15 @@ def test_a_lime_dump_finds_its_roots_at_their_physical_addresses(config):
     assert len(lime.segments) >= 2 and lime.segments[0][0] > 0
     result = scan_image(str(path))
     init_mm = k.mem.vmcoreinfo.kernel_pgd
-    assert "frames share" in result.reference.source and result.reference.pti
+    assert result.reference.source == (f"VMCOREINFO init_top_pgt (pa {init_mm:#x}, VMCOREINFO found in memory "
+                                       f"at pa {lime.vmcoreinfo.found_at:#x})") and result.reference.pti
     assert np.array_equal(result.reference.kernel_half & ~roots.IGNORED,
                           k.mem.read_frame(init_mm >> e.PAGE_SHIFT)[roots.HALF:] & ~roots.IGNORED)
+    counts = Counter()
+    for chunk in roots.chunks(lime, str(path)):
+        counts.update(roots.census_chunk(chunk))
+    census, _ = roots.reference_half(counts, lime)
+    assert np.array_equal(census & ~roots.IGNORED, result.reference.kernel_half & ~roots.IGNORED)
     spaces = {s.kernel_pgd: s for s in result.spaces}
     assert spaces[init_mm].kind == KERNEL_ONLY and spaces[init_mm].user_pgd == init_mm + e.PAGE_SIZE
     assert [s.kind for pgd, s in spaces.items() if pgd < 1 << 20] == [KERNEL_ONLY]  # trampoline_pgd
