@@ -102,6 +102,12 @@ def test_vmcoreinfo_text_parses_or_is_refused(data):
     targets.fuzz_vmcoreinfo(data)
 
 
+@settings(CI, max_examples=60)
+@given(targets.vmcoreinfo_pages())
+def test_hostile_pages_never_pass_for_the_kernels_vmcoreinfo(value):
+    targets.fuzz_vmcoreinfo_pages(value)
+
+
 CORPUS = sorted((Path(__file__).parent / "corpus").glob("*.txt"))
 
 
@@ -118,7 +124,7 @@ def test_the_kept_corpus_still_passes(path, request):
 
 
 def test_every_reader_has_a_fuzz_target():
-    assert {"core", "raw", "walk", "text", "file", "workload", "vmcoreinfo"} <= set(targets.TARGETS)
+    assert {"core", "raw", "walk", "text", "file", "workload", "vmcoreinfo", "vmcoreinfo_pages"} <= set(targets.TARGETS)
     assert set(targets.FILE_READERS) == {"ptdump", "info_mem", "info_tlb", "kallsyms"}
 
 
