@@ -196,13 +196,19 @@ def test_many_images_audit_a_kdump_vmcore_as_the_single_image_audit_does(config,
 
 
 def test_a_raw_image_without_notes_finds_the_kernel_half_by_census(tmp_path):
-    """No CPU, no VMCOREINFO: the kernel half most frames share is init_mm's."""
+    """No CPU, no VMCOREINFO (the kernel's copies in RAM wiped too): the kernel half most frames share is init_mm's."""
+    from ptilab.memory.vmcoreinfo import candidate_texts
+
     k = real_kernel("pti-4level")
     raw = tmp_path / "mem.raw"
     with open(raw, "wb") as f:
         for first, count, _ in k.mem.file_runs():
             f.seek(first << e.PAGE_SHIFT)
             f.write(k.mem.read_frames(np.arange(first, first + count, dtype=np.uint64)).tobytes())
+        for pa, _ in candidate_texts(k.mem):
+            f.seek(pa & ~(e.PAGE_SIZE - 1))
+            f.write(bytes(e.PAGE_SIZE))
+    assert open_image(raw).vmcoreinfo is None
     result = scan_image(str(raw))
     assert "frames share" in result.reference.source and result.reference.pti
     assert _roots(result.spaces) == _roots(_scan(k).spaces)

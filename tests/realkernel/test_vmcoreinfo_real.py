@@ -10,7 +10,7 @@ import pytest
 from ptilab.memory.elfcore import ElfCore
 from ptilab.memory.images import open_image
 from ptilab.memory.vmcoreinfo import START_KERNEL_MAP
-from tests.realkernel.conftest import DUMP_CONFIGS, LIME_CONFIGS, real_kernel
+from tests.realkernel.conftest import DUMP_CONFIGS, LIME_CONFIGS, raw_image, real_kernel
 
 TEXT_START = 0xFFFFFFFF81000000  # __START_KERNEL without KASLR: _stext of an unslid x86-64 kernel
 
@@ -72,20 +72,11 @@ def test_kdump_shaped_vmcore_is_audited_from_its_vmcoreinfo_alone(config):
 
 # -- VMCOREINFO found in RAM, for dumps without the note -----------------------
 
-def _raw_image(k, path):
-    """The core's physical memory as a raw image: no notes, only the bytes (sparse where the core has no RAM)."""
-    with open(path, "wb") as f:
-        for start, end in k.mem.segments:
-            for at in range(start, end, 16 << 20):
-                f.seek(at)
-                f.write(k.mem.read(at, min(16 << 20, end - at)))
-    return path
-
 
 @pytest.fixture(scope="module", params=["pti-kaslr", "pti-5level"])
 def raw_of_core(request, tmp_path_factory):
     k = real_kernel(request.param)
-    return k, _raw_image(k, tmp_path_factory.mktemp(request.param) / "mem.raw")
+    return k, raw_image(k, tmp_path_factory.mktemp(request.param) / "mem.raw")
 
 
 def _found_equals_the_note(found, k) -> None:
@@ -164,7 +155,7 @@ def test_scan_of_a_raw_image_takes_its_reference_from_the_vmcoreinfo_in_ram(raw_
 
 def test_an_image_without_any_vmcoreinfo_is_refused_saying_where_init_top_pgt_is(tmp_path):
     k = real_kernel("pti-kaslr")
-    raw = _raw_image(k, tmp_path / "mem.raw")
+    raw = raw_image(k, tmp_path / "mem.raw")
     found = open_image(raw).vmcoreinfo
     with open(raw, "r+b") as f:  # wipe both of the kernel's copies
         for pa in (found.found_at & ~0xFFF, *_other_copies(k, found)):
