@@ -458,15 +458,14 @@ def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool
 
 
 def _vmcoreinfo_facts(mem) -> dict | None:
-    """What the dump's VMCOREINFO says of the kernel, for the audit's header; None without one."""
-    if not getattr(mem, "vmcoreinfo_text", ""):
+    """What the kernel's VMCOREINFO says of it, for the audit's header; None without one."""
+    info = mem.vmcoreinfo
+    if info is None:
         return None
-    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
-
-    info = parse_vmcoreinfo(mem.vmcoreinfo_text)
     return {"osrelease": info.osrelease, "kernel_offset": f"{info.kernel_offset:#x}",
             "init_top_pgt": f"{info.kernel_pgd:#x}", "levels": info.levels,
-            "prstatus_cpus": getattr(mem, "prstatus_cpus", 0)}
+            "prstatus_cpus": mem.prstatus_cpus, "source": "note" if info.found_at is None else "memory",
+            "found_at": None if info.found_at is None else f"{info.found_at:#x}"}
 
 
 image_options = [
@@ -644,7 +643,8 @@ def _say_where_the_views_came_from(out, extra: dict) -> None:
                  + (f"; KASLR slide {extra['kaslr_slide']}" if extra.get("kaslr_slide") else ""))
     if extra.get("vmcoreinfo"):
         facts = extra["vmcoreinfo"]
-        out.line(f"VMCOREINFO: {facts['osrelease']}, KERNELOFFSET {facts['kernel_offset']} (the KASLR slide), "
+        where = "" if facts["found_at"] is None else f" (found in memory at pa {facts['found_at']})"
+        out.line(f"VMCOREINFO{where}: {facts['osrelease']}, KERNELOFFSET {facts['kernel_offset']} (the KASLR slide), "
                  f"init_top_pgt at {facts['init_top_pgt']}, {facts['levels']}-level, "
                  f"{facts['prstatus_cpus']} CPU(s) in NT_PRSTATUS notes")
 

@@ -50,14 +50,13 @@ def test_the_small_kcore_is_valid():
     import tempfile
 
     from ptilab.memory.kcore import Kcore
-    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
 
     fd, path = tempfile.mkstemp()
     os.write(fd, targets.small_kcore())
     os.close(fd)
     try:
         with Kcore(path) as kc:
-            info = parse_vmcoreinfo(kc.vmcoreinfo_text)
+            info = kc.vmcoreinfo
             w = walk(kc, info.kernel_pgd, Geometry(info.levels))
             assert info.kernel_pgd == 0x1000 and w.mapped_bytes() > 0
     finally:
@@ -119,6 +118,12 @@ def test_the_small_ring_is_valid():
     assert len(read_ring(ring.ram, parse_vmcoreinfo(ring.vmcoreinfo)).records) == len(ring.survivors) > 5
 
 
+@settings(CI, max_examples=60)
+@given(targets.vmcoreinfo_pages())
+def test_hostile_pages_never_pass_for_the_kernels_vmcoreinfo(value):
+    targets.fuzz_vmcoreinfo_pages(value)
+
+
 CORPUS = sorted((Path(__file__).parent / "corpus").glob("*.txt"))
 
 
@@ -135,7 +140,7 @@ def test_the_kept_corpus_still_passes(path, request):
 
 
 def test_every_reader_has_a_fuzz_target():
-    assert {"core", "raw", "walk", "text", "file", "workload", "vmcoreinfo", "ring"} <= set(targets.TARGETS)
+    assert {"core", "raw", "walk", "text", "file", "workload", "vmcoreinfo", "ring", "vmcoreinfo_pages"} <= set(targets.TARGETS)
     assert set(targets.FILE_READERS) == {"ptdump", "info_mem", "info_tlb", "kallsyms"}
 
 

@@ -20,7 +20,7 @@ from ptilab.audit.sources import ImageViews, views_from_image
 from ptilab.errors import InputError
 from ptilab.linux.live import Claims, open_kcore, read_claims
 from ptilab.memory.kcore import Kcore
-from ptilab.memory.vmcoreinfo import VmcoreInfo, parse_vmcoreinfo
+from ptilab.memory.vmcoreinfo import VmcoreInfo
 from ptilab.paging import Geometry, Walk
 from ptilab.paging import entry as e
 
@@ -50,7 +50,8 @@ def open_live(root: Path = Path("/")) -> LiveKernel:
     """/proc/kcore, its VMCOREINFO and the kernel's claims; InputError (one line, why) when unreadable."""
     kcore = open_kcore(root)
     try:
-        info = parse_vmcoreinfo(kcore.vmcoreinfo_text or "")
+        info = kcore.vmcoreinfo
+        assert info is not None, "open_kcore() refuses a kcore without its VMCOREINFO note"
         pgd = info.kernel_pgd
         if not kcore.frames_present(np.array([pgd >> e.PAGE_SHIFT], np.uint64))[0]:
             raise InputError(f"{kcore.path}: init_top_pgt at pa {pgd:#x} lies in no RAM segment (a kcore "

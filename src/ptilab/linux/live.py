@@ -157,7 +157,7 @@ def open_kcore(root: Path = Path("/")) -> Kcore:
     except OSError as ex:
         raise InputError(f"{path}: cannot open: {ex.strerror or ex}; {DUMP_INSTEAD}") from None
     kcore = Kcore(path, fd)
-    if kcore.vmcoreinfo_text is None:
+    if not kcore.vmcoreinfo_text:
         kcore.close()
         raise InputError(f"{path} has no VMCOREINFO note (Linux 4.19 added it), so ptilab cannot find "
                          f"init_top_pgt and phys_base; {DUMP_INSTEAD}")

@@ -115,7 +115,7 @@ class ImageScan:
 # -- the reference kernel half ---------------------------------------------
 
 def _from_cpus(mem: PhysicalMemory, la57: bool | None) -> Reference | None:
-    for cpu in getattr(mem, "cpus", ()):
+    for cpu in mem.cpus:
         geometry = Geometry(5) if la57 else cpu.geometry
         pair = find_pti_pair(mem, cpu.cr3_register, geometry)
         pgd = pair.kernel_pgd if pair.is_pti else cpu.cr3_register.pgd
@@ -127,12 +127,9 @@ def _from_cpus(mem: PhysicalMemory, la57: bool | None) -> Reference | None:
 
 
 def _from_vmcoreinfo(mem: PhysicalMemory, la57: bool | None) -> Reference | None:
-    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
-
-    text = getattr(mem, "vmcoreinfo_text", "")
-    if not text:
+    info = mem.vmcoreinfo
+    if info is None:
         return None
-    info = parse_vmcoreinfo(text)
     pa = info.kernel_pgd
     if not mem.frames_present(np.array([pa >> e.PAGE_SHIFT], np.uint64))[0]:
         return None
@@ -140,7 +137,8 @@ def _from_vmcoreinfo(mem: PhysicalMemory, la57: bool | None) -> Reference | None
     half = mem.read_frame(pa >> e.PAGE_SHIFT)[roots.HALF:].copy()
     # init_mm's twin shows whether PTI ran: pti_init() fills it, pti=off leaves it zero.
     pti = find_pti_pair(mem, pa, geometry).is_pti
-    return Reference(half, geometry, pti, f"VMCOREINFO init_top_pgt (pa {pa:#x})")
+    where = "" if info.found_at is None else f", VMCOREINFO {info.source}"
+    return Reference(half, geometry, pti, f"VMCOREINFO init_top_pgt (pa {pa:#x}{where})")
 
 
 def _from_census(mem: PhysicalMemory, chunks: list[roots.Chunk], run: Runner, la57: bool | None) -> Reference:
