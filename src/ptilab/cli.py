@@ -373,7 +373,7 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
       ptilab cost --cpus 1,4,16,64,256 --plot refill.svg
       ptilab cost --workload my-entry.toml --json
     """
-    from ptilab.mmu.cost import sweep
+    from ptilab.mmu.cost import same_for_every_nr_cpus, sweep
     from ptilab.mmu.tlb import get_core
     from ptilab.mmu.workload import load
     from ptilab.report.tables import refill_table
@@ -404,7 +404,14 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
     if as_json:
         out.json([c.as_dict() for c in costs])
     else:
-        out.table(refill_table(costs))
+        shown = costs
+        if same_for_every_nr_cpus(costs):
+            # Four identical blocks would hide the answer: say it once.
+            shown = [c for c in costs if c.cpus == cpus[0]]
+        out.table(refill_table(shown))
+        if shown is not costs:
+            out.info(f"NR_CPUS {', '.join(map(str, cpus))}: identical counts for every design and workload, shown "
+                     f"once (the workloads run on CPU {cpu}; the other CPUs' cpu_entry_areas are never walked)")
         if plot_file:
             out.info(f"plot written to {plot_file}")
 

@@ -131,3 +131,13 @@ def test_bad_overhead_input_is_one_line(run_cli, args, message):
     code, out, err = run_cli("overhead", *args)
     assert code == 2 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cost_over_several_nr_cpus_says_once_that_nothing_changed(run_cli):
+    code, out, err = run_cli("cost", "--cpus", "1,4,16", "--workload", "syscall", "--design", "linux,off")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.split()[:1] in (["1"], ["4"], ["16"])]
+    assert [r.split()[1] for r in rows] == ["linux", "off"]  # one block, not three
+    assert "NR_CPUS 1, 4, 16: identical counts for every design and workload, shown once" in out
+    code, out, _ = run_cli("cost", "--cpus", "1,4", "--workload", "syscall", "--design", "linux", "--json")
+    assert len(json.loads(out)) == 2  # the JSON keeps every row
