@@ -373,7 +373,7 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
       ptilab cost --cpus 1,4,16,64,256 --plot refill.svg
       ptilab cost --workload my-entry.toml --json
     """
-    from ptilab.mmu.cost import sweep
+    from ptilab.mmu.cost import same_for_every_nr_cpus, sweep
     from ptilab.mmu.tlb import get_core
     from ptilab.mmu.workload import load
     from ptilab.report.tables import refill_table
@@ -404,9 +404,117 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
     if as_json:
         out.json([c.as_dict() for c in costs])
     else:
-        out.table(refill_table(costs))
+        shown = costs
+        if same_for_every_nr_cpus(costs):
+            # Four identical blocks would hide the answer: say it once.
+            shown = [c for c in costs if c.cpus == cpus[0]]
+        out.table(refill_table(shown))
+        if shown is not costs:
+            out.info(f"NR_CPUS {', '.join(map(str, cpus))}: identical counts for every design and workload, shown "
+                     f"once (the workloads run on CPU {cpu}; the other CPUs' cpu_entry_areas are never walked)")
         if plot_file:
             out.info(f"plot written to {plot_file}")
+
+
+# -- ptilab overhead (issue 22): a self-contained block ------------------------
+
+def _preset_names() -> list[str]:
+    from ptilab.mmu.cycles import PRESETS
+    return list(PRESETS)
+
+
+def _latency_overrides(given: tuple[str, ...]) -> dict[str, float]:
+    """--latency TERM=CYCLES, repeatable."""
+    out = {}
+    for item in given:
+        term, eq, value = item.partition("=")
+        try:
+            cycles = float(value)
+        except ValueError:
+            cycles = -1.0
+        if not eq or not cycles >= 0 or cycles == float("inf"):
+            raise UsageError(f"--latency takes TERM=CYCLES (a number of cycles, 0 or more), not {item!r}")
+        out[term] = cycles
+    return out
+
+
+@cli.command("overhead")
+@click.option("--core", default="skylake", show_default=True, metavar="CORE",
+              shell_complete=_complete_from(_preset_names),
+              help="Core preset: skylake, haswell, zen2 or goldmont (TLBs, clock and latencies, sources in "
+                   "docs/design.md).")
+@click.option("--kernel", "profile", default="kaiser-2017", show_default=True, metavar="PROFILE",
+              shell_complete=_complete_from(_profile_names),
+              help="Kernel layout profile (kaiser-2017: the kernel Hansen measured).")
+@click.option("--design", "designs", default="all", show_default=True, metavar="DESIGN[,DESIGN...]",
+              shell_complete=_complete_from(_design_names, listed=True), help="The designs to run with PTI on.")
+@click.option("--global", "globals_", default="none,entry,text", show_default=True, metavar="MODE[,MODE...]",
+              help="What the tables mark global: none, entry (entry text and cpu_entry_area, what Linux does), "
+                   "text (the whole kernel text, pti_kernel_image_global_ok() without PCID).")
+@click.option("--working-set", "working_sets", default="0", show_default=True, metavar="N[,N...]",
+              help="User pages touched between two calls; several sweep them.")
+@click.option("--latency", "latencies", multiple=True, metavar="TERM=CYCLES",
+              help="Override one of the preset's latencies (cr3_flush, cr3_noflush, stlb_hit, stlb_miss, "
+                   "walk_load_l1, walk_load_l2, invpcid, invlpg); repeatable.")
+@click.option("--hansen", is_flag=True, help="Also print the model beside Hansen's lseek1 measurements.")
+@click.option("--refill", is_flag=True,
+              help="Also print, per preset and design, the cycles per call and per cold refill (the seed's question).")
+@json_option
+def overhead_command(core: str, profile: str, designs: str, globals_: str, working_sets: str,
+                     latencies: tuple[str, ...], hansen: bool, refill: bool, as_json: bool) -> None:
+    """What PTI costs a system call, in cycles: will-it-scale's lseek1
+    round trip (entry, ksys_lseek on a regular file, exit) under PTI on/off,
+    PCID on/off, each global mode and design, priced with cited latencies.
+
+    \b
+    Examples:
+      ptilab overhead                                   # every configuration on skylake
+      ptilab overhead --core goldmont --design linux --json
+      ptilab overhead --design linux --global entry --working-set 0,16,64,256
+      ptilab overhead --design explicit --hansen
+    """
+    from ptilab.linux.profiles import get_profile
+    from ptilab.mmu import overhead as oh
+    from ptilab.mmu.cycles import PRESETS, get_preset
+    from ptilab.report.tables import hansen_table, overhead_table, refill_cycles_table
+
+    preset = get_preset(core).override(**_latency_overrides(latencies))
+    get_profile(profile)
+    chosen = _design_list(designs)
+    modes = [m for m in globals_.split(",")]
+    for mode in modes:
+        if mode not in oh.GLOBALS:
+            raise UsageError(f"--global takes none, entry or text, not {mode!r}")
+    _refuse_repeats("--global", modes)
+    try:
+        sizes = [int(n) for n in working_sets.split(",")]
+    except ValueError:
+        raise UsageError(f"--working-set must be numbers separated by commas, not {working_sets!r}") from None
+    _refuse_repeats("--working-set", sizes)
+    for n in sizes:
+        if not 0 <= n <= oh.MAX_WORKING_SET:
+            raise UsageError(f"--working-set must be 0 to {oh.MAX_WORKING_SET} pages, not {n}")
+    configs = oh.configurations(chosen, tuple(modes))
+    costs = oh.working_set_sweep(sizes, configs, profile, preset)
+    rows = oh.hansen_rows(oh.overhead(None, profile, preset), chosen[0]) if hansen else None
+    refills = [(name, *row) for name in PRESETS for row in oh.design_differences(name)] if refill else None
+    out = _out()
+    if as_json:
+        doc = [c.as_row() for c in costs]
+        if hansen or refill:
+            doc = {"configurations": doc}
+            if rows:
+                doc["hansen"] = [{"configuration": a, "measured": b, "model": round(c, 4)} for a, b, c in rows]
+            if refills:
+                doc["refill"] = [{"core": a, "design": b, "cycles_per_call": round(c, 1),
+                                  "cycles_per_cold_refill": round(d, 1)} for a, b, c, d in refills]
+        out.json(doc)
+        return
+    out.table(overhead_table(costs, f"lseek1 on {preset.name} ({preset.clock_hz / 1e9:.1f} GHz), {profile}"))
+    if rows:
+        out.table(hansen_table(rows))
+    if refills:
+        out.table(refill_cycles_table(refills))
 
 
 def _refuse_text_image(image: str) -> None:

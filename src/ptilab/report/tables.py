@@ -133,3 +133,46 @@ def audit_images_table(rows: list) -> Table:
                   + ("" if pair["is_pti"] else " (not PTI)"), worst,
                   ", ".join(f["id"] for f in findings) or "-")
     return t
+
+
+def _config_cells(c) -> list[str]:
+    k = c.config
+    return ["on" if k.pti else "off", "on" if k.pcid else "off", k.global_ or "-", k.design or "-"]
+
+
+def overhead_table(costs: list, title: str) -> Table:
+    """One row per configuration (and working set, when several): ptilab.mmu.overhead.CallCost."""
+    sweep = len({c.working_set for c in costs}) > 1
+    t = Table(title=title, caption="cycles: the measured PTI-off base plus count x latency of each modelled event "
+                                   "(ptilab.mmu.cycles); ratio: calls/s over calls/s with PTI off (same PCID "
+                                   "setting); walks: page walks per call")
+    for col in (["working set"] if sweep else []) + ["PTI", "PCID", "global", "design", "cycles/call", "calls/s",
+                                                     "ratio", "walks"]:
+        t.add_column(col, overflow="fold")
+    for c in costs:
+        t.add_row(*([str(c.working_set)] if sweep else []), *_config_cells(c), f"{c.cycles_per_call:.0f}",
+                  f"{c.calls_per_second / 1e6:.2f} M", f"{c.throughput_ratio:.3f}", f"{c.tlb_misses:g}")
+    return t
+
+
+def hansen_table(rows: list[tuple[str, float, float]]) -> Table:
+    """The model's throughput ratios beside Hansen's lseek1 measurements."""
+    t = Table(title="lseek1 against no KAISER: Hansen's measurement (LKML, 2017-11-01) and the model",
+              caption="off by: the model's ratio over Hansen's, less one (the test's bound is 15 %)")
+    for col in ("configuration", "Hansen", "model", "off by"):
+        t.add_column(col)
+    for label, measured, model in rows:
+        t.add_row(label, f"{measured:.3f}", f"{model:.3f}", f"{model / measured - 1:+.0%}")
+    return t
+
+
+def refill_cycles_table(rows: list[tuple[str, str, float, float]]) -> Table:
+    """Per core and design: cycles per lseek call and per cold refill of the syscall workload."""
+    t = Table(title="The seed's 'wee bit faster', in cycles (PTI, PCID, entry global; cold refill: linux-4.15 syscall)",
+              caption="per call: the lseek loop's steady state; cold refill: empty TLBs and caches, walk loads the "
+                      "data cache misses served by L2")
+    for col in ("core", "design", "cycles/call", "cycles/cold refill"):
+        t.add_column(col)
+    for core, design, call, refill in rows:
+        t.add_row(core, design, f"{call:.0f}", f"{refill:.0f}")
+    return t
