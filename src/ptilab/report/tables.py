@@ -133,3 +133,19 @@ def audit_images_table(rows: list) -> Table:
                   + ("" if pair["is_pti"] else " (not PTI)"), worst,
                   ", ".join(f["id"] for f in findings) or "-")
     return t
+
+
+def view_diff_table(result) -> Table:
+    """ptilab diff's changes: what B exposes more, what moved, what is gone."""
+    t = Table(title="The kernel as the user tables map it: B against A")
+    for col in ("change", "region", "first address", "pages", "ranges", "rights"):
+        t.add_column(col, overflow="fold")
+    for c in [*result.exposed, *result.moved, *result.gone]:
+        if c.kind == "moved":
+            rights = c.rights + (f", by {c.shift:+#x}" if c.shift is not None else ", rearranged")
+        elif c.was:
+            rights = f"{c.was} -> {c.rights}"
+        else:
+            rights = c.rights
+        t.add_row(c.kind, c.region, f"{c.va:#x}", str(c.pages), str(c.ranges), rights)
+    return t
