@@ -28,6 +28,7 @@ from ptilab.paging import entry as e
 
 # A range's rights as bits, each one a right B may widen.
 W, X, U, G = 1, 2, 4, 8
+POSITION_FREE = ("espfix",)
 RIGHT_NAMES = ((U, "user"), (W, "writable"), (X, "executable"), (G, "global"))
 
 
@@ -98,7 +99,12 @@ def diff_views(a: Side, b: Side) -> ViewDiff:
     labels: list[str] = []
     pa, pb = _pieces(a, labels), _pieces(b, labels)
     pa, pb = _cut_alike(pa, pb)
-    common, ia, ib = np.intersect1d(pa["va"], pb["va"], assume_unique=True, return_indices=True)
+    # ESPfix maps a few pages 65536 times, and a view summarises them its own way (a walk's
+    # distinct records, ptdump's skipped lines): only their totals compare.
+    free = [labels.index(name) for name in POSITION_FREE if name in labels]
+    free_a, free_b = np.isin(pa["label"], free), np.isin(pb["label"], free)
+    common, ia, ib = np.intersect1d(pa["va"][~free_a], pb["va"][~free_b], assume_unique=True, return_indices=True)
+    ia, ib = np.flatnonzero(~free_a)[ia], np.flatnonzero(~free_b)[ib]
     only_a = np.ones(len(pa), bool)
     only_a[ia] = False
     only_b = np.ones(len(pb), bool)
@@ -178,6 +184,8 @@ def _regrouped(new: np.ndarray, lost: np.ndarray, region: str) -> tuple[list[Cha
     if not len(new):
         return [], _runs("gone", lost, labels)
     n, g = _pages(new), _pages(lost)
+    if n == g and new["va"][0] == lost["va"][0]:
+        return [], []  # a position-free region, the same in both
     move = _move(new, lost, region, min(n, g))
     # The surplus is among these runs, but which of their pages is not a question with an answer.
     if n > g:
