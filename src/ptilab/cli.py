@@ -1149,6 +1149,121 @@ def meltdown(ctx, image, cr3, cpu, la57, system_map, design, profile, cpus, leve
         out.line(note)
 
 
+# -- ptilab diff: what B's user tables expose that A's do not -----------------------
+
+@cli.command("diff")
+@click.argument("a", metavar="A")
+@click.argument("b", metavar="B", required=False)
+@click.option("--cr3-a", default=None, metavar="HEX", help="A is an image: the CR3 to judge (default: as audit picks it).")
+@click.option("--cr3-b", default=None, metavar="HEX", help="B is an image (or --live): the CR3 to judge.")
+@click.option("--system-map-a", type=click.Path(dir_okay=False), default=None,
+              help="System.map or /proc/kallsyms of A's boot, to name its entry text and kernel text clone.")
+@click.option("--system-map-b", type=click.Path(dir_okay=False), default=None, help="The same for B.")
+@click.option("--live", default=None, is_flag=False, flag_value="/", metavar="[ROOT]",
+              help="B is the running kernel, through /proc/kcore (root only), as audit --live reads it.")
+@json_option
+@click.pass_context
+def diff_command(ctx, a, b, cr3_a, cr3_b, system_map_a, system_map_b, live, as_json) -> None:
+    """What the user tables of B map of the kernel that A's do not, and
+    every right B widens (writable, executable, user, global), named by
+    region (direct map, kernel text, cpu_entry_area piece, entry text,
+    espfix, cpu_tss_rw...). A region that moved between boots (a KASLR
+    slide, page_offset_base, the random cpu_entry_area slots of 6.2+) but
+    maps as much with the same rights is a move, not an exposure. Also
+    what B no longer maps.
+
+    A and B: an image (ELF core, kdump, LiME, raw: CR3 as audit picks it),
+    ptdump text (as audit --ptdump reads it), or a modelled boot spelled
+    model:PROFILE:DESIGN[:CPUS[:LEVELS]]; --live makes B the running kernel.
+
+    Exit code 0: B exposes nothing A does not; 1: it does (a CI gate); 2: bad input.
+
+    \b
+    Examples:
+      ptilab diff release.core candidate.core
+      ptilab diff last-release.ptdump candidate.core --json
+      ptilab diff model:linux-6.1:linux model:linux-6.1:explicit
+      sudo ptilab diff last-release.ptdump --live
+    """
+    from ptilab.compare.viewdiff import diff_views
+    from ptilab.report.tables import view_diff_table
+
+    if (b is None) == (live is None):
+        raise UsageError("give two views, A and B, or A and --live (B: the running kernel)")
+    out = _out()
+    side_a = _diff_side(ctx, a, cr3_a, system_map_a, "a", out)
+    side_b = _diff_side(ctx, b, cr3_b, system_map_b, "b", out) if b else _diff_live_side(ctx, live, cr3_b,
+                                                                                          system_map_b, out)
+    result = diff_views(side_a, side_b)
+    ctx.meta[EXIT_META] = 1 if result.exposes_more else 0
+    if as_json:
+        out.json(result.as_dict())
+    else:
+        out.line(f"A: {result.a}")
+        out.line(f"B: {result.b}")
+        for note in result.notes:
+            out.line(note)
+        if result.exposed or result.moved or result.gone:
+            out.table(view_diff_table(result))
+        out.line(_diff_verdict(result))
+    if result.exposes_more:
+        ctx.exit(1)
+
+
+def _diff_side(ctx, spec: str, cr3: str | None, system_map: str | None, which: str, out: Output):
+    """One side of a diff: a model boot, ptdump text or an image."""
+    from ptilab.audit.sources import MODEL_PREFIX, views_from_image, views_from_model, views_from_ptdump
+    from ptilab.compare.viewdiff import Side
+
+    symbols = _symbols(system_map)
+    if spec.startswith(MODEL_PREFIX) and not os.path.exists(spec):
+        _refuse(ctx, (f"cr3_{which}", f"system_map_{which}"), "only for an image or ptdump text, not a model boot")
+        views, kernel = views_from_model(spec)
+        return Side(f"{spec} ({kernel.geometry.levels}-level)", views.geometry, views.user, views.user_copies,
+                    {}, kernel.profile)
+    if _is_text(spec):
+        _refuse(ctx, (f"cr3_{which}",), "only for an image, not ptdump text")
+        views = views_from_ptdump(spec, symbols)
+        return Side(f"{spec} (ptdump, {views.geometry.levels}-level)", views.geometry, views.user,
+                    views.user_copies, views.symbols)
+    mem, value, geometry = _open_image_and_cr3(spec, cr3, None, None)
+    with out.busy(f"walking the page tables of {spec}"):
+        found = views_from_image(mem, value, geometry, symbols)
+    return Side(f"{spec} (CR3 {value:#x}, {geometry.levels}-level)", geometry, found.views.user,
+                found.views.user_copies, found.views.symbols)
+
+
+def _is_text(path: str) -> bool:
+    """A file whose first KiB is text (ptdump), not a memory image."""
+    try:
+        _refuse_text_image(path)
+    except InputError:
+        return os.path.isfile(path)
+    return False
+
+
+def _diff_live_side(ctx, root: str, cr3: str | None, system_map: str | None, out: Output):
+    from pathlib import Path
+
+    from ptilab.audit.live import live_symbols, live_views
+    from ptilab.compare.viewdiff import Side
+
+    kernel = _open_live(ctx, root)
+    with out.busy("walking the running kernel's page tables"):
+        found = live_views(kernel, _symbols(system_map) or live_symbols(Path(root)),
+                           None if cr3 is None else _parse_cr3(cr3))
+    return Side(f"the running kernel {kernel.info.osrelease} ({kernel.geometry.levels}-level)", kernel.geometry,
+                found.views.user, found.views.user_copies, found.views.symbols)
+
+
+def _diff_verdict(result) -> str:
+    if result.exposes_more:
+        regions = sorted({c.region for c in result.exposed})
+        return f"B exposes more than A: {', '.join(regions)} (exit 1)"
+    moved = f"; {len(result.moved)} region(s) moved, exposing nothing more" if result.moved else ""
+    return f"B exposes nothing that A does not{moved}"
+
+
 SHELLS = ("bash", "zsh", "fish")
 
 

@@ -15,17 +15,15 @@ import numpy as np
 
 from ptilab.audit.findings import Finding, Severity, Span
 from ptilab.errors import WalkTooLarge
-from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, ESPFIX_BASE_ADDR, START_KERNEL_MAP
-from ptilab.linux.regions import REGIONS
-from ptilab.paging import EFF_NX, EFF_RW, EFF_US, Anomaly, Geometry, Walk, split_at
+from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE
+from ptilab.linux.regions import PTI_OFF_BYTES, class_edges, classify_ranges
+from ptilab.linux.regions import count as _count
+from ptilab.linux.regions import direct_map as _direct_map
+from ptilab.linux.regions import present_kernel_half as _present_kernel_half
+from ptilab.linux.regions import weighed_bytes as _bytes
+from ptilab.linux.regions import within as _within
+from ptilab.paging import EFF_NX, EFF_RW, EFF_US, Anomaly, Geometry, Walk
 from ptilab.paging import entry as e
-
-P4D_SIZE = 1 << 39
-VSYSCALL_ADDR = 0xFFFF_FFFF_FF60_0000
-# __START_KERNEL_map + KERNEL_IMAGE_SIZE: 1 GiB with CONFIG_RANDOMIZE_BASE (Debian), KASLR or not.
-MODULES_VADDR = 0xFFFF_FFFF_C000_0000
-# A user view mapping more kernel memory than this has not been isolated.
-PTI_OFF_BYTES = 64 << 20
 
 
 @dataclass
@@ -71,43 +69,6 @@ class Views:
         return np.ones(len(r), np.int64) if given is None else given
 
 
-def _direct_map(geometry: Geometry) -> tuple[int, int]:
-    (window,) = [(start, end) for start, end, name in REGIONS[geometry.levels] if name == "direct map"]
-    return window
-
-
-def _entry_text(symbols: dict[str, int]) -> tuple[int, int] | None:
-    """The PMDs pti_clone_entry_text() clones, when the symbols name the entry text."""
-    start = symbols.get("__entry_text_start")
-    if start is None:
-        return None
-    end = symbols.get("__entry_text_end", start + 1)
-    pmd = 1 << 21
-    return start & ~(pmd - 1), (end + pmd - 1) & ~(pmd - 1)
-
-
-def _kernel_text_clone(symbols: dict[str, int]) -> tuple[int, int] | None:
-    """What pti_clone_kernel_text() maps into the user tables when
-    pti_kernel_image_global_ok() (PTI auto, no PCID): [_text,
-    __end_rodata_aligned), "do not clone the areas past rodata, they might
-    contain secrets" (pti.c)."""
-    start = symbols.get("_text")
-    end = symbols.get("__end_rodata_aligned", symbols.get("__end_rodata_hpage_align"))
-    if start is None or end is None:
-        return None
-    return start & ~(e.PAGE_SIZE - 1), end
-
-
-def class_edges(geometry: Geometry, symbols: dict[str, int]) -> np.ndarray:
-    """Addresses where classify() may judge a range differently (sorted):
-    between two of them, where a range lies changes nothing."""
-    edges = [geometry.kernel_half_start(), CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + P4D_SIZE,
-             ESPFIX_BASE_ADDR, ESPFIX_BASE_ADDR + P4D_SIZE, START_KERNEL_MAP, MODULES_VADDR,
-             VSYSCALL_ADDR, VSYSCALL_ADDR + e.PAGE_SIZE, *_direct_map(geometry), *(_entry_text(symbols) or ()),
-             *(_kernel_text_clone(symbols) or ())]
-    return np.unique(np.array([a & 0xFFFF_FFFF_FFFF_FFFF for a in edges], dtype=np.uint64))
-
-
 def _aliases_stay_within(w: "Walk", edges: np.ndarray) -> bool:
     """Whether every alias's reach and its source's lie between the same two edges."""
     a = w.aliases
@@ -117,15 +78,6 @@ def _aliases_stay_within(w: "Walk", edges: np.ndarray) -> bool:
     at = np.searchsorted(edges, a["va"], side="right")
     return bool((at == np.searchsorted(edges, last, side="right")).all()
                 and (at == np.searchsorted(edges, a["source"], side="right")).all())
-
-
-def _count(copies: np.ndarray, mask: np.ndarray) -> int:
-    """How many ranges mask selects, each counted as often as it appears."""
-    return int(copies[mask].sum())
-
-
-def _bytes(r: np.ndarray, copies: np.ndarray, mask: np.ndarray | slice = slice(None)) -> int:
-    return int((r["size"][mask].astype(object) * copies[mask]).sum()) if len(r) else 0
 
 
 def rights(eff: int, prot: int) -> str:
@@ -151,49 +103,10 @@ def _spans(r: np.ndarray, view: str, label: str = "", limit: int = 64,
     return tuple(out)
 
 
-def _present_kernel_half(r: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Which ranges are present and in the kernel half."""
-    return ((r["prot"] & np.uint64(e.P)) != 0) & (r["va"] >= np.uint64(geometry.kernel_half_start()))
-
-
-def _within(r: np.ndarray, start: int, end: int) -> np.ndarray:
-    return (r["va"] >= np.uint64(start)) & (r["va"] <= np.uint64(end - 1))
-
-
 def classify(views: Views) -> dict[str, np.ndarray]:
     """Sort the user view's kernel-half mappings into what PTI allows there
-    and what it does not: a mask per kind over the present kernel-half ranges."""
-    g = views.geometry
-    # A range is judged by where it starts: split those that reach into another class of address.
-    r, origin = split_at(views.user, class_edges(g, views.symbols))
-    copies = views.copies("user")[origin]
-    keep = _present_kernel_half(r, g)
-    r, copies = r[keep], copies[keep]
-    cea = _within(r, CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + P4D_SIZE)
-    espfix = _within(r, ESPFIX_BASE_ADDR, ESPFIX_BASE_ADDR + P4D_SIZE)
-    image = _within(r, START_KERNEL_MAP, MODULES_VADDR)
-    vsyscall = _within(r, VSYSCALL_ADDR, VSYSCALL_ADDR + e.PAGE_SIZE)
-    entry_text = _entry_text(views.symbols)
-    if entry_text is not None:
-        entry = image & _within(r, *entry_text)
-    else:
-        # Without symbols: pti_clone_entry_text() clones whole PMDs, a few MiB at most.
-        entry = image if _bytes(r, copies, image) <= 4 << 20 else np.zeros(len(r), bool)
-    # pti_clone_user_shared(): one 4 KiB RW NX page per possible CPU, elsewhere in the kernel half.
-    small = (r["size"] == np.uint64(e.PAGE_SIZE)) & ((r["eff"] & EFF_RW) != 0) & ((r["eff"] & EFF_NX) != 0)
-    other = ~(cea | espfix | image | vsyscall)
-    tss = other & small
-    if _count(copies, tss) > views.nr_cpus_hint:
-        tss[:] = False
-    # pti_clone_kernel_text(): read-only, and (with symbols) within text and rodata. A writable
-    # page there, or one past rodata, is no part of it and stays a leak.
-    clone = image & ~entry & ((r["eff"] & EFF_RW) == 0)
-    clone_range = _kernel_text_clone(views.symbols)
-    if clone_range is not None:
-        clone &= _within(r, *clone_range) & (r["va"] + r["size"] <= np.uint64(clone_range[1]))
-    leak = ~(cea | espfix | entry | vsyscall | tss | clone)
-    return {"cpu_entry_area": cea, "espfix": espfix, "entry text": entry, "vsyscall page": vsyscall,
-            "cpu_tss_rw pages": tss, "kernel text clone": clone, "leak": leak, "_ranges": r, "_copies": copies}
+    and what it does not (ptilab.linux.regions.classify_ranges())."""
+    return classify_ranges(views.user, views.copies("user"), views.geometry, views.symbols, views.nr_cpus_hint)
 
 
 def check_pti_off(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:

@@ -176,3 +176,19 @@ def refill_cycles_table(rows: list[tuple[str, str, float, float]]) -> Table:
     for core, design, call, refill in rows:
         t.add_row(core, design, f"{call:.0f}", f"{refill:.0f}")
     return t
+
+
+def view_diff_table(result) -> Table:
+    """ptilab diff's changes: what B exposes more, what moved, what is gone."""
+    t = Table(title="The kernel as the user tables map it: B against A")
+    for col in ("change", "region", "first address", "pages", "ranges", "rights"):
+        t.add_column(col, overflow="fold")
+    for c in [*result.exposed, *result.moved, *result.gone]:
+        if c.kind == "moved":
+            rights = c.rights + (f", by {c.shift:+#x}" if c.shift is not None else ", rearranged")
+        elif c.was:
+            rights = f"{c.was} -> {c.rights}"
+        else:
+            rights = c.rights
+        t.add_row(c.kind, c.region, f"{c.va:#x}", str(c.pages), str(c.ranges), rights)
+    return t
