@@ -793,6 +793,48 @@ def dump(ctx, image, cr3, cpu, la57, live, fmt, as_json, system_map, kaslr_bases
         ctx.exit(1)
 
 
+@cli.command("log")
+@click.argument("image", required=False, type=click.Path(dir_okay=False))
+@live_option
+@json_option
+@click.pass_context
+def log_command(ctx, image, live, as_json) -> None:
+    """Print the kernel's log (its printk ring, Linux 5.10 and later) out of a
+    dump, as makedumpfile --dump-dmesg and dmesg print it: one line per
+    message, "[    0.123456] text". The ring is found through the dump's
+    VMCOREINFO alone: no debug info needed. --json gives each message's seq,
+    time, level, facility, caller and text.
+
+    \b
+    Examples:
+      ptilab log vmcore                        # a kdump vmcore, QEMU or makedumpfile dump
+      ptilab log guest.core | grep -i 'page tables isolation'
+      ptilab log guest.core --json
+      sudo ptilab log --live                   # the running kernel's, through /proc/kcore
+    """
+    from ptilab.linux.printk import format_dmesg, image_vmcoreinfo, read_ring
+
+    if bool(image) == bool(live):
+        raise UsageError("give an IMAGE to read the log of, or --live")
+    if live:
+        kernel = _open_live(ctx, live)
+        mem, info, source = kernel.kcore, kernel.info, kernel.kcore.path
+    else:
+        from ptilab.memory.images import open_image
+
+        _refuse_text_image(image)
+        mem, source = open_image(image), image
+        info = image_vmcoreinfo(mem, image)
+    out = _out()
+    with out.busy("reading the kernel's log"):
+        log = read_ring(mem, info)
+    if as_json:
+        out.json({"source": source, "osrelease": info.osrelease, "skipped_descriptors": log.skipped,
+                  "records": [r.as_dict() for r in log.records]})
+        return
+    out.text(format_dmesg(log.records))
+
+
 def _dump_warnings(w) -> list[str]:
     """What audit would flag as TABLE-* and TABLES-NO-ENTRY, in a line each."""
     from ptilab.audit.checks import entry_mapped

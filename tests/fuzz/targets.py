@@ -712,6 +712,64 @@ def fuzz_kcore(data: bytes) -> None:
         os.unlink(path)
 
 
+# -- the printk ring ------------------------------------------------------------------
+
+RING_PARTS = {"header": 88, "descs": 16 * 24, "infos": 16 * 88, "data": 512}
+RING_FORMATS = ["<Q", "<I", "<H", "<B"]
+RING_VALUES = INTERESTING + [0x1 << 62, 0x2 << 62, 0x3 << 62, 0x3, 60, 28, 31, 32, 0xFFFF_8880_0000_0000]
+
+
+@st.composite
+def ring_mutations(draw) -> tuple[list[tuple[str, int, str, int]], list[tuple[str, str | None]]]:
+    """(writes into a small ring written as printk writes it (tests/linux/printk_ring.py),
+    VMCOREINFO entries changed or dropped): descriptors with garbage state, ids out of
+    range, lpos past the ring, count_bits of 60, pointers anywhere."""
+    from tests.linux.printk_ring import LAYOUT
+
+    writes = []
+    for _ in range(draw(st.integers(0, 6))):
+        part = draw(st.sampled_from(sorted(RING_PARTS)))
+        fmt = draw(st.sampled_from(RING_FORMATS))
+        at = draw(st.integers(0, RING_PARTS[part] - struct.calcsize(fmt)))
+        if draw(st.booleans()):
+            at &= ~(struct.calcsize(fmt) - 1)  # a field's own alignment, most of the time
+        value = draw(st.one_of(st.sampled_from(RING_VALUES), st.integers(0, (1 << 64) - 1)))
+        writes.append((part, at, fmt, _fit(value, fmt)))
+    keys = draw(st.lists(st.sampled_from(sorted(LAYOUT) + ["SYMBOL(prb)", "SYMBOL(init_top_pgt)"]), max_size=2))
+    entries = [(k, draw(st.sampled_from([None, "0", "8", "88", "65535", "-1", "zz", "ffffffff81000040"])))
+               for k in keys]
+    return writes, entries
+
+
+def fuzz_ring(mutation) -> None:
+    """Read the log of a mutated ring: records that keep the ring's bounds, or a one-line refusal."""
+    from ptilab.linux.printk import read_ring
+    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
+    from tests.linux.printk_ring import Message, build_ring
+
+    writes, entries = mutation
+    ring = build_ring([Message(b"message %d" % i + b" more" * (i % 5), ts_nsec=i * 10 ** 7) for i in range(40)])
+    base = {"header": ring.prb, "descs": ring.descs, "infos": ring.infos, "data": ring.data}
+    for part, at, fmt, value in writes:
+        ring.poke(base[part] + at, fmt, value)
+    text = ring.vmcoreinfo
+    for key, value in entries:
+        text = "".join(line + "\n" for line in text.splitlines() if not line.startswith(key + "="))
+        if value is not None:
+            text += f"{key}={value}\n"
+    try:
+        log = read_ring(ring.ram, parse_vmcoreinfo(text))
+    except PtilabError as err:
+        if "\n" in str(err):
+            raise Crash(f"a refusal of more than one line: {err!r}")
+        return
+    if not log.records or log.skipped < 0 or len(log.records) + log.skipped > 1 << 28:
+        raise Crash(f"{len(log.records)} records, {log.skipped} skipped")
+    for r in log.records:
+        if len(r.raw) > 0xFFFF or not 0 <= r.level <= 7:
+            raise Crash(f"record {r!r} is not one the ring can hold")
+
+
 TARGETS = {  # name: (strategy, target taking the strategy's value)
     "core": (mutated_cores(), fuzz_core),
     "kcore": (mutated_kcores(), fuzz_kcore),
@@ -723,5 +781,6 @@ TARGETS = {  # name: (strategy, target taking the strategy's value)
     "file": (mutated_files(), lambda f: fuzz_file(*f)),
     "workload": (mutated_workloads(), fuzz_workload),
     "vmcoreinfo": (vmcoreinfo_texts(), fuzz_vmcoreinfo),
+    "ring": (ring_mutations(), fuzz_ring),
 }
 NEED_FIXTURE = ("walk", "text", "file")  # start from the real pti-4level fixture's tables and texts
