@@ -312,8 +312,12 @@ def check_user_view_summary(views: Views, kinds: dict[str, np.ndarray]) -> list[
         spans.extend(_spans(sel, "user", kind, limit=16, copies=copies[kinds[kind]]))
     if not parts:
         return []
-    where = ("see PTI-CEA-FIXED for the addresses they reveal" if _cea_fixed_slot(kinds).any() else
-             "the cpu_entry_area is not at the fixed address: its per-CPU slots are randomised")
+    if not _cea_fixed_slot(kinds).any():
+        where = "the cpu_entry_area is not at the fixed address: its per-CPU slots are randomised"
+    elif views.exposure.meltdown is Meltdown.NOT_AFFECTED:
+        where = "the cpu_entry_area sits at its fixed address, which only a Meltdown read would exploit"
+    else:
+        where = "see PTI-CEA-FIXED for the addresses they reveal"
     return [Finding("PTI-USER-VIEW", Severity.INFO, "what the user tables map of the kernel",
                     "While user code runs, the kernel half maps only " + "; ".join(parts) + ". These are what "
                     "entry and exit need before and after the CR3 switch; each is readable by Meltdown, which is "
@@ -353,6 +357,8 @@ def check_user_bit(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
 
 def check_executable(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     r = kinds["_ranges"]
+    if _pti_off(views, kinds):
+        return []  # without isolation all kernel text is there by design: PTI-OFF says so, as severe as the CPU
     x = ((r["eff"] & EFF_NX) == 0) & ~kinds["entry text"] & ~kinds["kernel text clone"]
     if not x.any():
         return []
@@ -364,6 +370,8 @@ def check_executable(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding
 
 def check_global(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     r = kinds["_ranges"]
+    if _pti_off(views, kinds):
+        return []  # global kernel pages matter only where PTI unmaps the rest
     # The cpu_entry_area, the cloned entry-text PMDs and the espfix pages are
     # global on purpose (cea_set_pte(), pti_clone_pgtable(), init_espfix_ap()).
     glb = ((r["prot"] & np.uint64(e.G)) != 0) & ~kinds["cpu_entry_area"] & ~kinds["entry text"] & ~kinds["espfix"]
@@ -402,7 +410,8 @@ def check_cea_fixed(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]
     gdt0 = CPU_ENTRY_AREA_BASE + 0x1000
     at = _cea_fixed_slot(kinds)
     hit = r[at]
-    if not len(hit):
+    # The fixed slot leaks only to a Meltdown read, and with PTI off PTI-OFF says more.
+    if not len(hit) or views.exposure.meltdown is Meltdown.NOT_AFFECTED or _pti_off(views, kinds):
         return []
     return [Finding("PTI-CEA-FIXED", Severity.LOW, "cpu_entry_area at its fixed, guessable address",
                     f"CPU 0's area starts at {gdt0:#x}, the address every kernel without randomised "

@@ -110,16 +110,14 @@ def image_vmcoreinfo(mem: PhysicalMemory) -> VmcoreInfo | None:
 
 def image_log(mem: PhysicalMemory, info: VmcoreInfo | None) -> list[str] | None:
     """The kernel log's lines out of the dump's printk ring; None where it cannot be read."""
+    from ptilab.linux.printk import read_kernel_log
+
     if info is None:
         return None
     try:
-        from ptilab.linux.printk import dmesg_lines, read_kernel_log
-    except ImportError:
-        return None
-    try:
-        return dmesg_lines(read_kernel_log(mem, info))
+        return [line for record in read_kernel_log(mem, info) for line in record.text.splitlines()]
     except PtilabError:
-        return None
+        return None  # a kernel before 5.10, or a ring the dump did not keep: the log says nothing
 
 
 def image_exposure(mem: PhysicalMemory, info: VmcoreInfo | None, stated: ex.Meltdown | None = None,
