@@ -690,11 +690,12 @@ def scan_command(ctx, images, la57, fail_on, cpu_meltdown, as_json, scheduler, w
     if as_json:
         out.json([s.as_dict() for s in scans] if len(images) > 1 else scans[0].as_dict())
     else:
-        from ptilab.report.tables import machine_line
+        from ptilab.report.tables import machine_lines
         out.table(scan_table(scans, len(images) > 1))
         for s in done:
             out.line(_scan_summary(s))
-            out.line(f"{s.path}: {machine_line(s.exposure)}")
+            for line in machine_lines(s.exposure):
+                out.line(f"{s.path}: {line}")
     _exit_batch(ctx, errors, failed)
 
 

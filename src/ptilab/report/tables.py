@@ -151,15 +151,15 @@ def audit_header(result) -> list[str]:
         lines.append(f"VMCOREINFO: {info.osrelease}, KERNELOFFSET {info.kernel_offset:#x} (the KASLR slide), "
                      f"init_top_pgt at {info.kernel_pgd:#x}, {info.levels}-level, "
                      f"{result.prstatus_cpus} CPU(s) in NT_PRSTATUS notes")
-    lines.append(machine_line(result.exposure))
+    lines.extend(machine_lines(result.exposure))
     return lines
 
 
-def machine_line(x) -> str:
-    """What is known of the CPU and KASLR, and from where: "CPU: ... (evidence); KASLR ..."."""
+def machine_lines(x) -> list[str]:
+    """What is known of the CPU and of KASLR, and from where: a line each."""
     from ptilab.linux.exposure import Meltdown
 
-    cpu = f"{x.cpu}, " if x.cpu else ""
+    cpu = f"{x.cpu}: " if x.cpu else ""
     if x.meltdown is Meltdown.UNKNOWN:
         melt = "Meltdown exposure unknown (no kernel log or sysfs to tell; see --cpu-meltdown)"
     else:
@@ -167,6 +167,6 @@ def machine_line(x) -> str:
         melt += f" ({x.because()})"
     if x.conflicts:
         melt += "; disagreeing: " + "; ".join(map(str, x.conflicts))
-    kaslr = ("KASLR unknown" if x.kaslr is None else
-             f"KASLR {'on' if x.kaslr else 'off'} ({'; '.join(map(str, x.kaslr_evidence))})")
-    return f"CPU: {cpu}{melt}; {kaslr}"
+    kaslr = ("unknown (nothing in the image says)" if x.kaslr is None else
+             f"{'on' if x.kaslr else 'off'} ({'; '.join(map(str, x.kaslr_evidence))})")
+    return [f"CPU: {cpu}{melt}", f"KASLR: {kaslr}"]
