@@ -565,17 +565,6 @@ def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool
     return mem, value, paging_mode(mem, value, la57)
 
 
-def _vmcoreinfo_facts(mem) -> dict | None:
-    """What the kernel's VMCOREINFO says of it, for the audit's header; None without one."""
-    info = mem.vmcoreinfo
-    if info is None:
-        return None
-    return {"osrelease": info.osrelease, "kernel_offset": f"{info.kernel_offset:#x}",
-            "init_top_pgt": f"{info.kernel_pgd:#x}", "levels": info.levels,
-            "prstatus_cpus": mem.prstatus_cpus, "source": "note" if info.found_at is None else "memory",
-            "found_at": None if info.found_at is None else f"{info.found_at:#x}"}
-
-
 image_options = [
     click.option("--cr3", default=None, metavar="HEX", help="CR3 to walk (PCID bits and bit 63 are ignored). "
                  "Default: from the core's QEMU notes, a CPU in user mode first; else init_top_pgt from its VMCOREINFO."),
@@ -614,6 +603,12 @@ def _symbols(system_map: str | None) -> dict[str, int] | None:
     return read_symbols(system_map, USED)
 
 
+cpu_meltdown_option = click.option(
+    "--cpu-meltdown", type=click.Choice(["affected", "not-affected", "xen-pv"]), default=None,
+    help="What you know of the machine's CPU, for when the image says nothing (no kernel log, no sysfs): affected "
+         "by Meltdown, not affected (AMD, Hygon, Intel with RDCL_NO), or a Xen PV guest. The kernel's own word "
+         "outranks it; a disagreement is reported.")
+
 cluster_options = [
     click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
                  help="Run on this Dask cluster (the images must be on a path every worker can read). "
@@ -639,11 +634,12 @@ def _with_cluster_options(fn):
               help="System.map or /proc/kallsyms text, to name the entry text (KASLR slide inferred).")
 @click.option("--fail-on", default="medium", show_default=True, metavar="SEVERITY",
               help="Exit 1 if a finding is at least this severe: info, low, medium, high, critical.")
+@cpu_meltdown_option
 @json_option
 @_with_cluster_options
 @click.pass_context
-def audit_command(ctx, images, cr3, cpu, la57, live, ptdump_file, system_map, fail_on, as_json, scheduler,
-                  workers) -> None:
+def audit_command(ctx, images, cr3, cpu, la57, live, ptdump_file, system_map, fail_on, cpu_meltdown, as_json,
+                  scheduler, workers) -> None:
     """Check a real kernel's page tables against PTI's promises: what the
     user tables expose of the kernel and with which rights.
 
@@ -668,16 +664,16 @@ def audit_command(ctx, images, cr3, cpu, la57, live, ptdump_file, system_map, fa
       ptilab audit guest.core --fail-on low && echo clean
       ptilab audit fleet/*.core --json            # one row per image
     """
-    from ptilab.audit import audit
     from ptilab.audit.findings import Severity
-    from ptilab.report.tables import findings_table
+    from ptilab.report.tables import audit_header, findings_table
 
     threshold = Severity.parse(fail_on)
+    stated = _stated_exposure(cpu_meltdown)
     if len(images) > 1:
         if ptdump_file or live:
             raise UsageError(f"give IMAGEs or {'--ptdump' if ptdump_file else '--live'}, not both")
         _refuse(ctx, ("cr3",), "one CR3 cannot fit several images; each image's CPU notes give its own")
-        _audit_images(ctx, images, cpu, la57, _symbols(system_map), threshold, as_json, scheduler, workers)
+        _audit_images(ctx, images, cpu, la57, _symbols(system_map), stated, threshold, as_json, scheduler, workers)
         return
     _refuse(ctx, ("scheduler", "workers"), "only with several IMAGEs")
     image = images[0] if images else None
@@ -685,28 +681,34 @@ def audit_command(ctx, images, cr3, cpu, la57, live, ptdump_file, system_map, fa
     symbols = _symbols(system_map)
     out = _out()
     if live:
-        views, subject, extra, findings, found = _audit_live(ctx, live, cr3, symbols, out)
+        result = _audit_live(ctx, live, cr3, symbols, stated, out)
     elif ptdump_file:
-        from ptilab.audit.sources import views_from_ptdump
-        views, subject, extra, found = views_from_ptdump(ptdump_file, symbols), ptdump_file, {}, None
+        from ptilab.audit.image import audit_ptdump
+        result = audit_ptdump(ptdump_file, symbols, stated)
     else:
-        views, subject, extra, found = _image_views(image, cr3, cpu, la57, symbols, out)
-    if not live:
-        findings = audit(views)
-    failed = any(f.severity >= threshold for f in findings)
+        result = _audit_image(image, cr3, cpu, la57, symbols, stated, out)
+    failed = any(f.severity >= threshold for f in result.findings)
     # Decided before printing: a reader that stops early (| head) still gets the verdict.
     ctx.meta[EXIT_META] = 1 if failed else 0
     if as_json:
         from ptilab.formats.jsonout import ranges_to_list, walk_to_dict
-        user_view = (walk_to_dict(found.user) if found is not None
-                     else {"ranges": ranges_to_list(views.user, views.geometry)})
-        out.json({"subject": subject, **extra, "findings": [f.as_dict() for f in findings],
-                  "user_view": user_view})
+        user_view = (walk_to_dict(result.found.user) if result.found is not None
+                     else {"ranges": ranges_to_list(result.views.user, result.views.geometry)})
+        out.json({**result.as_dict(), "user_view": user_view})
     else:
-        _say_where_the_views_came_from(out, extra)
-        out.table(findings_table(findings, f"PTI audit of {subject}"))
+        for line in audit_header(result):
+            out.line(line)
+        out.table(findings_table(list(result.findings), f"PTI audit of {result.subject}"))
     if failed:
         ctx.exit(1)
+
+
+def _stated_exposure(choice: str | None):
+    """--cpu-meltdown as the exposure it states."""
+    if choice is None:
+        return None
+    from ptilab.linux.exposure import Meltdown
+    return {"affected": Meltdown.AFFECTED, "not-affected": Meltdown.NOT_AFFECTED, "xen-pv": Meltdown.XEN_PV}[choice]
 
 
 def _one_audit_source(ctx, image: str | None, ptdump_file: str | None, live: bool) -> None:
@@ -720,56 +722,25 @@ def _one_audit_source(ctx, image: str | None, ptdump_file: str | None, live: boo
         _refuse(ctx, IMAGE_OPTIONS, "only with an IMAGE, not with --ptdump")
 
 
-def _image_views(image: str, cr3: str | None, cpu: int | None, la57: bool | None, symbols, out):
-    """An image's two views, the subject line and what the image says of itself."""
-    from ptilab.audit.sources import views_from_image
+def _audit_image(image: str, cr3: str | None, cpu: int | None, la57: bool | None, symbols, stated, out):
+    """The audit of one image, its CR3 from the options or its notes."""
+    from ptilab.audit.image import audit_image
 
     mem, value, geometry = _open_image_and_cr3(image, cr3, cpu, la57)
-    with out.busy("walking the page tables"):
-        found = views_from_image(mem, value, geometry, symbols)
-    extra = {**_pair_facts(found), "vmcoreinfo": _vmcoreinfo_facts(mem)}
-    return found.views, f"{image} (CR3 {value:#x}, {geometry.levels}-level)", extra, found
+    return audit_image(mem, image, value, geometry, symbols, stated, busy=out.busy)
 
 
-def _pair_facts(found) -> dict:
-    """The PGD pair an audit judged and the KASLR slide it inferred, for JSON and the text's header."""
-    return {"pti_pair": {"kernel_pgd": f"{found.pair.kernel_pgd:#x}", "user_pgd": f"{found.pair.user_pgd:#x}",
-                         "is_pti": found.pair.is_pti, "reasons": list(found.pair.reasons)},
-            "kaslr_slide": None if found.kaslr_slide is None else f"{found.kaslr_slide:#x}"}
-
-
-def _say_where_the_views_came_from(out, extra: dict) -> None:
-    """The lines above the findings: the live kernel, the PGD pair, VMCOREINFO's facts."""
-    if "live" in extra:
-        k = extra["live"]
-        out.line(f"running kernel {k['release']}: {k['source']}, init_top_pgt at {k['init_top_pgt']}, "
-                 f"{k['levels']}-level, KERNELOFFSET {k['kernel_offset']}")
-    if "pti_pair" in extra:
-        pair = extra["pti_pair"]
-        verdict = "a Linux PTI pair" if pair["is_pti"] else "not a PTI pair"
-        out.line(f"PGD pair: kernel {pair['kernel_pgd']}, user {pair['user_pgd']}: {verdict}"
-                 + (f"; KASLR slide {extra['kaslr_slide']}" if extra.get("kaslr_slide") else ""))
-    if extra.get("vmcoreinfo"):
-        facts = extra["vmcoreinfo"]
-        where = "" if facts["found_at"] is None else f" (found in memory at pa {facts['found_at']})"
-        out.line(f"VMCOREINFO{where}: {facts['osrelease']}, KERNELOFFSET {facts['kernel_offset']} (the KASLR slide), "
-                 f"init_top_pgt at {facts['init_top_pgt']}, {facts['levels']}-level, "
-                 f"{facts['prstatus_cpus']} CPU(s) in NT_PRSTATUS notes")
-
-
-def _audit_images(ctx, images, cpu, la57, symbols, threshold, as_json, scheduler, workers) -> None:
-    from ptilab.audit.findings import Severity
+def _audit_images(ctx, images, cpu, la57, symbols, stated, threshold, as_json, scheduler, workers) -> None:
     from ptilab.report.tables import audit_images_table
-    from ptilab.scan.batch import audit_images
+    from ptilab.scan.batch import ImageError, audit_images
 
-    rows = audit_images(images, cpu, la57, symbols, scheduler, workers)
-    failed = any(isinstance(r, dict) and any(Severity.parse(f["severity"]) >= threshold for f in r["findings"])
-                 for r in rows)
-    errors = [r for r in rows if not isinstance(r, dict)]
+    rows = audit_images(images, cpu, la57, symbols, stated, scheduler, workers)
+    errors = [r for r in rows if isinstance(r, ImageError)]
+    failed = any(f.severity >= threshold for r in rows if not isinstance(r, ImageError) for f in r.findings)
     ctx.meta[EXIT_META] = 2 if errors else 1 if failed else 0
     out = _out()
     if as_json:
-        out.json([r if isinstance(r, dict) else r.as_dict() for r in rows])
+        out.json([r.as_dict() for r in rows])
     else:
         out.table(audit_images_table(rows))
     _exit_batch(ctx, errors, failed)
@@ -791,10 +762,11 @@ def _exit_batch(ctx, errors: list, failed: bool) -> None:
               help="5-level paging (default: CR4.LA57 from the core's notes or VMCOREINFO, else 4).")
 @click.option("--fail-on", default="medium", show_default=True, metavar="SEVERITY",
               help="Exit 1 if an address space has a finding at least this severe.")
+@cpu_meltdown_option
 @json_option
 @_with_cluster_options
 @click.pass_context
-def scan_command(ctx, images, la57, fail_on, as_json, scheduler, workers) -> None:
+def scan_command(ctx, images, la57, fail_on, cpu_meltdown, as_json, scheduler, workers) -> None:
     """Find every address space in an image without symbols, and audit each:
     the PGDs whose kernel half is the kernel's (Linux copies init_mm's into
     every mm), as PTI pairs (kernel PGD, user PGD at +4 KiB) or single PGDs.
@@ -814,21 +786,24 @@ def scan_command(ctx, images, la57, fail_on, as_json, scheduler, workers) -> Non
     """
     from ptilab.audit.findings import Severity
     from ptilab.report.tables import scan_table
-    from ptilab.scan.batch import scan_images
+    from ptilab.scan.batch import ImageError, scan_images
 
     threshold = Severity.parse(fail_on)
-    scans = scan_images(images, la57, scheduler, workers)
-    done = [s for s in scans if hasattr(s, "spaces")]
-    errors = [s for s in scans if not hasattr(s, "spaces")]
+    scans = scan_images(images, la57, scheduler, workers, stated=_stated_exposure(cpu_meltdown))
+    errors = [s for s in scans if isinstance(s, ImageError)]
+    done = [s for s in scans if not isinstance(s, ImageError)]
     failed = any(s.failed(threshold) for s in done)
     ctx.meta[EXIT_META] = 2 if errors else 1 if failed else 0
     out = _out()
     if as_json:
         out.json([s.as_dict() for s in scans] if len(images) > 1 else scans[0].as_dict())
     else:
+        from ptilab.report.tables import machine_lines
         out.table(scan_table(scans, len(images) > 1))
         for s in done:
             out.line(_scan_summary(s))
+            for line in machine_lines(s.exposure):
+                out.line(f"{s.path}: {line}")
     _exit_batch(ctx, errors, failed)
 
 
@@ -848,20 +823,17 @@ def _scan_summary(s) -> str:
             + f"{s.bytes_scanned / (1 << 30):.1f} GiB{holes} in {s.seconds:.2f} s ({rate:.1f} GiB/s read)")
 
 
-def _audit_live(ctx: click.Context, root: str, cr3: str | None, symbols: dict[str, int] | None, out: Output):
-    """The views, subject, extra JSON, findings and image views of an audit of the running kernel."""
+def _audit_live(ctx: click.Context, root: str, cr3: str | None, symbols: dict[str, int] | None, stated, out: Output):
+    """The audit of the running kernel."""
     from pathlib import Path
 
-    from ptilab.audit.live import audit_live, live_symbols
+    from ptilab.audit.image import audit_running_kernel
+    from ptilab.audit.live import live_symbols
 
     kernel = _open_live(ctx, root)
     with out.busy("walking the running kernel's page tables"):
-        result = audit_live(kernel, symbols or live_symbols(Path(root)), None if cr3 is None else _parse_cr3(cr3))
-    found = result.found
-    subject = (f"the running kernel {kernel.info.osrelease} ({kernel.kcore.path}, PGD {found.pair.kernel_pgd:#x}, "
-               f"{kernel.geometry.levels}-level)")
-    extra = {**_pair_facts(found), "live": kernel.as_dict()}
-    return found.views, subject, extra, result.findings, found
+        return audit_running_kernel(kernel, symbols or live_symbols(Path(root)),
+                                    None if cr3 is None else _parse_cr3(cr3), stated)
 
 
 @cli.command("dump")

@@ -15,8 +15,9 @@ import numpy as np
 
 from ptilab.audit.findings import Finding, Severity, Span
 from ptilab.errors import WalkTooLarge
-from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE
-from ptilab.linux.regions import PTI_OFF_BYTES, class_edges, classify_ranges
+from ptilab.linux.exposure import UNKNOWN, Exposure, Meltdown
+from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, START_KERNEL_MAP
+from ptilab.linux.regions import MODULES_VADDR, PTI_OFF_BYTES, class_edges, classify_ranges
 from ptilab.linux.regions import count as _count
 from ptilab.linux.regions import direct_map as _direct_map
 from ptilab.linux.regions import present_kernel_half as _present_kernel_half
@@ -42,6 +43,8 @@ class Views:
     # Per range: how many times it appears in the address space (Walk.multiplicity()); None: once each.
     user_copies: np.ndarray | None = None
     kernel_copies: np.ndarray | None = None
+    # What is known of the machine behind the tables: the CPU's Meltdown exposure, KASLR (ptilab.linux.exposure).
+    exposure: Exposure = UNKNOWN
 
     @classmethod
     def from_walks(cls, user: "Walk", kernel: "Walk | None" = None, **kw) -> "Views":
@@ -111,23 +114,58 @@ def classify(views: Views) -> dict[str, np.ndarray]:
 
 def check_pti_off(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     r, copies = kinds["_ranges"], kinds["_copies"]
-    leaked = _bytes(r, copies, kinds["leak"])
-    same = views.kernel is not None and len(views.kernel) == len(views.user) and bool(
-        (views.kernel["va"] == views.user["va"]).all() and (views.kernel["pa"] == views.user["pa"]).all()
-        and (views.copies("kernel") == views.copies("user")).all())
-    # region_of() over every range, vectorised: the direct map is one interval.
-    direct = _bytes(r, copies, _within(r, *_direct_map(views.geometry)))
-    if leaked < PTI_OFF_BYTES and not same and direct < PTI_OFF_BYTES:
+    if not _pti_off(views, kinds):
         return []
-    why = ("the user and kernel views are the same tree" if same else
+    leaked = _bytes(r, copies, kinds["leak"])
+    direct = _bytes(r, copies, _within(r, *_direct_map(views.geometry)))
+    why = ("the user and kernel views are the same tree" if _same_tree(views) else
            f"the tables used in user mode map {leaked >> 20} MiB of the kernel"
            + (f", {direct >> 20} MiB of it the direct map (all of physical memory)" if direct else ""))
-    return [Finding("PTI-OFF", Severity.CRITICAL, "page-table isolation is off",
-                    f"PTI promises that while a CPU runs user code its page tables map only what "
-                    f"kernel entry needs; here {why}. A Meltdown-style attack (CVE-2017-5754) can then read "
-                    f"any kernel memory, and with it all of RAM through the direct map. Boot with pti=on "
-                    f"or check why the kernel disabled it (an AMD CPU, pti=off, mitigations=off).",
+    severity, title, verdict = _pti_off_verdict(views.exposure)
+    return [Finding("PTI-OFF", severity, title,
+                    f"PTI promises that while a CPU runs user code its page tables map only what kernel entry "
+                    f"needs; here {why}. {verdict}",
                     _spans(r[kinds["leak"]], "user", copies=copies[kinds["leak"]]))]
+
+
+def _same_tree(views: Views) -> bool:
+    return views.kernel is not None and len(views.kernel) == len(views.user) and bool(
+        (views.kernel["va"] == views.user["va"]).all() and (views.kernel["pa"] == views.user["pa"]).all()
+        and (views.copies("kernel") == views.copies("user")).all())
+
+
+def _pti_off(views: Views, kinds: dict[str, np.ndarray]) -> bool:
+    """The user view maps the kernel wholesale: no isolation at all."""
+    r, copies = kinds["_ranges"], kinds["_copies"]
+    # region_of() over every range, vectorised: the direct map is one interval.
+    direct = _bytes(r, copies, _within(r, *_direct_map(views.geometry)))
+    return _bytes(r, copies, kinds["leak"]) >= PTI_OFF_BYTES or direct >= PTI_OFF_BYTES or _same_tree(views)
+
+
+def _pti_off_verdict(x: Exposure) -> tuple[Severity, str, str]:
+    """PTI-OFF's severity follows the CPU (docs/design.md, "Severity policy"), and names its evidence."""
+    said = x.because()
+    cpu = f" ({x.cpu})" if x.cpu else ""
+    if x.meltdown is Meltdown.AFFECTED:
+        return (Severity.CRITICAL, "page-table isolation is off on a CPU affected by Meltdown",
+                f"The CPU{cpu} is affected by Meltdown ({said}): a Meltdown attack (CVE-2017-5754) can read any "
+                f"kernel memory, and with it all of RAM through the direct map. Boot without pti=off, nopti or "
+                f"mitigations=off.")
+    if x.meltdown is Meltdown.NOT_AFFECTED:
+        return (Severity.INFO, "page-table isolation is off, by design: the CPU is not affected by Meltdown",
+                f"The CPU{cpu} is not affected by Meltdown ({said}): it does not speculate past the US bit, so "
+                f"Linux leaves PTI off on it (cpu_vuln_whitelist, ARCH_CAPABILITIES.RDCL_NO). What the user "
+                f"tables map still matters for KASLR (see KASLR-KERNEL-MAPPED).")
+    if x.meltdown is Meltdown.XEN_PV:
+        return (Severity.LOW, "page-table isolation is off, left to the hypervisor (Xen PV)",
+                f"This is a Xen PV guest ({said}): Linux turns PTI off there by design, and isolation is the "
+                f"hypervisor's job (Xen's XPTI). Nothing in these tables says whether the hypervisor does it: "
+                f"check Xen's xpti= setting.")
+    return (Severity.HIGH, "page-table isolation is off; nothing tells whether the CPU is affected by Meltdown",
+            "No evidence says whether this CPU is affected (no kernel log in the image, no sysfs): on an affected "
+            "CPU (most Intel CPUs before Cascade Lake) a Meltdown attack (CVE-2017-5754) can read any kernel memory "
+            "and all of RAM through the direct map; on an unaffected one (every AMD and Hygon CPU, Intel with "
+            "RDCL_NO) Linux leaves PTI off by design. Give --cpu-meltdown affected|not-affected to say which.")
 
 
 def check_leaks(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
@@ -135,17 +173,13 @@ def check_leaks(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     leak, leak_copies = r[kinds["leak"]], copies[kinds["leak"]]
     if not len(leak) or _bytes(leak, leak_copies) >= PTI_OFF_BYTES:
         return []
-    image = np.zeros(len(leak), bool)  # the kernel text clone is judged apart (check_kernel_text_clone)
-    found = []
-    rest = leak[~image]
-    if len(rest):
-        found.append(Finding(
-            "PTI-LEAK", Severity.HIGH, "kernel memory mapped in the user tables",
-            f"{_count(leak_copies, ~image)} kernel range(s), {_bytes(leak, leak_copies, ~image) >> 10} KiB, are present in the tables "
-            f"used in user mode but are none of what PTI allows there (cpu_entry_area, entry text, espfix "
-            f"stacks, per-CPU cpu_tss_rw). A present translation is all Meltdown needs: the US bit does not "
-            f"stop a speculative read.", _spans(rest, "user", "not allowed under PTI", copies=leak_copies[~image])))
-    return found
+    # The kernel text clone is judged apart (check_kernel_text_clone): classify() keeps it out of "leak".
+    return [Finding(
+        "PTI-LEAK", Severity.HIGH, "kernel memory mapped in the user tables",
+        f"{_count(leak_copies, slice(None))} kernel range(s), {_bytes(leak, leak_copies) >> 10} KiB, are present in "
+        f"the tables used in user mode but are none of what PTI allows there (cpu_entry_area, entry text, espfix "
+        f"stacks, per-CPU cpu_tss_rw). A present translation is all Meltdown needs: the US bit does not "
+        f"stop a speculative read.", _spans(leak, "user", "not allowed under PTI", copies=leak_copies))]
 
 
 def check_kernel_text_clone(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
@@ -191,8 +225,12 @@ def check_user_view_summary(views: Views, kinds: dict[str, np.ndarray]) -> list[
         spans.extend(_spans(sel, "user", kind, limit=16, copies=copies[kinds[kind]]))
     if not parts:
         return []
-    where = ("see PTI-CEA-FIXED for the addresses they reveal" if _cea_fixed_slot(kinds).any() else
-             "the cpu_entry_area is not at the fixed address: its per-CPU slots are randomised")
+    if not _cea_fixed_slot(kinds).any():
+        where = "the cpu_entry_area is not at the fixed address: its per-CPU slots are randomised"
+    elif views.exposure.meltdown is Meltdown.NOT_AFFECTED:
+        where = "the cpu_entry_area sits at its fixed address, which only a Meltdown read would exploit"
+    else:
+        where = "see PTI-CEA-FIXED for the addresses they reveal"
     return [Finding("PTI-USER-VIEW", Severity.INFO, "what the user tables map of the kernel",
                     "While user code runs, the kernel half maps only " + "; ".join(parts) + ". These are what "
                     "entry and exit need before and after the CR3 switch; each is readable by Meltdown, which is "
@@ -232,6 +270,8 @@ def check_user_bit(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
 
 def check_executable(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     r = kinds["_ranges"]
+    if _pti_off(views, kinds):
+        return []  # without isolation all kernel text is there by design: PTI-OFF says so, as severe as the CPU
     x = ((r["eff"] & EFF_NX) == 0) & ~kinds["entry text"] & ~kinds["kernel text clone"]
     if not x.any():
         return []
@@ -243,6 +283,8 @@ def check_executable(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding
 
 def check_global(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     r = kinds["_ranges"]
+    if _pti_off(views, kinds):
+        return []  # global kernel pages matter only where PTI unmaps the rest
     # The cpu_entry_area, the cloned entry-text PMDs and the espfix pages are
     # global on purpose (cea_set_pte(), pti_clone_pgtable(), init_espfix_ap()).
     glb = ((r["prot"] & np.uint64(e.G)) != 0) & ~kinds["cpu_entry_area"] & ~kinds["entry text"] & ~kinds["espfix"]
@@ -281,7 +323,8 @@ def check_cea_fixed(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]
     gdt0 = CPU_ENTRY_AREA_BASE + 0x1000
     at = _cea_fixed_slot(kinds)
     hit = r[at]
-    if not len(hit):
+    # The fixed slot leaks only to a Meltdown read, and with PTI off PTI-OFF says more.
+    if not len(hit) or views.exposure.meltdown is Meltdown.NOT_AFFECTED or _pti_off(views, kinds):
         return []
     return [Finding("PTI-CEA-FIXED", Severity.LOW, "cpu_entry_area at its fixed, guessable address",
                     f"CPU 0's area starts at {gdt0:#x}, the address every kernel without randomised "
@@ -289,6 +332,65 @@ def check_cea_fixed(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]
                     f"and a Meltdown read of them reveals kernel pointers (IDT handler addresses, the TSS's "
                     f"stack pointers) and with them the KASLR offsets. Linux 6.2 randomises each CPU's slot "
                     f"(CONFIG_RANDOMIZE_MEMORY).", _spans(hit, "user", "cpu_entry_area", copies=copies[at]))]
+
+
+def _kaslr_words(x: Exposure) -> str | None:
+    """How the finding speaks of KASLR: None when it is known to be off (nothing to leak)."""
+    if x.kaslr is False:
+        return None
+    if x.kaslr:
+        return "KASLR is on (" + "; ".join(map(str, x.kaslr_evidence)) + ")"
+    return "nothing tells whether KASLR is on; if it is"
+
+
+def check_kaslr_entry_text(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    """EntryBleed (CVE-2022-4543): PTI's user tables map the entry text inside the slid kernel image."""
+    r, copies = kinds["_ranges"], kinds["_copies"]
+    entry = kinds["entry text"] & ((r["eff"] & EFF_NX) == 0)
+    words = _kaslr_words(views.exposure)
+    if words is None or not entry.any() or _pti_off(views, kinds) or kinds["kernel text clone"].any():
+        return []
+    glb = bool(((r["prot"][entry] & np.uint64(e.G)) != 0).any())
+    return [Finding(
+        "KASLR-ENTRYBLEED", Severity.MEDIUM, "the entry text in the user tables gives away the KASLR base",
+        f"{words}, yet the tables used in user mode map the entry text (entry_SYSCALL_64 and the rest of "
+        f"pti_clone_entry_text()'s PMDs) at its slid address inside the kernel image"
+        f"{', global' if glb else ''}. EntryBleed (CVE-2022-4543; Liu, Ravichandran and Yan, HASP '23) times "
+        f"prefetch over the 512 2 MiB candidates from user mode after a syscall and finds the one whose "
+        f"translation is cached: the kernel base in under a second, shown on Intel CPUs from Haswell to Coffee "
+        f"Lake, on any kernel with PTI and KASLR since 4.20 (no Meltdown needed, so on every CPU that runs PTI "
+        f"and keeps that translation). Mainline has no fix. The kernel could map entry code the user tables "
+        f"need at an address randomised apart from the image, as the SYSCALL64 trampoline in the "
+        f"cpu_entry_area did until 4.20 (bf904d2762ee).", _spans(r[entry], "user", "entry text", copies=copies[entry]))]
+
+
+def check_kaslr_kernel_mapped(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    """Prefetch and TLB timing find a kernel image that the user tables map (PTI off, or the text clone)."""
+    r, copies = kinds["_ranges"], kinds["_copies"]
+    image = _within(r, START_KERNEL_MAP, MODULES_VADDR)
+    words = _kaslr_words(views.exposure)
+    off = _pti_off(views, kinds)
+    if words is None or not image.any() or not (off or kinds["kernel text clone"].any()):
+        return []
+    what = ("PTI is off, so the tables used in user mode map the whole kernel" if off else
+            "the kernel image's text and rodata are cloned into the user tables (PTI-KERNEL-IMAGE)")
+    return [Finding(
+        "KASLR-KERNEL-MAPPED", Severity.MEDIUM, "the kernel image mapped in user mode gives away the KASLR base",
+        f"{words}; {what}, {_bytes(r, copies, image) >> 20} MiB of the kernel image at its slid address. Timing "
+        f"prefetch or a faulting access from user mode tells a mapped kernel page from an unmapped one on any CPU, "
+        f"no Meltdown needed: Gruss et al., \"Prefetch Side-Channel Attacks\" (CCS 2016) on Intel, Lipp et al., "
+        f"\"AMD Prefetch Attacks through Power and Time\" (USENIX Security 2022, CVE-2021-26318) on AMD. "
+        f"Isolation (pti=on) unmaps the image, leaving only the entry text (see KASLR-ENTRYBLEED).",
+        _spans(r[image], "user", "kernel image", limit=16, copies=copies[image]))]
+
+
+def check_kaslr_off(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    x = views.exposure
+    if x.kaslr is not False:
+        return []
+    return [Finding("KASLR-OFF", Severity.INFO, "KASLR is off: the kernel sits at its link-time addresses",
+                    f"{'; '.join(map(str, x.kaslr_evidence))}: every kernel address is the one System.map names, "
+                    f"so no mapping here leaks a secret base; an attacker needs none.")]
 
 
 def check_anomalies(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
@@ -320,7 +422,8 @@ def check_no_entry(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
 
 
 CHECKS = (check_no_entry, check_pti_off, check_leaks, check_kernel_text_clone, check_user_view_summary, check_wx, check_user_bit, check_executable,
-          check_global, check_kernel_pgd_nx, check_cea_fixed, check_anomalies)
+          check_global, check_kernel_pgd_nx, check_cea_fixed, check_kaslr_entry_text, check_kaslr_kernel_mapped,
+          check_kaslr_off, check_anomalies)
 
 
 def audit(views: Views) -> list[Finding]:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ptilab.errors import FrameOutsideMemory, InputError
-from ptilab.memory.vmcoreinfo import VmcoreInfo, parse_vmcoreinfo
+from ptilab.memory.vmcoreinfo import VmcoreInfo
 from ptilab.paging.cr3 import CR3
 from ptilab.paging.entry import PAGE_SHIFT, PAGE_SIZE
 from ptilab.paging.geometry import Geometry
@@ -128,11 +128,11 @@ def image_vmcoreinfo(mem: PhysicalMemory, name: str) -> VmcoreInfo:
 
     The one place the log reads it from an image, so the declared attribute
     that replaces the probe has one place to go."""
-    text = getattr(mem, "vmcoreinfo_text", "") or ""
-    if not text:
-        raise InputError(f"{name} carries no VMCOREINFO (LiME and raw images, and QEMU cores taken without "
-                         f"-device vmcoreinfo, have none), so the kernel's log cannot be found in it")
-    return parse_vmcoreinfo(text)
+    info = mem.vmcoreinfo
+    if info is None:
+        raise InputError(f"{name} carries no VMCOREINFO (no note, and none found in its memory), so the "
+                         f"kernel's log cannot be found in it")
+    return info
 
 
 def read_kernel_log(mem: PhysicalMemory, info: VmcoreInfo) -> list[LogRecord]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from ptilab.audit.image import ImageError
 from ptilab.compare.layout_change import Outcome
 from ptilab.compare.metrics import DesignReport
 from ptilab.mmu.cost import WorkloadCost
@@ -107,7 +108,7 @@ def scan_table(scans: list, several: bool) -> Table:
     for col in cols:
         t.add_column(col, overflow="fold")
     for scan in scans:
-        if not hasattr(scan, "spaces"):
+        if isinstance(scan, ImageError):
             t.add_row(*([scan.path] if several else []), "-", "-", "-", "-", f"error: {scan.message}")
             continue
         for s in scan.spaces:
@@ -118,20 +119,19 @@ def scan_table(scans: list, several: bool) -> Table:
 
 
 def audit_images_table(rows: list) -> Table:
-    """One row per image audited: its PGD pair and the most severe findings."""
+    """One row per image audited: its PGD pair, its CPU's exposure and the most severe findings."""
     t = Table(title=f"PTI audit of {len(rows)} images")
-    for col in ("image", "CR3", "PGD pair", "worst", "findings"):
+    for col in ("image", "CR3", "PGD pair", "CPU vs Meltdown", "worst", "findings"):
         t.add_column(col, overflow="fold")
     for row in rows:
-        if not isinstance(row, dict):
-            t.add_row(row.path, "-", "-", "error", row.message)
+        if isinstance(row, ImageError):
+            t.add_row(row.path, "-", "-", "-", "error", row.message)
             continue
-        pair = row["pti_pair"]
-        findings = row["findings"]
-        worst = findings[0]["severity"] if findings else "none"
-        t.add_row(row["image"], row["cr3"], f"{pair['kernel_pgd']}/{pair['user_pgd']}"
-                  + ("" if pair["is_pti"] else " (not PTI)"), worst,
-                  ", ".join(f["id"] for f in findings) or "-")
+        pair = row.pair
+        worst = row.findings[0].severity.name.lower() if row.findings else "none"
+        t.add_row(row.image, f"{row.cr3:#x}", f"{pair.kernel_pgd:#x}/{pair.user_pgd:#x}"
+                  + ("" if pair.is_pti else " (not PTI)"), row.exposure.meltdown.value, worst,
+                  ", ".join(f.id for f in row.findings) or "-")
     return t
 
 
@@ -192,3 +192,41 @@ def view_diff_table(result) -> Table:
             rights = c.rights
         t.add_row(c.kind, c.region, f"{c.va:#x}", str(c.pages), str(c.ranges), rights)
     return t
+
+
+def audit_header(result) -> list[str]:
+    """The lines above an audit's findings: the live kernel, the PGD pair, VMCOREINFO, the machine."""
+    lines = []
+    if result.live is not None:
+        k = result.live
+        lines.append(f"running kernel {k.info.osrelease}: {k.kcore.path}, init_top_pgt at {k.info.kernel_pgd:#x}, "
+                     f"{k.info.levels}-level, KERNELOFFSET {k.info.kernel_offset:#x}")
+    if result.pair is not None:
+        verdict = "a Linux PTI pair" if result.pair.is_pti else "not a PTI pair"
+        lines.append(f"PGD pair: kernel {result.pair.kernel_pgd:#x}, user {result.pair.user_pgd:#x}: {verdict}"
+                     + (f"; KASLR slide {result.kaslr_slide:#x}" if result.kaslr_slide else ""))
+    info = result.vmcoreinfo
+    if info is not None and result.live is None:
+        where = "" if info.found_at is None else f" (found in memory at pa {info.found_at:#x})"
+        lines.append(f"VMCOREINFO{where}: {info.osrelease}, KERNELOFFSET {info.kernel_offset:#x} (the KASLR slide), "
+                     f"init_top_pgt at {info.kernel_pgd:#x}, {info.levels}-level, "
+                     f"{result.prstatus_cpus} CPU(s) in NT_PRSTATUS notes")
+    lines.extend(machine_lines(result.exposure))
+    return lines
+
+
+def machine_lines(x) -> list[str]:
+    """What is known of the CPU and of KASLR, and from where: a line each."""
+    from ptilab.linux.exposure import Meltdown
+
+    cpu = f"{x.cpu}: " if x.cpu else ""
+    if x.meltdown is Meltdown.UNKNOWN:
+        melt = "Meltdown exposure unknown (no kernel log or sysfs to tell; see --cpu-meltdown)"
+    else:
+        melt = f"{x.meltdown.value} by Meltdown" if x.meltdown is not Meltdown.XEN_PV else x.meltdown.value
+        melt += f" ({x.because()})"
+    if x.conflicts:
+        melt += "; disagreeing: " + "; ".join(map(str, x.conflicts))
+    kaslr = ("unknown (nothing in the image says)" if x.kaslr is None else
+             f"{'on' if x.kaslr else 'off'} ({'; '.join(map(str, x.kaslr_evidence))})")
+    return [f"CPU: {cpu}{melt}", f"KASLR: {kaslr}"]
