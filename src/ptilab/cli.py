@@ -803,7 +803,7 @@ def scan_command(ctx, images, la57, fail_on, cpu_meltdown, as_json, scheduler, w
         for s in done:
             out.line(_scan_summary(s))
             for line in machine_lines(s.exposure):
-                out.line(f"{s.path}: {line}")
+                out.line(f"{s.path}: {line}" if len(images) > 1 else line)
     _exit_batch(ctx, errors, failed)
 
 
