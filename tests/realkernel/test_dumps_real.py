@@ -86,7 +86,8 @@ def _audits_like_the_core(k, name: str) -> None:
     init_mm = ["--cr3", f"{k.kernel_pgd:x}"]
     got = _audit(k.path / name)
     want = _audit(k.path / "core.elf", *([] if name == "kdump-zlib.dump" else init_mm))
-    assert got["pti_pair"] == want["pti_pair"] and got["pti_pair"]["is_pti"]
+    assert got["pti_pair"] == want["pti_pair"] and got["pti_pair"]["is_pti"] == k.meta["pti"]
+    assert got["machine"] == want["machine"] and got["machine"]["meltdown_evidence"]  # read from the dump's own log
     assert got["findings"] == want["findings"]
     assert got["user_view"] == want["user_view"]
 

@@ -57,8 +57,9 @@ def test_kdump_shaped_vmcore_is_audited_from_its_vmcoreinfo_alone(config):
     from_note = _audit_json(k.path / "kdump.elf")
     from_cr3 = _audit_json(k.path / "core.elf", "--cr3", f"{info.kernel_pgd:x}")
     assert from_note["pti_pair"] == {"kernel_pgd": f"{info.kernel_pgd:#x}", "user_pgd": f"{info.kernel_pgd + 0x1000:#x}",
-                                     "is_pti": True, "reasons": from_cr3["pti_pair"]["reasons"]}
+                                     "is_pti": k.meta["pti"], "reasons": from_cr3["pti_pair"]["reasons"]}
     assert from_note["findings"] == from_cr3["findings"]
+    assert from_note["kaslr_slide"] == f"{k.symbols['_stext'] - TEXT_START:#x}"  # KERNELOFFSET, in JSON as in text
     slide = k.symbols["_stext"] - TEXT_START
     assert from_note["vmcoreinfo"] == {"osrelease": k.meta["kernel_release"], "kernel_offset": f"{slide:#x}",
                                        "init_top_pgt": f"{info.kernel_pgd:#x}", "levels": 4, "prstatus_cpus": 2,
