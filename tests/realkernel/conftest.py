@@ -163,8 +163,16 @@ def assert_same_but_accessed_bits(got: str, want: str, view) -> None:
     start only one text has, the frozen tables (view, a Walk) differ in that bit alone."""
     assert _range_lines(got) == _range_lines(want), "".join(difflib.unified_diff(
         want.splitlines(True), got.splitlines(True), "linux", "ptilab"))
-    for va in _starts(got) ^ _starts(want):
-        before, after = view.ranges_within(va - 1, va + 1)["prot"]
+    ours, kernels = _starts(got), _starts(want)
+    for va in ours ^ kernels:
+        prot = view.ranges_within(va - 1, va + 1)["prot"]
+        if len(prot) == 1:
+            # The frozen tables hold one range across va. ptilab's text comes from them, so it
+            # may not start a line there; the kernel's was read before the freeze, when the
+            # Accessed bit of the two pages still differed and its ptdump split: churn, not a fault.
+            assert va not in ours, f"ptilab starts a line at {va:#x} inside one range of the frozen tables"
+            continue
+        before, after = prot
         assert int(before ^ after) & ~ACCESSED == 0, f"at {va:#x} more than the Accessed bit differs"
 
 

@@ -198,5 +198,27 @@ def label_ranges(user: np.ndarray, copies: np.ndarray | None, geometry: Geometry
     """A user view's present kernel-half ranges (split where a name may change),
     how many times each appears, and each one's name (label_kinds())."""
     copies = np.ones(len(user), np.int64) if copies is None else copies
+    user, copies = _area_by_page(user, copies)
     kinds = classify_ranges(user, copies, geometry, symbols or {})
     return kinds["_ranges"], kinds["_copies"], label_kinds(kinds, geometry, profile)
+
+
+def _area_by_page(r: np.ndarray, copies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cpu_entry_area's ranges cut into pages: its adjacent pieces (the IDT
+    and CPU 0's GDT, a TSS and the stacks) may share rights and not a name,
+    and a coalesced view joins them."""
+    area = within(r, CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + P4D_SIZE) & (r["size"] > np.uint64(e.PAGE_SIZE))
+    if not area.any():
+        return r, copies
+    big = r[area]
+    n = (big["size"] >> np.uint64(e.PAGE_SHIFT)).astype(np.int64)
+    owner = np.repeat(np.arange(len(big)), n)
+    step = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)).astype(np.uint64) << np.uint64(e.PAGE_SHIFT)
+    pages = big[owner]
+    pages["va"] += step
+    pages["pa"] += step
+    pages["size"] = e.PAGE_SIZE
+    out = np.concatenate((r[~area], pages))
+    many = np.concatenate((copies[~area], copies[area][owner]))
+    order = np.argsort(out["va"], kind="stable")
+    return out[order], many[order]

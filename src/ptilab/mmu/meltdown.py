@@ -31,7 +31,7 @@ import numpy as np
 from ptilab.errors import FrameOutsideMemory
 from ptilab.linux.kernel import ENTRY_TEXT, TEXT_START
 from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, LINUX_6_1, Profile
-from ptilab.linux.regions import region_of
+from ptilab.linux.regions import label_ranges
 from ptilab.paging import EFF_NX, EFF_RW, EFF_US, PageFault, Walk, coalesce, translate
 from ptilab.paging import entry as e
 
@@ -217,10 +217,11 @@ def readable(view: Walk) -> list[Readable]:
     # keep the ESPfix area's 65536 aliases per page from being expanded.
     r = view.runs()
     r = coalesce(r[((r["prot"] & np.uint64(e.P)) != 0) & ((r["eff"] & EFF_US) == 0)], by_pa=False)
-    levels = view.geometry.levels
+    # Named as the audit names them (the per-CPU cpu_tss_rw pages are not "direct map").
+    r, _, names = label_ranges(r, None, view.geometry)
     groups: dict[tuple[str, int], list[int]] = {}
-    for i, va in enumerate(r["va"].tolist()):
-        groups.setdefault((region_of(va, levels), int(r["eff"][i]) & (EFF_RW | EFF_NX)), []).append(i)
+    for i, name in enumerate(names.tolist()):
+        groups.setdefault((name, int(r["eff"][i]) & (EFF_RW | EFF_NX)), []).append(i)
     out = []
     for (region, eff), rows in groups.items():
         runs = r[rows]

@@ -207,7 +207,9 @@ def _segments(r: np.ndarray, start: int, end: int, edges: np.ndarray, kinds: Kin
         j = i
         while j + 1 < nbins and kind_bin[j + 1] == kind_bin[i] and rights_bin[j + 1] == rights_bin[i]:
             j += 1
-        inside = (lo <= j) & (hi >= i)
+        # The tip tells of the ranges of the kind the bins show, not of every range
+        # sharing their bins (a bin holding a cpu_tss_rw page and 160 MB of other kernel).
+        inside = (lo <= j) & (hi >= i) & (prio == kind_bin[i])
         first_va = max(int(r["va"][inside].min()), start + int(edges[i]))
         last_end = min(int((r["va"][inside] + r["size"][inside]).max()), start + int(edges[j + 1]))
         mapped = int((np.minimum(r["va"][inside] + r["size"][inside], np.uint64(start + int(edges[j + 1])))
