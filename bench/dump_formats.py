@@ -32,7 +32,6 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench.large_image import write_image  # noqa: E402
 from ptilab.memory.elfcore import ElfCore  # noqa: E402
-from ptilab.memory.vmcoreinfo import parse_vmcoreinfo  # noqa: E402
 from tests.memory.dumpfiles import write_kdump  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "realkernel" / "out" / "pti-kaslr"
@@ -78,7 +77,7 @@ def real(repeat: int) -> bool:
         print(f"no {FIXTURE}/lime.dump: run python tests/realkernel/build.py --config pti-kaslr")
         return False
     with ElfCore(FIXTURE / "core.elf") as core:  # reads the notes only: a few pages
-        cr3 = parse_vmcoreinfo(core.vmcoreinfo_text).kernel_pgd
+        cr3 = core.vmcoreinfo.kernel_pgd
     names = ["core.elf", "kdump-zlib.dump", "makedumpfile-zlib.dump", "makedumpfile-lzo.dump", "lime.dump"]
     return compare("real: Debian 6.1 pti-kaslr, 256 MiB guest, init_mm's PGD pair",
                    {n: FIXTURE / n for n in names}, cr3, repeat)

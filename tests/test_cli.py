@@ -188,7 +188,7 @@ REFUSALS = [
     (["audit"], "give an IMAGE"),
     (["audit", "/no/such/core"], "cannot read"),
     (["audit", "adir"], "is a directory"),
-    (["audit", "raw.img"], "carries no CPU registers and no VMCOREINFO: give --cr3"),
+    (["audit", "raw.img"], "carries no CPU registers and no VMCOREINFO (no note, none found in its memory): give --cr3"),
     (["audit", "tiny.img", "--cr3", "1000"], "less than one 4 KiB frame"),
     (["audit", "garbage.elf"], "garbage.elf: not a readable ELF core"),
     (["audit", "cut.elf"], "cut.elf: 40 bytes, cut inside its ELF header (64 bytes): truncated"),

@@ -373,7 +373,7 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
       ptilab cost --cpus 1,4,16,64,256 --plot refill.svg
       ptilab cost --workload my-entry.toml --json
     """
-    from ptilab.mmu.cost import sweep
+    from ptilab.mmu.cost import same_for_every_nr_cpus, sweep
     from ptilab.mmu.tlb import get_core
     from ptilab.mmu.workload import load
     from ptilab.report.tables import refill_table
@@ -404,9 +404,117 @@ def cost_command(profile: str, cpus_list: str, levels: str, pcid: bool, designs:
     if as_json:
         out.json([c.as_dict() for c in costs])
     else:
-        out.table(refill_table(costs))
+        shown = costs
+        if same_for_every_nr_cpus(costs):
+            # Four identical blocks would hide the answer: say it once.
+            shown = [c for c in costs if c.cpus == cpus[0]]
+        out.table(refill_table(shown))
+        if shown is not costs:
+            out.info(f"NR_CPUS {', '.join(map(str, cpus))}: identical counts for every design and workload, shown "
+                     f"once (the workloads run on CPU {cpu}; the other CPUs' cpu_entry_areas are never walked)")
         if plot_file:
             out.info(f"plot written to {plot_file}")
+
+
+# -- ptilab overhead (issue 22): a self-contained block ------------------------
+
+def _preset_names() -> list[str]:
+    from ptilab.mmu.cycles import PRESETS
+    return list(PRESETS)
+
+
+def _latency_overrides(given: tuple[str, ...]) -> dict[str, float]:
+    """--latency TERM=CYCLES, repeatable."""
+    out = {}
+    for item in given:
+        term, eq, value = item.partition("=")
+        try:
+            cycles = float(value)
+        except ValueError:
+            cycles = -1.0
+        if not eq or not cycles >= 0 or cycles == float("inf"):
+            raise UsageError(f"--latency takes TERM=CYCLES (a number of cycles, 0 or more), not {item!r}")
+        out[term] = cycles
+    return out
+
+
+@cli.command("overhead")
+@click.option("--core", default="skylake", show_default=True, metavar="CORE",
+              shell_complete=_complete_from(_preset_names),
+              help="Core preset: skylake, haswell, zen2 or goldmont (TLBs, clock and latencies, sources in "
+                   "docs/design.md).")
+@click.option("--kernel", "profile", default="kaiser-2017", show_default=True, metavar="PROFILE",
+              shell_complete=_complete_from(_profile_names),
+              help="Kernel layout profile (kaiser-2017: the kernel Hansen measured).")
+@click.option("--design", "designs", default="all", show_default=True, metavar="DESIGN[,DESIGN...]",
+              shell_complete=_complete_from(_design_names, listed=True), help="The designs to run with PTI on.")
+@click.option("--global", "globals_", default="none,entry,text", show_default=True, metavar="MODE[,MODE...]",
+              help="What the tables mark global: none, entry (entry text and cpu_entry_area, what Linux does), "
+                   "text (the whole kernel text, pti_kernel_image_global_ok() without PCID).")
+@click.option("--working-set", "working_sets", default="0", show_default=True, metavar="N[,N...]",
+              help="User pages touched between two calls; several sweep them.")
+@click.option("--latency", "latencies", multiple=True, metavar="TERM=CYCLES",
+              help="Override one of the preset's latencies (cr3_flush, cr3_noflush, stlb_hit, stlb_miss, "
+                   "walk_load_l1, walk_load_l2, invpcid, invlpg); repeatable.")
+@click.option("--hansen", is_flag=True, help="Also print the model beside Hansen's lseek1 measurements.")
+@click.option("--refill", is_flag=True,
+              help="Also print, per preset and design, the cycles per call and per cold refill (the seed's question).")
+@json_option
+def overhead_command(core: str, profile: str, designs: str, globals_: str, working_sets: str,
+                     latencies: tuple[str, ...], hansen: bool, refill: bool, as_json: bool) -> None:
+    """What PTI costs a system call, in cycles: will-it-scale's lseek1
+    round trip (entry, ksys_lseek on a regular file, exit) under PTI on/off,
+    PCID on/off, each global mode and design, priced with cited latencies.
+
+    \b
+    Examples:
+      ptilab overhead                                   # every configuration on skylake
+      ptilab overhead --core goldmont --design linux --json
+      ptilab overhead --design linux --global entry --working-set 0,16,64,256
+      ptilab overhead --design explicit --hansen
+    """
+    from ptilab.linux.profiles import get_profile
+    from ptilab.mmu import overhead as oh
+    from ptilab.mmu.cycles import PRESETS, get_preset
+    from ptilab.report.tables import hansen_table, overhead_table, refill_cycles_table
+
+    preset = get_preset(core).override(**_latency_overrides(latencies))
+    get_profile(profile)
+    chosen = _design_list(designs)
+    modes = [m for m in globals_.split(",")]
+    for mode in modes:
+        if mode not in oh.GLOBALS:
+            raise UsageError(f"--global takes none, entry or text, not {mode!r}")
+    _refuse_repeats("--global", modes)
+    try:
+        sizes = [int(n) for n in working_sets.split(",")]
+    except ValueError:
+        raise UsageError(f"--working-set must be numbers separated by commas, not {working_sets!r}") from None
+    _refuse_repeats("--working-set", sizes)
+    for n in sizes:
+        if not 0 <= n <= oh.MAX_WORKING_SET:
+            raise UsageError(f"--working-set must be 0 to {oh.MAX_WORKING_SET} pages, not {n}")
+    configs = oh.configurations(chosen, tuple(modes))
+    costs = oh.working_set_sweep(sizes, configs, profile, preset)
+    rows = oh.hansen_rows(oh.overhead(None, profile, preset), chosen[0]) if hansen else None
+    refills = [(name, *row) for name in PRESETS for row in oh.design_differences(name)] if refill else None
+    out = _out()
+    if as_json:
+        doc = [c.as_row() for c in costs]
+        if hansen or refill:
+            doc = {"configurations": doc}
+            if rows:
+                doc["hansen"] = [{"configuration": a, "measured": b, "model": round(c, 4)} for a, b, c in rows]
+            if refills:
+                doc["refill"] = [{"core": a, "design": b, "cycles_per_call": round(c, 1),
+                                  "cycles_per_cold_refill": round(d, 1)} for a, b, c, d in refills]
+        out.json(doc)
+        return
+    out.table(overhead_table(costs, f"lseek1 on {preset.name} ({preset.clock_hz / 1e9:.1f} GHz), {profile}"))
+    if rows:
+        out.table(hansen_table(rows))
+    if refills:
+        out.table(refill_cycles_table(refills))
 
 
 def _refuse_text_image(image: str) -> None:
@@ -457,18 +565,6 @@ def _open_image_and_cr3(image: str, cr3: str | None, cpu: int | None, la57: bool
     return mem, value, paging_mode(mem, value, la57)
 
 
-def _vmcoreinfo_facts(mem) -> dict | None:
-    """What the dump's VMCOREINFO says of the kernel, for the audit's header; None without one."""
-    if not getattr(mem, "vmcoreinfo_text", ""):
-        return None
-    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
-
-    info = parse_vmcoreinfo(mem.vmcoreinfo_text)
-    return {"osrelease": info.osrelease, "kernel_offset": f"{info.kernel_offset:#x}",
-            "init_top_pgt": f"{info.kernel_pgd:#x}", "levels": info.levels,
-            "prstatus_cpus": getattr(mem, "prstatus_cpus", 0)}
-
-
 image_options = [
     click.option("--cr3", default=None, metavar="HEX", help="CR3 to walk (PCID bits and bit 63 are ignored). "
                  "Default: from the core's QEMU notes, a CPU in user mode first; else init_top_pgt from its VMCOREINFO."),
@@ -507,6 +603,12 @@ def _symbols(system_map: str | None) -> dict[str, int] | None:
     return read_symbols(system_map, USED)
 
 
+cpu_meltdown_option = click.option(
+    "--cpu-meltdown", type=click.Choice(["affected", "not-affected", "xen-pv"]), default=None,
+    help="What you know of the machine's CPU, for when the image says nothing (no kernel log, no sysfs): affected "
+         "by Meltdown, not affected (AMD, Hygon, Intel with RDCL_NO), or a Xen PV guest. The kernel's own word "
+         "outranks it; a disagreement is reported.")
+
 cluster_options = [
     click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
                  help="Run on this Dask cluster (the images must be on a path every worker can read). "
@@ -532,11 +634,12 @@ def _with_cluster_options(fn):
               help="System.map or /proc/kallsyms text, to name the entry text (KASLR slide inferred).")
 @click.option("--fail-on", default="medium", show_default=True, metavar="SEVERITY",
               help="Exit 1 if a finding is at least this severe: info, low, medium, high, critical.")
+@cpu_meltdown_option
 @json_option
 @_with_cluster_options
 @click.pass_context
-def audit_command(ctx, images, cr3, cpu, la57, live, ptdump_file, system_map, fail_on, as_json, scheduler,
-                  workers) -> None:
+def audit_command(ctx, images, cr3, cpu, la57, live, ptdump_file, system_map, fail_on, cpu_meltdown, as_json,
+                  scheduler, workers) -> None:
     """Check a real kernel's page tables against PTI's promises: what the
     user tables expose of the kernel and with which rights.
 
@@ -561,16 +664,16 @@ def audit_command(ctx, images, cr3, cpu, la57, live, ptdump_file, system_map, fa
       ptilab audit guest.core --fail-on low && echo clean
       ptilab audit fleet/*.core --json            # one row per image
     """
-    from ptilab.audit import audit
     from ptilab.audit.findings import Severity
-    from ptilab.report.tables import findings_table
+    from ptilab.report.tables import audit_header, findings_table
 
     threshold = Severity.parse(fail_on)
+    stated = _stated_exposure(cpu_meltdown)
     if len(images) > 1:
         if ptdump_file or live:
             raise UsageError(f"give IMAGEs or {'--ptdump' if ptdump_file else '--live'}, not both")
         _refuse(ctx, ("cr3",), "one CR3 cannot fit several images; each image's CPU notes give its own")
-        _audit_images(ctx, images, cpu, la57, _symbols(system_map), threshold, as_json, scheduler, workers)
+        _audit_images(ctx, images, cpu, la57, _symbols(system_map), stated, threshold, as_json, scheduler, workers)
         return
     _refuse(ctx, ("scheduler", "workers"), "only with several IMAGEs")
     image = images[0] if images else None
@@ -578,28 +681,34 @@ def audit_command(ctx, images, cr3, cpu, la57, live, ptdump_file, system_map, fa
     symbols = _symbols(system_map)
     out = _out()
     if live:
-        views, subject, extra, findings, found = _audit_live(ctx, live, cr3, symbols, out)
+        result = _audit_live(ctx, live, cr3, symbols, stated, out)
     elif ptdump_file:
-        from ptilab.audit.sources import views_from_ptdump
-        views, subject, extra, found = views_from_ptdump(ptdump_file, symbols), ptdump_file, {}, None
+        from ptilab.audit.image import audit_ptdump
+        result = audit_ptdump(ptdump_file, symbols, stated)
     else:
-        views, subject, extra, found = _image_views(image, cr3, cpu, la57, symbols, out)
-    if not live:
-        findings = audit(views)
-    failed = any(f.severity >= threshold for f in findings)
+        result = _audit_image(image, cr3, cpu, la57, symbols, stated, out)
+    failed = any(f.severity >= threshold for f in result.findings)
     # Decided before printing: a reader that stops early (| head) still gets the verdict.
     ctx.meta[EXIT_META] = 1 if failed else 0
     if as_json:
         from ptilab.formats.jsonout import ranges_to_list, walk_to_dict
-        user_view = (walk_to_dict(found.user) if found is not None
-                     else {"ranges": ranges_to_list(views.user, views.geometry)})
-        out.json({"subject": subject, **extra, "findings": [f.as_dict() for f in findings],
-                  "user_view": user_view})
+        user_view = (walk_to_dict(result.found.user) if result.found is not None
+                     else {"ranges": ranges_to_list(result.views.user, result.views.geometry)})
+        out.json({**result.as_dict(), "user_view": user_view})
     else:
-        _say_where_the_views_came_from(out, extra)
-        out.table(findings_table(findings, f"PTI audit of {subject}"))
+        for line in audit_header(result):
+            out.line(line)
+        out.table(findings_table(list(result.findings), f"PTI audit of {result.subject}"))
     if failed:
         ctx.exit(1)
+
+
+def _stated_exposure(choice: str | None):
+    """--cpu-meltdown as the exposure it states."""
+    if choice is None:
+        return None
+    from ptilab.linux.exposure import Meltdown
+    return {"affected": Meltdown.AFFECTED, "not-affected": Meltdown.NOT_AFFECTED, "xen-pv": Meltdown.XEN_PV}[choice]
 
 
 def _one_audit_source(ctx, image: str | None, ptdump_file: str | None, live: bool) -> None:
@@ -613,55 +722,25 @@ def _one_audit_source(ctx, image: str | None, ptdump_file: str | None, live: boo
         _refuse(ctx, IMAGE_OPTIONS, "only with an IMAGE, not with --ptdump")
 
 
-def _image_views(image: str, cr3: str | None, cpu: int | None, la57: bool | None, symbols, out):
-    """An image's two views, the subject line and what the image says of itself."""
-    from ptilab.audit.sources import views_from_image
+def _audit_image(image: str, cr3: str | None, cpu: int | None, la57: bool | None, symbols, stated, out):
+    """The audit of one image, its CR3 from the options or its notes."""
+    from ptilab.audit.image import audit_image
 
     mem, value, geometry = _open_image_and_cr3(image, cr3, cpu, la57)
-    with out.busy("walking the page tables"):
-        found = views_from_image(mem, value, geometry, symbols)
-    extra = {**_pair_facts(found), "vmcoreinfo": _vmcoreinfo_facts(mem)}
-    return found.views, f"{image} (CR3 {value:#x}, {geometry.levels}-level)", extra, found
+    return audit_image(mem, image, value, geometry, symbols, stated, busy=out.busy)
 
 
-def _pair_facts(found) -> dict:
-    """The PGD pair an audit judged and the KASLR slide it inferred, for JSON and the text's header."""
-    return {"pti_pair": {"kernel_pgd": f"{found.pair.kernel_pgd:#x}", "user_pgd": f"{found.pair.user_pgd:#x}",
-                         "is_pti": found.pair.is_pti, "reasons": list(found.pair.reasons)},
-            "kaslr_slide": None if found.kaslr_slide is None else f"{found.kaslr_slide:#x}"}
-
-
-def _say_where_the_views_came_from(out, extra: dict) -> None:
-    """The lines above the findings: the live kernel, the PGD pair, VMCOREINFO's facts."""
-    if "live" in extra:
-        k = extra["live"]
-        out.line(f"running kernel {k['release']}: {k['source']}, init_top_pgt at {k['init_top_pgt']}, "
-                 f"{k['levels']}-level, KERNELOFFSET {k['kernel_offset']}")
-    if "pti_pair" in extra:
-        pair = extra["pti_pair"]
-        verdict = "a Linux PTI pair" if pair["is_pti"] else "not a PTI pair"
-        out.line(f"PGD pair: kernel {pair['kernel_pgd']}, user {pair['user_pgd']}: {verdict}"
-                 + (f"; KASLR slide {extra['kaslr_slide']}" if extra.get("kaslr_slide") else ""))
-    if extra.get("vmcoreinfo"):
-        facts = extra["vmcoreinfo"]
-        out.line(f"VMCOREINFO: {facts['osrelease']}, KERNELOFFSET {facts['kernel_offset']} (the KASLR slide), "
-                 f"init_top_pgt at {facts['init_top_pgt']}, {facts['levels']}-level, "
-                 f"{facts['prstatus_cpus']} CPU(s) in NT_PRSTATUS notes")
-
-
-def _audit_images(ctx, images, cpu, la57, symbols, threshold, as_json, scheduler, workers) -> None:
-    from ptilab.audit.findings import Severity
+def _audit_images(ctx, images, cpu, la57, symbols, stated, threshold, as_json, scheduler, workers) -> None:
     from ptilab.report.tables import audit_images_table
-    from ptilab.scan.batch import audit_images
+    from ptilab.scan.batch import ImageError, audit_images
 
-    rows = audit_images(images, cpu, la57, symbols, scheduler, workers)
-    failed = any(isinstance(r, dict) and any(Severity.parse(f["severity"]) >= threshold for f in r["findings"])
-                 for r in rows)
-    errors = [r for r in rows if not isinstance(r, dict)]
+    rows = audit_images(images, cpu, la57, symbols, stated, scheduler, workers)
+    errors = [r for r in rows if isinstance(r, ImageError)]
+    failed = any(f.severity >= threshold for r in rows if not isinstance(r, ImageError) for f in r.findings)
     ctx.meta[EXIT_META] = 2 if errors else 1 if failed else 0
     out = _out()
     if as_json:
-        out.json([r if isinstance(r, dict) else r.as_dict() for r in rows])
+        out.json([r.as_dict() for r in rows])
     else:
         out.table(audit_images_table(rows))
     _exit_batch(ctx, errors, failed)
@@ -683,10 +762,11 @@ def _exit_batch(ctx, errors: list, failed: bool) -> None:
               help="5-level paging (default: CR4.LA57 from the core's notes or VMCOREINFO, else 4).")
 @click.option("--fail-on", default="medium", show_default=True, metavar="SEVERITY",
               help="Exit 1 if an address space has a finding at least this severe.")
+@cpu_meltdown_option
 @json_option
 @_with_cluster_options
 @click.pass_context
-def scan_command(ctx, images, la57, fail_on, as_json, scheduler, workers) -> None:
+def scan_command(ctx, images, la57, fail_on, cpu_meltdown, as_json, scheduler, workers) -> None:
     """Find every address space in an image without symbols, and audit each:
     the PGDs whose kernel half is the kernel's (Linux copies init_mm's into
     every mm), as PTI pairs (kernel PGD, user PGD at +4 KiB) or single PGDs.
@@ -706,21 +786,24 @@ def scan_command(ctx, images, la57, fail_on, as_json, scheduler, workers) -> Non
     """
     from ptilab.audit.findings import Severity
     from ptilab.report.tables import scan_table
-    from ptilab.scan.batch import scan_images
+    from ptilab.scan.batch import ImageError, scan_images
 
     threshold = Severity.parse(fail_on)
-    scans = scan_images(images, la57, scheduler, workers)
-    done = [s for s in scans if hasattr(s, "spaces")]
-    errors = [s for s in scans if not hasattr(s, "spaces")]
+    scans = scan_images(images, la57, scheduler, workers, stated=_stated_exposure(cpu_meltdown))
+    errors = [s for s in scans if isinstance(s, ImageError)]
+    done = [s for s in scans if not isinstance(s, ImageError)]
     failed = any(s.failed(threshold) for s in done)
     ctx.meta[EXIT_META] = 2 if errors else 1 if failed else 0
     out = _out()
     if as_json:
         out.json([s.as_dict() for s in scans] if len(images) > 1 else scans[0].as_dict())
     else:
+        from ptilab.report.tables import machine_lines
         out.table(scan_table(scans, len(images) > 1))
         for s in done:
             out.line(_scan_summary(s))
+            for line in machine_lines(s.exposure):
+                out.line(f"{s.path}: {line}")
     _exit_batch(ctx, errors, failed)
 
 
@@ -740,20 +823,17 @@ def _scan_summary(s) -> str:
             + f"{s.bytes_scanned / (1 << 30):.1f} GiB{holes} in {s.seconds:.2f} s ({rate:.1f} GiB/s read)")
 
 
-def _audit_live(ctx: click.Context, root: str, cr3: str | None, symbols: dict[str, int] | None, out: Output):
-    """The views, subject, extra JSON, findings and image views of an audit of the running kernel."""
+def _audit_live(ctx: click.Context, root: str, cr3: str | None, symbols: dict[str, int] | None, stated, out: Output):
+    """The audit of the running kernel."""
     from pathlib import Path
 
-    from ptilab.audit.live import audit_live, live_symbols
+    from ptilab.audit.image import audit_running_kernel
+    from ptilab.audit.live import live_symbols
 
     kernel = _open_live(ctx, root)
     with out.busy("walking the running kernel's page tables"):
-        result = audit_live(kernel, symbols or live_symbols(Path(root)), None if cr3 is None else _parse_cr3(cr3))
-    found = result.found
-    subject = (f"the running kernel {kernel.info.osrelease} ({kernel.kcore.path}, PGD {found.pair.kernel_pgd:#x}, "
-               f"{kernel.geometry.levels}-level)")
-    extra = {**_pair_facts(found), "live": kernel.as_dict()}
-    return found.views, subject, extra, result.findings, found
+        return audit_running_kernel(kernel, symbols or live_symbols(Path(root)),
+                                    None if cr3 is None else _parse_cr3(cr3), stated)
 
 
 @cli.command("dump")
@@ -820,6 +900,48 @@ def dump(ctx, image, cr3, cpu, la57, live, fmt, as_json, system_map, kaslr_bases
         click.echo(f"ptilab: warning: {warning}", err=True)
     if warnings:
         ctx.exit(1)
+
+
+@cli.command("log")
+@click.argument("image", required=False, type=click.Path(dir_okay=False))
+@live_option
+@json_option
+@click.pass_context
+def log_command(ctx, image, live, as_json) -> None:
+    """Print the kernel's log (its printk ring, Linux 5.10 and later) out of a
+    dump, as makedumpfile --dump-dmesg and dmesg print it: one line per
+    message, "[    0.123456] text". The ring is found through the dump's
+    VMCOREINFO alone: no debug info needed. --json gives each message's seq,
+    time, level, facility, caller and text.
+
+    \b
+    Examples:
+      ptilab log vmcore                        # a kdump vmcore, QEMU or makedumpfile dump
+      ptilab log guest.core | grep -i 'page tables isolation'
+      ptilab log guest.core --json
+      sudo ptilab log --live                   # the running kernel's, through /proc/kcore
+    """
+    from ptilab.linux.printk import format_dmesg, image_vmcoreinfo, read_ring
+
+    if bool(image) == bool(live):
+        raise UsageError("give an IMAGE to read the log of, or --live")
+    if live:
+        kernel = _open_live(ctx, live)
+        mem, info, source = kernel.kcore, kernel.info, kernel.kcore.path
+    else:
+        from ptilab.memory.images import open_image
+
+        _refuse_text_image(image)
+        mem, source = open_image(image), image
+        info = image_vmcoreinfo(mem, image)
+    out = _out()
+    with out.busy("reading the kernel's log"):
+        log = read_ring(mem, info)
+    if as_json:
+        out.json({"source": source, "osrelease": info.osrelease, "skipped_descriptors": log.skipped,
+                  "records": [r.as_dict() for r in log.records]})
+        return
+    out.text(format_dmesg(log.records))
 
 
 def _dump_warnings(w) -> list[str]:
@@ -1067,6 +1189,121 @@ def boot_command(ctx, vmlinuz, out_dir, accel, cpu_model, smp, memory, append, l
         out.info(said)
     # The audit command itself, so that boot follows whatever audit does with a core.
     ctx.invoke(audit_command, images=(str(done.core),), fail_on=fail_on, as_json=as_json)
+
+
+# -- ptilab diff: what B's user tables expose that A's do not -----------------------
+
+@cli.command("diff")
+@click.argument("a", metavar="A")
+@click.argument("b", metavar="B", required=False)
+@click.option("--cr3-a", default=None, metavar="HEX", help="A is an image: the CR3 to judge (default: as audit picks it).")
+@click.option("--cr3-b", default=None, metavar="HEX", help="B is an image (or --live): the CR3 to judge.")
+@click.option("--system-map-a", type=click.Path(dir_okay=False), default=None,
+              help="System.map or /proc/kallsyms of A's boot, to name its entry text and kernel text clone.")
+@click.option("--system-map-b", type=click.Path(dir_okay=False), default=None, help="The same for B.")
+@click.option("--live", default=None, is_flag=False, flag_value="/", metavar="[ROOT]",
+              help="B is the running kernel, through /proc/kcore (root only), as audit --live reads it.")
+@json_option
+@click.pass_context
+def diff_command(ctx, a, b, cr3_a, cr3_b, system_map_a, system_map_b, live, as_json) -> None:
+    """What the user tables of B map of the kernel that A's do not, and
+    every right B widens (writable, executable, user, global), named by
+    region (direct map, kernel text, cpu_entry_area piece, entry text,
+    espfix, cpu_tss_rw...). A region that moved between boots (a KASLR
+    slide, page_offset_base, the random cpu_entry_area slots of 6.2+) but
+    maps as much with the same rights is a move, not an exposure. Also
+    what B no longer maps.
+
+    A and B: an image (ELF core, kdump, LiME, raw: CR3 as audit picks it),
+    ptdump text (as audit --ptdump reads it), or a modelled boot spelled
+    model:PROFILE:DESIGN[:CPUS[:LEVELS]]; --live makes B the running kernel.
+
+    Exit code 0: B exposes nothing A does not; 1: it does (a CI gate); 2: bad input.
+
+    \b
+    Examples:
+      ptilab diff release.core candidate.core
+      ptilab diff last-release.ptdump candidate.core --json
+      ptilab diff model:linux-6.1:linux model:linux-6.1:explicit
+      sudo ptilab diff last-release.ptdump --live
+    """
+    from ptilab.compare.viewdiff import diff_views
+    from ptilab.report.tables import view_diff_table
+
+    if (b is None) == (live is None):
+        raise UsageError("give two views, A and B, or A and --live (B: the running kernel)")
+    out = _out()
+    side_a = _diff_side(ctx, a, cr3_a, system_map_a, "a", out)
+    side_b = _diff_side(ctx, b, cr3_b, system_map_b, "b", out) if b else _diff_live_side(ctx, live, cr3_b,
+                                                                                          system_map_b, out)
+    result = diff_views(side_a, side_b)
+    ctx.meta[EXIT_META] = 1 if result.exposes_more else 0
+    if as_json:
+        out.json(result.as_dict())
+    else:
+        out.line(f"A: {result.a}")
+        out.line(f"B: {result.b}")
+        for note in result.notes:
+            out.line(note)
+        if result.exposed or result.moved or result.gone:
+            out.table(view_diff_table(result))
+        out.line(_diff_verdict(result))
+    if result.exposes_more:
+        ctx.exit(1)
+
+
+def _diff_side(ctx, spec: str, cr3: str | None, system_map: str | None, which: str, out: Output):
+    """One side of a diff: a model boot, ptdump text or an image."""
+    from ptilab.audit.sources import MODEL_PREFIX, views_from_image, views_from_model, views_from_ptdump
+    from ptilab.compare.viewdiff import Side
+
+    symbols = _symbols(system_map)
+    if spec.startswith(MODEL_PREFIX) and not os.path.exists(spec):
+        _refuse(ctx, (f"cr3_{which}", f"system_map_{which}"), "only for an image or ptdump text, not a model boot")
+        views, kernel = views_from_model(spec)
+        return Side(f"{spec} ({kernel.geometry.levels}-level)", views.geometry, views.user, views.user_copies,
+                    {}, kernel.profile)
+    if _is_text(spec):
+        _refuse(ctx, (f"cr3_{which}",), "only for an image, not ptdump text")
+        views = views_from_ptdump(spec, symbols)
+        return Side(f"{spec} (ptdump, {views.geometry.levels}-level)", views.geometry, views.user,
+                    views.user_copies, views.symbols)
+    mem, value, geometry = _open_image_and_cr3(spec, cr3, None, None)
+    with out.busy(f"walking the page tables of {spec}"):
+        found = views_from_image(mem, value, geometry, symbols)
+    return Side(f"{spec} (CR3 {value:#x}, {geometry.levels}-level)", geometry, found.views.user,
+                found.views.user_copies, found.views.symbols)
+
+
+def _is_text(path: str) -> bool:
+    """A file whose first KiB is text (ptdump), not a memory image."""
+    try:
+        _refuse_text_image(path)
+    except InputError:
+        return os.path.isfile(path)
+    return False
+
+
+def _diff_live_side(ctx, root: str, cr3: str | None, system_map: str | None, out: Output):
+    from pathlib import Path
+
+    from ptilab.audit.live import live_symbols, live_views
+    from ptilab.compare.viewdiff import Side
+
+    kernel = _open_live(ctx, root)
+    with out.busy("walking the running kernel's page tables"):
+        found = live_views(kernel, _symbols(system_map) or live_symbols(Path(root)),
+                           None if cr3 is None else _parse_cr3(cr3))
+    return Side(f"the running kernel {kernel.info.osrelease} ({kernel.geometry.levels}-level)", kernel.geometry,
+                found.views.user, found.views.user_copies, found.views.symbols)
+
+
+def _diff_verdict(result) -> str:
+    if result.exposes_more:
+        regions = sorted({c.region for c in result.exposed})
+        return f"B exposes more than A: {', '.join(regions)} (exit 1)"
+    moved = f"; {len(result.moved)} region(s) moved, exposing nothing more" if result.moved else ""
+    return f"B exposes nothing that A does not{moved}"
 
 
 SHELLS = ("bash", "zsh", "fish")

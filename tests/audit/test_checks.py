@@ -2,17 +2,29 @@ import numpy as np
 import pytest
 
 from ptilab.audit import Severity, Views, audit
+from ptilab.linux.exposure import Evidence, Exposure, Meltdown
 from ptilab.pti import boot
 from ptilab.paging import entry as e
 from ptilab.paging import walk
 from ptilab.paging.install import map_page
 
 
-def _views(k):
+# The model's kernel image sits at its link-time address: KASLR off, as a nokaslr boot.
+MODEL = Exposure(kaslr=False, kaslr_evidence=(Evidence("the model", "kernel image at its link-time address"),))
+AFFECTED = Exposure(Meltdown.AFFECTED, (Evidence("the kernel log", "Kernel/User page tables isolation: "
+                                                                   "disabled on command line."),))
+AMD = Exposure(Meltdown.NOT_AFFECTED, (Evidence("the kernel log", "smpboot: CPU0: AMD EPYC Processor"),),
+               cpu="AMD EPYC Processor")
+XEN = Exposure(Meltdown.XEN_PV, (Evidence("vulnerabilities/meltdown", "Unknown (XEN PV detected, hypervisor "
+                                                                      "mitigation required)"),))
+KASLR = Exposure(kaslr=True, kaslr_evidence=(Evidence("VMCOREINFO", "KERNELOFFSET=2a000000"),))
+
+
+def _views(k, exposure=MODEL):
     u = walk(k.ram, k.user_cr3(), k.geometry)
     kv = walk(k.ram, k.kernel_cr3(), k.geometry)
     return Views(k.geometry, u.ranges, kv.ranges, k.ram.read_frame(k.kernel_cr3().pgd >> 12).copy(),
-                 anomalies=u.anomalies + kv.anomalies)
+                 anomalies=u.anomalies + kv.anomalies, exposure=exposure)
 
 
 def _ids(findings, at_least=Severity.INFO):
@@ -38,10 +50,48 @@ def test_user_view_summary_names_every_allowed_piece(kernel):
         assert words in summary.explanation
 
 
-def test_identical_views_mean_pti_is_off(kernel):
+@pytest.mark.parametrize("exposure, severity, words", [
+    (AFFECTED, Severity.CRITICAL, "affected by Meltdown (the kernel log: 'Kernel/User page tables isolation: "
+                                  "disabled on command line.')"),
+    (Exposure(), Severity.HIGH, "nothing tells whether the CPU is affected"),
+    (AMD, Severity.INFO, "by design: the CPU is not affected"),
+    (XEN, Severity.LOW, "left to the hypervisor"),
+])
+def test_pti_off_is_as_severe_as_the_cpu_is_exposed(kernel, exposure, severity, words):
     kv = walk(kernel.ram, kernel.kernel_cr3(), kernel.geometry)
-    findings = audit(Views(kernel.geometry, kv.ranges, kv.ranges))
-    assert findings[0].id == "PTI-OFF" and findings[0].severity is Severity.CRITICAL
+    findings = audit(Views(kernel.geometry, kv.ranges, kv.ranges, exposure=exposure))
+    (off,) = [f for f in findings if f.id == "PTI-OFF"]
+    assert off.severity is severity
+    assert words in off.title + " " + off.explanation
+    for evidence in exposure.meltdown_evidence:
+        assert evidence.says in off.explanation  # the verdict names what it rests on
+
+
+@pytest.mark.parametrize("exposure", [AFFECTED, AMD, Exposure()])
+def test_the_whole_kernel_mapped_breaks_kaslr_on_any_cpu(kernel, exposure):
+    kv = walk(kernel.ram, kernel.kernel_cr3(), kernel.geometry)
+    x = Exposure(exposure.meltdown, exposure.meltdown_evidence, kaslr=True, kaslr_evidence=KASLR.kaslr_evidence)
+    findings = audit(Views(kernel.geometry, kv.ranges, kv.ranges, exposure=x))
+    (leak,) = [f for f in findings if f.id == "KASLR-KERNEL-MAPPED"]
+    assert leak.severity is Severity.MEDIUM and "KERNELOFFSET=2a000000" in leak.explanation
+    assert "CVE-2021-26318" in leak.explanation  # AMD's prefetch attack: not only Intel
+    assert "KASLR-ENTRYBLEED" not in _ids(findings)
+
+
+def test_pti_with_kaslr_still_leaks_the_base_through_the_entry_text(kernel):
+    findings = audit(_views(kernel, KASLR))
+    (bleed,) = [f for f in findings if f.id == "KASLR-ENTRYBLEED"]
+    assert bleed.severity is Severity.MEDIUM
+    assert "CVE-2022-4543" in bleed.explanation and "bf904d2762ee" in bleed.explanation
+    assert bleed.spans and all(s.label == "entry text" for s in bleed.spans)
+    assert "KASLR-KERNEL-MAPPED" not in _ids(findings) and "KASLR-OFF" not in _ids(findings)
+
+
+def test_kaslr_unknown_is_said_and_kaslr_off_is_no_leak(kernel):
+    (bleed,) = [f for f in audit(_views(kernel, Exposure())) if f.id == "KASLR-ENTRYBLEED"]
+    assert "nothing tells whether KASLR is on" in bleed.explanation
+    found = audit(_views(kernel, MODEL))
+    assert "KASLR-ENTRYBLEED" not in _ids(found) and "KASLR-OFF" in _ids(found)
 
 
 def test_a_kernel_page_in_the_user_tables_is_a_leak(kernel):
@@ -156,7 +206,7 @@ def test_a_table_shared_between_the_halves_is_judged_where_its_copies_are():
     ram.write_entries(4 << 12, np.full(512, (5 << 12) | e.P | e.RW, dtype=np.uint64))
     found = views_from_image(ram, 0x1000, FOUR_LEVEL)
     ids = _ids(audit(found.views), Severity.HIGH)
-    assert "PTI-OFF" in ids and "USER-VIEW-KERNEL-EXEC" in ids
+    assert "PTI-OFF" in ids and "WX-USER" in ids  # all kernel text is there: PTI-OFF, not a finding per range
 
 
 

@@ -61,7 +61,11 @@ def test_a_pti_kernel_whose_claims_agree_passes(roots):
     code, report = audit(roots["pti"])
     assert code == 0 and report["pti_pair"]["is_pti"]
     assert report["pti_pair"]["kernel_pgd"] == "0x2a10000" and report["live"]["release"] == "6.1.0-57-amd64"
-    assert ids(report) == {"PTI-CEA-FIXED": "low", "PTI-USER-VIEW": "info", "CLAIMS-AGREE": "info"}
+    assert ids(report) == {"PTI-CEA-FIXED": "low", "PTI-USER-VIEW": "info", "CLAIMS-AGREE": "info",
+                           "KASLR-OFF": "info"}
+    machine = report["machine"]
+    assert machine["meltdown"] == "affected" and machine["kaslr"] is False
+    assert machine["meltdown_evidence"][0] == {"source": "vulnerabilities/meltdown", "says": "Mitigation: PTI"}
     claims = report["live"]["claims"]
     assert claims["says_pti"] == {"vulnerabilities/meltdown": True, "cpuinfo pti flag": True, "kernel log": True}
 

@@ -639,6 +639,65 @@ def fuzz_vmcoreinfo(data: bytes) -> None:
         pass
 
 
+@st.composite
+def vmcoreinfo_pages(draw) -> tuple[int, list[tuple[int, str, bytes]]]:
+    """Hostile pages for the search of VMCOREINFO in RAM (memory.vmcoreinfo.find_vmcoreinfo):
+    a model machine's slide, and copies of its real text, mutated (lines dropped, values
+    swapped for odd ones, bytes flipped, cut short), each written as a data page or as a
+    note with any n_descsz, anywhere (the last frame too, so a note's text may run out of RAM)."""
+    from tests.memory.kernel_image import RAM, machine
+
+    offset = draw(st.integers(0, 511)) * (2 << 20)
+    text = machine(offset=offset)[1].encode()
+    copies = []
+    for _ in range(draw(st.integers(1, 4))):
+        lines = text.splitlines(keepends=True)
+        lines = draw(st.lists(st.sampled_from(lines), max_size=len(lines) + 2)) if draw(st.booleans()) else lines
+        data = bytearray(b"".join(lines))
+        for _ in range(draw(st.integers(0, 3))):
+            kind = draw(st.sampled_from(["value", "flip", "cut"]))
+            if kind == "value" and data:
+                key = draw(st.sampled_from([b"KERNELOFFSET=", b"NUMBER(phys_base)=", b"SYMBOL(init_top_pgt)=",
+                                            b"SYMBOL(_stext)=", b"PAGESIZE=", b"NUMBER(pgtable_l5_enabled)="]))
+                value = draw(st.sampled_from([b"0", b"-1", b"ffffffffffffffff", b"1" * 30, b"zz", b"",
+                                              b"ffffffff80000000", b"8000000000000000", b"4096"]))
+                data = bytearray(bytes(data).replace(key, key + value + b"\n" + key, 1))
+            elif kind == "flip" and data:
+                data[draw(st.integers(0, len(data) - 1))] ^= 1 << draw(st.integers(0, 7))
+            elif data:
+                del data[draw(st.integers(0, len(data))):]
+        where = draw(st.one_of(st.integers(0x100, 0x3FF), st.just(RAM // e.PAGE_SIZE - 1))) << e.PAGE_SHIFT
+        form = draw(st.sampled_from(["data", "note"]))
+        descsz = draw(st.one_of(st.just(len(data)), st.integers(0, (1 << 32) - 1)))
+        copies.append((where, form, bytes(data) if form == "data" else _vmcoreinfo_note_with(bytes(data), descsz)))
+    return offset, copies
+
+
+def _vmcoreinfo_note_with(text: bytes, descsz: int) -> bytes:
+    return struct.pack("<III", 11, descsz, 0) + b"VMCOREINFO\0\0" + text
+
+
+def fuzz_vmcoreinfo_pages(value: tuple[int, list[tuple[int, str, bytes]]]) -> None:
+    """Search the machine's RAM: nothing, or a VMCOREINFO its tables confirm, whose text is where it says."""
+    from ptilab.memory.vmcoreinfo import confirmation_failure, find_vmcoreinfo
+    from tests.memory.kernel_image import machine, write
+
+    offset, copies = value
+    ram, _ = machine(offset=offset)
+    for pa, _form, data in copies:
+        write(ram, pa, data[:2 * e.PAGE_SIZE])
+    try:
+        found = find_vmcoreinfo(ram)
+    except PtilabError:
+        return
+    if found is None:
+        return
+    if confirmation_failure(ram, found) is not None:
+        raise Crash(f"found a VMCOREINFO its tables refute: {confirmation_failure(ram, found)}")
+    if not ram.read(found.found_at, 10) == b"OSRELEASE=":
+        raise Crash(f"found_at {found.found_at:#x} does not hold the text")
+
+
 # -- /proc/kcore ----------------------------------------------------------------------
 
 @lru_cache(maxsize=1)
@@ -702,7 +761,7 @@ def fuzz_kcore(data: bytes) -> None:
                 rows = kcore.read_frames(pfns[present])
                 if rows.shape != (int(present.sum()), 512):
                     raise Crash(f"read_frames gave shape {rows.shape}")
-                info = parse_vmcoreinfo(kcore.vmcoreinfo_text or "")
+                info = kcore.vmcoreinfo or parse_vmcoreinfo("")
                 _check(walk(kcore, info.kernel_pgd, Geometry(info.levels), max_entries=MAX_ENTRIES))
             except PtilabError:
                 pass
@@ -710,6 +769,64 @@ def fuzz_kcore(data: bytes) -> None:
             kcore.close()
     finally:
         os.unlink(path)
+
+
+# -- the printk ring ------------------------------------------------------------------
+
+RING_PARTS = {"header": 88, "descs": 16 * 24, "infos": 16 * 88, "data": 512}
+RING_FORMATS = ["<Q", "<I", "<H", "<B"]
+RING_VALUES = INTERESTING + [0x1 << 62, 0x2 << 62, 0x3 << 62, 0x3, 60, 28, 31, 32, 0xFFFF_8880_0000_0000]
+
+
+@st.composite
+def ring_mutations(draw) -> tuple[list[tuple[str, int, str, int]], list[tuple[str, str | None]]]:
+    """(writes into a small ring written as printk writes it (tests/linux/printk_ring.py),
+    VMCOREINFO entries changed or dropped): descriptors with garbage state, ids out of
+    range, lpos past the ring, count_bits of 60, pointers anywhere."""
+    from tests.linux.printk_ring import LAYOUT
+
+    writes = []
+    for _ in range(draw(st.integers(0, 6))):
+        part = draw(st.sampled_from(sorted(RING_PARTS)))
+        fmt = draw(st.sampled_from(RING_FORMATS))
+        at = draw(st.integers(0, RING_PARTS[part] - struct.calcsize(fmt)))
+        if draw(st.booleans()):
+            at &= ~(struct.calcsize(fmt) - 1)  # a field's own alignment, most of the time
+        value = draw(st.one_of(st.sampled_from(RING_VALUES), st.integers(0, (1 << 64) - 1)))
+        writes.append((part, at, fmt, _fit(value, fmt)))
+    keys = draw(st.lists(st.sampled_from(sorted(LAYOUT) + ["SYMBOL(prb)", "SYMBOL(init_top_pgt)"]), max_size=2))
+    entries = [(k, draw(st.sampled_from([None, "0", "8", "88", "65535", "-1", "zz", "ffffffff81000040"])))
+               for k in keys]
+    return writes, entries
+
+
+def fuzz_ring(mutation) -> None:
+    """Read the log of a mutated ring: records that keep the ring's bounds, or a one-line refusal."""
+    from ptilab.linux.printk import read_ring
+    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
+    from tests.linux.printk_ring import Message, build_ring
+
+    writes, entries = mutation
+    ring = build_ring([Message(b"message %d" % i + b" more" * (i % 5), ts_nsec=i * 10 ** 7) for i in range(40)])
+    base = {"header": ring.prb, "descs": ring.descs, "infos": ring.infos, "data": ring.data}
+    for part, at, fmt, value in writes:
+        ring.poke(base[part] + at, fmt, value)
+    text = ring.vmcoreinfo
+    for key, value in entries:
+        text = "".join(line + "\n" for line in text.splitlines() if not line.startswith(key + "="))
+        if value is not None:
+            text += f"{key}={value}\n"
+    try:
+        log = read_ring(ring.ram, parse_vmcoreinfo(text))
+    except PtilabError as err:
+        if "\n" in str(err):
+            raise Crash(f"a refusal of more than one line: {err!r}")
+        return
+    if not log.records or log.skipped < 0 or len(log.records) + log.skipped > 1 << 28:
+        raise Crash(f"{len(log.records)} records, {log.skipped} skipped")
+    for r in log.records:
+        if len(r.raw) > 0xFFFF or not 0 <= r.level <= 7:
+            raise Crash(f"record {r!r} is not one the ring can hold")
 
 
 TARGETS = {  # name: (strategy, target taking the strategy's value)
@@ -723,5 +840,7 @@ TARGETS = {  # name: (strategy, target taking the strategy's value)
     "file": (mutated_files(), lambda f: fuzz_file(*f)),
     "workload": (mutated_workloads(), fuzz_workload),
     "vmcoreinfo": (vmcoreinfo_texts(), fuzz_vmcoreinfo),
+    "ring": (ring_mutations(), fuzz_ring),
+    "vmcoreinfo_pages": (vmcoreinfo_pages(), fuzz_vmcoreinfo_pages),
 }
 NEED_FIXTURE = ("walk", "text", "file")  # start from the real pti-4level fixture's tables and texts

@@ -50,14 +50,13 @@ def test_the_small_kcore_is_valid():
     import tempfile
 
     from ptilab.memory.kcore import Kcore
-    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
 
     fd, path = tempfile.mkstemp()
     os.write(fd, targets.small_kcore())
     os.close(fd)
     try:
         with Kcore(path) as kc:
-            info = parse_vmcoreinfo(kc.vmcoreinfo_text)
+            info = kc.vmcoreinfo
             w = walk(kc, info.kernel_pgd, Geometry(info.levels))
             assert info.kernel_pgd == 0x1000 and w.mapped_bytes() > 0
     finally:
@@ -103,6 +102,28 @@ def test_vmcoreinfo_text_parses_or_is_refused(data):
     targets.fuzz_vmcoreinfo(data)
 
 
+@CI
+@given(targets.ring_mutations())
+def test_a_hostile_printk_ring_reads_or_is_refused_in_one_line(mutation):
+    targets.fuzz_ring(mutation)
+
+
+def test_the_small_ring_is_valid():
+    """The seed of the ring mutations reads: else the fuzzing exercises only refusals."""
+    from ptilab.linux.printk import read_ring
+    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
+    from tests.linux.printk_ring import Message, build_ring
+
+    ring = build_ring([Message(b"message %d" % i) for i in range(40)])
+    assert len(read_ring(ring.ram, parse_vmcoreinfo(ring.vmcoreinfo)).records) == len(ring.survivors) > 5
+
+
+@settings(CI, max_examples=60)
+@given(targets.vmcoreinfo_pages())
+def test_hostile_pages_never_pass_for_the_kernels_vmcoreinfo(value):
+    targets.fuzz_vmcoreinfo_pages(value)
+
+
 CORPUS = sorted((Path(__file__).parent / "corpus").glob("*.txt"))
 
 
@@ -119,7 +140,7 @@ def test_the_kept_corpus_still_passes(path, request):
 
 
 def test_every_reader_has_a_fuzz_target():
-    assert {"core", "raw", "walk", "text", "file", "workload", "vmcoreinfo"} <= set(targets.TARGETS)
+    assert {"core", "raw", "walk", "text", "file", "workload", "vmcoreinfo", "ring", "vmcoreinfo_pages"} <= set(targets.TARGETS)
     assert set(targets.FILE_READERS) == {"ptdump", "info_mem", "info_tlb", "kallsyms"}
 
 

@@ -118,7 +118,8 @@ def test_qemu_cpu_notes_give_each_cpus_cr3_and_paging_mode(tmp_path):
     assert [c.geometry.levels for c in core.cpus] == [4, 5]
     assert core.cpus[0].rip == 0x401000
     assert core.cpus[1].cr3_register.pcid == 7 and core.cpus[1].cr3_register.pgd == 0x7000
-    assert core.vmcoreinfo == {"OSRELEASE": "6.1.0", "PAGESIZE": "4096"}
+    assert core.vmcoreinfo.entries == {"OSRELEASE": "6.1.0", "PAGESIZE": "4096"}
+    assert core.vmcoreinfo.found_at is None and core.vmcoreinfo.source == "the dump's VMCOREINFO note"
 
 
 def _rss() -> int:

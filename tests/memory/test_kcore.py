@@ -38,7 +38,7 @@ def test_segments_keep_kcores_virtual_addresses_and_the_vmcoreinfo_note(kcore_4l
         # kc_vaddr_to_offset(): a direct-map segment sits at vaddr - PAGE_OFFSET + data_offset, i.e. pa + data_offset
         assert all(s.vaddr == PAGE_OFFSET + s.paddr and s.offset == s.paddr + data_offset for s in ram)
         assert any(s.paddr == NO_PADDR for s in kc.segments)  # vmalloc: no physical address
-        assert parse_vmcoreinfo(kc.vmcoreinfo_text).kernel_pgd == 0x2A10000
+        assert kc.vmcoreinfo.kernel_pgd == 0x2A10000
 
 
 def test_frames_outside_ram_and_in_the_hole_are_absent(kcore_4level):

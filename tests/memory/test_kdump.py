@@ -37,7 +37,7 @@ def test_every_compression_reads_back_the_frames_it_holds(tmp_path, compression,
         [True, True, False, False, False, True, False, False]
     assert dump.read_frames(pfns).tobytes() == b"".join(FRAMES[int(p)] for p in pfns)
     assert dump.release == "6.1.0-test" and dump.end == 4096 << 12
-    assert dump.vmcoreinfo["OSRELEASE"] == "6.1.0-test" and dump.cpus[0].cr3 == 0x3000
+    assert dump.vmcoreinfo.osrelease == "6.1.0-test" and dump.cpus[0].cr3 == 0x3000
 
 
 def test_an_excluded_frame_is_absent_not_zero(tmp_path):

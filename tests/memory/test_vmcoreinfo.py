@@ -51,7 +51,6 @@ def test_no_kaslr_means_offset_zero():
 
 
 @pytest.mark.parametrize("text, words", [
-    ("OSRELEASE=6.1\n", "no NUMBER(phys_base)"),
     ("NUMBER(phys_base)=0x\n", "is not a number"),
     ("NUMBER(phys_base)=0\nSYMBOL(init_top_pgt)=zz\n", "not a 64-bit hexadecimal"),
     ("NUMBER(phys_base)=0\nKERNELOFFSET=1" + "0" * 17 + "\n", "not a 64-bit hexadecimal"),
@@ -60,6 +59,14 @@ def test_no_kaslr_means_offset_zero():
 def test_malformed_notes_are_refused_with_the_key(text, words):
     with pytest.raises(InputError, match=words.replace("(", r"\(").replace(")", r"\)")):
         parse_vmcoreinfo(text)
+
+
+def test_a_note_without_phys_base_decodes_but_makes_no_address_physical():
+    # paging_mode still takes pgtable_l5_enabled from such a note; only __pa_symbol() needs phys_base.
+    info = parse_vmcoreinfo("OSRELEASE=6.1\nNUMBER(pgtable_l5_enabled)=1\nSYMBOL(init_top_pgt)=ffffffff82a10000\n")
+    assert info.phys_base is None and info.levels == 5
+    with pytest.raises(InputError, match=r"no NUMBER\(phys_base\)"):
+        info.kernel_pgd
 
 
 def test_a_note_without_a_pgd_symbol_says_so():

@@ -166,3 +166,13 @@ def assert_same_but_accessed_bits(got: str, want: str, view) -> None:
     for va in _starts(got) ^ _starts(want):
         before, after = view.ranges_within(va - 1, va + 1)["prot"]
         assert int(before ^ after) & ~ACCESSED == 0, f"at {va:#x} more than the Accessed bit differs"
+
+
+def raw_image(k: RealKernel, path: Path) -> Path:
+    """The core's physical memory as a raw image: no notes, only the bytes (sparse where the core has no RAM)."""
+    with open(path, "wb") as f:
+        for start, end in k.mem.segments:
+            for at in range(start, end, 16 << 20):
+                f.seek(at)
+                f.write(k.mem.read(at, min(16 << 20, end - at)))
+    return path

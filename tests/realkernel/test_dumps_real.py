@@ -17,7 +17,6 @@ import pytest
 from ptilab.memory.images import open_image
 from ptilab.memory.kdump import KdumpCompressed
 from ptilab.memory.lime import LimeImage
-from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
 from tests.memory.dumpfiles import lime_bytes
 from tests.realkernel.conftest import DUMP_CONFIGS, LIME_CONFIGS, real_kernel
 
@@ -26,7 +25,7 @@ KDUMPS = ["kdump-zlib.dump", "makedumpfile-zlib.dump", "makedumpfile-lzo.dump"]
 
 def _with_init_mm(config: str):
     k = real_kernel(config)
-    k.kernel_pgd = parse_vmcoreinfo(k.mem.vmcoreinfo_text).kernel_pgd
+    k.kernel_pgd = k.mem.vmcoreinfo.kernel_pgd
     return k
 
 
@@ -60,7 +59,7 @@ def test_every_dumped_frame_of_a_kdump_file_equals_the_elf_cores(kaslr, name):
     assert kaslr.mem.frames_present(dumped).all()
     for chunk in np.array_split(dumped, 8):
         assert np.array_equal(dump.read_frames(chunk), kaslr.mem.read_frames(chunk))
-    info = parse_vmcoreinfo(dump.vmcoreinfo_text)
+    info = dump.vmcoreinfo
     assert info.osrelease == kaslr.meta["kernel_release"] and info.kernel_pgd == kaslr.kernel_pgd
 
 
@@ -83,9 +82,9 @@ def test_makedumpfile_excludes_pages_at_dump_level_31_but_no_page_table(kaslr):
 def _audits_like_the_core(k, name: str) -> None:
     # QEMU's kdump file carries QEMU's CPU notes: the user-mode CPU's CR3, as
     # core.elf; kdump.elf and makedumpfile's have VMCOREINFO only: init_mm's
-    # pair; LiME has neither: give it init_mm's.
+    # pair; LiME has neither, but the kernel's VMCOREINFO is in its RAM: init_mm's too.
     init_mm = ["--cr3", f"{k.kernel_pgd:x}"]
-    got = _audit(k.path / name, *(init_mm if name == "lime.dump" else []))
+    got = _audit(k.path / name)
     want = _audit(k.path / "core.elf", *([] if name == "kdump-zlib.dump" else init_mm))
     assert got["pti_pair"] == want["pti_pair"] and got["pti_pair"]["is_pti"]
     assert got["findings"] == want["findings"]

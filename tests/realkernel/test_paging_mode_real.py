@@ -5,21 +5,11 @@ import sys
 
 import pytest
 
-from tests.realkernel.conftest import real_kernel
+from tests.realkernel.conftest import raw_image, real_kernel
 
 
 def ptilab(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ptilab.cli", *args], capture_output=True, text=True, timeout=300)
-
-
-def _raw_image(k, path):
-    """The core's physical memory as a raw image: no notes, no VMCOREINFO, only the tables say."""
-    with open(path, "wb") as f:
-        for start, end in k.mem.segments:
-            for at in range(start, end, 16 << 20):
-                f.seek(at)
-                f.write(k.mem.read(at, min(16 << 20, end - at)))
-    return path
 
 
 def test_a_bare_cr3_of_a_five_level_core_takes_la57_from_the_cpu_notes():
@@ -45,7 +35,7 @@ def test_an_option_the_notes_contradict_is_one_line_and_exit_2(option, says):
 
 def test_a_raw_image_of_a_five_level_boot_is_walked_at_the_depth_its_tables_fit(tmp_path):
     k = real_kernel("pti-5level")
-    raw = str(_raw_image(k, tmp_path / "mem.raw"))
+    raw = str(raw_image(k, tmp_path / "mem.raw"))
     cr3 = f"{k.cpu()['cr3']:x}"
     assert ptilab("dump", raw, "--cr3", cr3).stdout == ptilab("dump", str(k.path / "core.elf")).stdout
     refused = ptilab("audit", raw, "--cr3", cr3, "--no-la57")

@@ -17,7 +17,6 @@ from drgn import FaultError, Object, Program, TypeKind, TypeMember
 from drgn.helpers.linux.mm import follow_phys
 
 from ptilab.memory.images import open_image
-from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
 from ptilab.paging import Geometry, translate, walk
 from ptilab.paging.translate import PageFault
 from tests.realkernel.conftest import DUMP_CONFIGS, real_kernel
@@ -54,7 +53,7 @@ def agree(path, samples: int, seed: int = 12) -> tuple[int, int]:
     """Translate samples addresses per view with drgn and ptilab; returns
     (addresses compared, of them mapped). Fails on the first disagreement."""
     mem = open_image(path)
-    info = parse_vmcoreinfo(mem.vmcoreinfo_text)
+    info = mem.vmcoreinfo
     geometry = Geometry(info.levels)
     prog = Program()
     prog.set_core_dump(str(path))

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -13,7 +14,6 @@ import pytest
 from ptilab.audit import Severity, audit
 from ptilab.audit.sources import views_from_image
 from ptilab.memory.images import open_image
-from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
 from ptilab.paging import entry as e
 from ptilab.scan import roots, scan_image
 from ptilab.scan.spaces import KERNEL_ONLY, NO_ISOLATION, PTI_PAIR
@@ -75,14 +75,12 @@ def test_every_task_with_an_mm_is_found(any_kernel):
 
 
 def test_init_mm_and_the_trampoline_are_kernel_only_roots(any_kernel):
-    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
-
     k = any_kernel
     spaces = {s.kernel_pgd: s for s in _scan(k).spaces}
     trampoline = [s for pgd, s in spaces.items() if pgd < 1 << 20]
     assert [s.kind for s in trampoline] == [KERNEL_ONLY]  # trampoline_pgd, in the real-mode area
     if k.mem.vmcoreinfo_text:
-        init = parse_vmcoreinfo(k.mem.vmcoreinfo_text).kernel_pgd  # init_top_pgt, wherever KASLR put it
+        init = k.mem.vmcoreinfo.kernel_pgd  # init_top_pgt, wherever KASLR put it
     elif not k.meta["kaslr"]:  # phys_base is 0: init_top_pgt lies at its symbol minus __START_KERNEL_map
         init = k.symbols["init_top_pgt"] - START_KERNEL_MAP
     else:
@@ -145,8 +143,9 @@ def test_a_compressed_kdump_gives_the_cores_roots_that_it_holds(config, name):
 @pytest.mark.parametrize("config", LIME_CONFIGS)
 def test_a_lime_dump_finds_its_roots_at_their_physical_addresses(config):
     """LiME saves System RAM ranges (a gap below 1 MiB, the first page left out)
-    with no CPU state and no VMCOREINFO, at boot: an earlier moment of the same
-    boot as core.elf. The kernel half most frames share is init_top_pgt's; init
+    with no CPU state and no VMCOREINFO note, at boot: an earlier moment of the
+    same boot as core.elf. The reference is init_top_pgt's kernel half, from the
+    VMCOREINFO the kernel keeps in RAM, and the census agrees with it; init
     (pid 1, alive since before LiME ran), init_mm and the trampoline are roots at
     the physical addresses the core gives them; and every PGD pair whose frames
     are the same bytes in both dumps is a root in both, of the same kind."""
@@ -154,10 +153,16 @@ def test_a_lime_dump_finds_its_roots_at_their_physical_addresses(config):
     lime = open_image(path)
     assert len(lime.segments) >= 2 and lime.segments[0][0] > 0
     result = scan_image(str(path))
-    init_mm = parse_vmcoreinfo(k.mem.vmcoreinfo_text).kernel_pgd
-    assert "frames share" in result.reference.source and result.reference.pti
+    init_mm = k.mem.vmcoreinfo.kernel_pgd
+    assert result.reference.source == (f"VMCOREINFO init_top_pgt (pa {init_mm:#x}, VMCOREINFO found in memory "
+                                       f"at pa {lime.vmcoreinfo.found_at:#x})") and result.reference.pti
     assert np.array_equal(result.reference.kernel_half & ~roots.IGNORED,
                           k.mem.read_frame(init_mm >> e.PAGE_SHIFT)[roots.HALF:] & ~roots.IGNORED)
+    counts = Counter()
+    for chunk in roots.chunks(lime, str(path)):
+        counts.update(roots.census_chunk(chunk))
+    census, _ = roots.reference_half(counts, lime)
+    assert np.array_equal(census & ~roots.IGNORED, result.reference.kernel_half & ~roots.IGNORED)
     spaces = {s.kernel_pgd: s for s in result.spaces}
     assert spaces[init_mm].kind == KERNEL_ONLY and spaces[init_mm].user_pgd == init_mm + e.PAGE_SIZE
     assert [s.kind for pgd, s in spaces.items() if pgd < 1 << 20] == [KERNEL_ONLY]  # trampoline_pgd
@@ -182,7 +187,7 @@ def test_many_images_audit_a_kdump_vmcore_as_the_single_image_audit_does(config,
 
     k, kdump = _dump_file(config, "kdump.elf")
     rows = audit_images([str(k.path / "core.elf"), str(kdump)], None, None, None, workers=0)
-    init_mm = parse_vmcoreinfo(k.mem.vmcoreinfo_text).kernel_pgd
+    init_mm = k.mem.vmcoreinfo.kernel_pgd
     assert rows[1]["cr3"] == f"{init_mm:#x}"
     assert rows[0]["cr3"] == f"{k.cpu()['cr3']:#x}"
     single = json.loads(subprocess.run([sys.executable, "-m", "ptilab.cli", "audit", "--json", str(kdump)],
@@ -191,13 +196,19 @@ def test_many_images_audit_a_kdump_vmcore_as_the_single_image_audit_does(config,
 
 
 def test_a_raw_image_without_notes_finds_the_kernel_half_by_census(tmp_path):
-    """No CPU, no VMCOREINFO: the kernel half most frames share is init_mm's."""
+    """No CPU, no VMCOREINFO (the kernel's copies in RAM wiped too): the kernel half most frames share is init_mm's."""
+    from ptilab.memory.vmcoreinfo import candidate_texts
+
     k = real_kernel("pti-4level")
     raw = tmp_path / "mem.raw"
     with open(raw, "wb") as f:
         for first, count, _ in k.mem.file_runs():
             f.seek(first << e.PAGE_SHIFT)
             f.write(k.mem.read_frames(np.arange(first, first + count, dtype=np.uint64)).tobytes())
+        for pa, _ in candidate_texts(k.mem):
+            f.seek(pa & ~(e.PAGE_SIZE - 1))
+            f.write(bytes(e.PAGE_SIZE))
+    assert open_image(raw).vmcoreinfo is None
     result = scan_image(str(raw))
     assert "frames share" in result.reference.source and result.reference.pti
     assert _roots(result.spaces) == _roots(_scan(k).spaces)

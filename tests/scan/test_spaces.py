@@ -80,10 +80,19 @@ def test_cli_json_gives_each_address_space_its_pgds_in_hex(fleet):
 
 
 def test_cli_fail_on_critical_still_fails_for_the_planted_process(fleet):
-    table = _cli("scan", fleet.path, "--fail-on", "critical")
+    table = _cli("scan", fleet.path, "--fail-on", "critical", "--cpu-meltdown", "affected")
     assert table.returncode == 1
     row = next(line for line in table.stdout.splitlines() if line.startswith(hex(fleet.planted)))
     assert "critical: PTI-OFF" in row and hex(fleet.planted + 4096) in row
+    assert "affected by Meltdown (--cpu-meltdown: 'affected')" in table.stdout
+
+
+def test_without_a_word_on_the_cpu_the_planted_process_is_high_not_critical(fleet):
+    table = _cli("scan", fleet.path, "--fail-on", "critical")
+    assert table.returncode == 0
+    row = next(line for line in table.stdout.splitlines() if line.startswith(hex(fleet.planted)))
+    assert "high: PTI-OFF" in row
+    assert "Meltdown exposure unknown" in table.stdout
 
 
 def test_cli_refuses_a_missing_image_in_one_line():

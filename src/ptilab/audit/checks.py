@@ -15,17 +15,16 @@ import numpy as np
 
 from ptilab.audit.findings import Finding, Severity, Span
 from ptilab.errors import WalkTooLarge
-from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, ESPFIX_BASE_ADDR, START_KERNEL_MAP
-from ptilab.linux.regions import REGIONS
-from ptilab.paging import EFF_NX, EFF_RW, EFF_US, Anomaly, Geometry, Walk, split_at
+from ptilab.linux.exposure import UNKNOWN, Exposure, Meltdown
+from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, START_KERNEL_MAP
+from ptilab.linux.regions import MODULES_VADDR, PTI_OFF_BYTES, class_edges, classify_ranges
+from ptilab.linux.regions import count as _count
+from ptilab.linux.regions import direct_map as _direct_map
+from ptilab.linux.regions import present_kernel_half as _present_kernel_half
+from ptilab.linux.regions import weighed_bytes as _bytes
+from ptilab.linux.regions import within as _within
+from ptilab.paging import EFF_NX, EFF_RW, EFF_US, Anomaly, Geometry, Walk
 from ptilab.paging import entry as e
-
-P4D_SIZE = 1 << 39
-VSYSCALL_ADDR = 0xFFFF_FFFF_FF60_0000
-# __START_KERNEL_map + KERNEL_IMAGE_SIZE: 1 GiB with CONFIG_RANDOMIZE_BASE (Debian), KASLR or not.
-MODULES_VADDR = 0xFFFF_FFFF_C000_0000
-# A user view mapping more kernel memory than this has not been isolated.
-PTI_OFF_BYTES = 64 << 20
 
 
 @dataclass
@@ -44,6 +43,8 @@ class Views:
     # Per range: how many times it appears in the address space (Walk.multiplicity()); None: once each.
     user_copies: np.ndarray | None = None
     kernel_copies: np.ndarray | None = None
+    # What is known of the machine behind the tables: the CPU's Meltdown exposure, KASLR (ptilab.linux.exposure).
+    exposure: Exposure = UNKNOWN
 
     @classmethod
     def from_walks(cls, user: "Walk", kernel: "Walk | None" = None, **kw) -> "Views":
@@ -71,43 +72,6 @@ class Views:
         return np.ones(len(r), np.int64) if given is None else given
 
 
-def _direct_map(geometry: Geometry) -> tuple[int, int]:
-    (window,) = [(start, end) for start, end, name in REGIONS[geometry.levels] if name == "direct map"]
-    return window
-
-
-def _entry_text(symbols: dict[str, int]) -> tuple[int, int] | None:
-    """The PMDs pti_clone_entry_text() clones, when the symbols name the entry text."""
-    start = symbols.get("__entry_text_start")
-    if start is None:
-        return None
-    end = symbols.get("__entry_text_end", start + 1)
-    pmd = 1 << 21
-    return start & ~(pmd - 1), (end + pmd - 1) & ~(pmd - 1)
-
-
-def _kernel_text_clone(symbols: dict[str, int]) -> tuple[int, int] | None:
-    """What pti_clone_kernel_text() maps into the user tables when
-    pti_kernel_image_global_ok() (PTI auto, no PCID): [_text,
-    __end_rodata_aligned), "do not clone the areas past rodata, they might
-    contain secrets" (pti.c)."""
-    start = symbols.get("_text")
-    end = symbols.get("__end_rodata_aligned", symbols.get("__end_rodata_hpage_align"))
-    if start is None or end is None:
-        return None
-    return start & ~(e.PAGE_SIZE - 1), end
-
-
-def class_edges(geometry: Geometry, symbols: dict[str, int]) -> np.ndarray:
-    """Addresses where classify() may judge a range differently (sorted):
-    between two of them, where a range lies changes nothing."""
-    edges = [geometry.kernel_half_start(), CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + P4D_SIZE,
-             ESPFIX_BASE_ADDR, ESPFIX_BASE_ADDR + P4D_SIZE, START_KERNEL_MAP, MODULES_VADDR,
-             VSYSCALL_ADDR, VSYSCALL_ADDR + e.PAGE_SIZE, *_direct_map(geometry), *(_entry_text(symbols) or ()),
-             *(_kernel_text_clone(symbols) or ())]
-    return np.unique(np.array([a & 0xFFFF_FFFF_FFFF_FFFF for a in edges], dtype=np.uint64))
-
-
 def _aliases_stay_within(w: "Walk", edges: np.ndarray) -> bool:
     """Whether every alias's reach and its source's lie between the same two edges."""
     a = w.aliases
@@ -117,15 +81,6 @@ def _aliases_stay_within(w: "Walk", edges: np.ndarray) -> bool:
     at = np.searchsorted(edges, a["va"], side="right")
     return bool((at == np.searchsorted(edges, last, side="right")).all()
                 and (at == np.searchsorted(edges, a["source"], side="right")).all())
-
-
-def _count(copies: np.ndarray, mask: np.ndarray) -> int:
-    """How many ranges mask selects, each counted as often as it appears."""
-    return int(copies[mask].sum())
-
-
-def _bytes(r: np.ndarray, copies: np.ndarray, mask: np.ndarray | slice = slice(None)) -> int:
-    return int((r["size"][mask].astype(object) * copies[mask]).sum()) if len(r) else 0
 
 
 def rights(eff: int, prot: int) -> str:
@@ -151,70 +106,66 @@ def _spans(r: np.ndarray, view: str, label: str = "", limit: int = 64,
     return tuple(out)
 
 
-def _present_kernel_half(r: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Which ranges are present and in the kernel half."""
-    return ((r["prot"] & np.uint64(e.P)) != 0) & (r["va"] >= np.uint64(geometry.kernel_half_start()))
-
-
-def _within(r: np.ndarray, start: int, end: int) -> np.ndarray:
-    return (r["va"] >= np.uint64(start)) & (r["va"] <= np.uint64(end - 1))
-
-
 def classify(views: Views) -> dict[str, np.ndarray]:
     """Sort the user view's kernel-half mappings into what PTI allows there
-    and what it does not: a mask per kind over the present kernel-half ranges."""
-    g = views.geometry
-    # A range is judged by where it starts: split those that reach into another class of address.
-    r, origin = split_at(views.user, class_edges(g, views.symbols))
-    copies = views.copies("user")[origin]
-    keep = _present_kernel_half(r, g)
-    r, copies = r[keep], copies[keep]
-    cea = _within(r, CPU_ENTRY_AREA_BASE, CPU_ENTRY_AREA_BASE + P4D_SIZE)
-    espfix = _within(r, ESPFIX_BASE_ADDR, ESPFIX_BASE_ADDR + P4D_SIZE)
-    image = _within(r, START_KERNEL_MAP, MODULES_VADDR)
-    vsyscall = _within(r, VSYSCALL_ADDR, VSYSCALL_ADDR + e.PAGE_SIZE)
-    entry_text = _entry_text(views.symbols)
-    if entry_text is not None:
-        entry = image & _within(r, *entry_text)
-    else:
-        # Without symbols: pti_clone_entry_text() clones whole PMDs, a few MiB at most.
-        entry = image if _bytes(r, copies, image) <= 4 << 20 else np.zeros(len(r), bool)
-    # pti_clone_user_shared(): one 4 KiB RW NX page per possible CPU, elsewhere in the kernel half.
-    small = (r["size"] == np.uint64(e.PAGE_SIZE)) & ((r["eff"] & EFF_RW) != 0) & ((r["eff"] & EFF_NX) != 0)
-    other = ~(cea | espfix | image | vsyscall)
-    tss = other & small
-    if _count(copies, tss) > views.nr_cpus_hint:
-        tss[:] = False
-    # pti_clone_kernel_text(): read-only, and (with symbols) within text and rodata. A writable
-    # page there, or one past rodata, is no part of it and stays a leak.
-    clone = image & ~entry & ((r["eff"] & EFF_RW) == 0)
-    clone_range = _kernel_text_clone(views.symbols)
-    if clone_range is not None:
-        clone &= _within(r, *clone_range) & (r["va"] + r["size"] <= np.uint64(clone_range[1]))
-    leak = ~(cea | espfix | entry | vsyscall | tss | clone)
-    return {"cpu_entry_area": cea, "espfix": espfix, "entry text": entry, "vsyscall page": vsyscall,
-            "cpu_tss_rw pages": tss, "kernel text clone": clone, "leak": leak, "_ranges": r, "_copies": copies}
+    and what it does not (ptilab.linux.regions.classify_ranges())."""
+    return classify_ranges(views.user, views.copies("user"), views.geometry, views.symbols, views.nr_cpus_hint)
 
 
 def check_pti_off(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     r, copies = kinds["_ranges"], kinds["_copies"]
-    leaked = _bytes(r, copies, kinds["leak"])
-    same = views.kernel is not None and len(views.kernel) == len(views.user) and bool(
-        (views.kernel["va"] == views.user["va"]).all() and (views.kernel["pa"] == views.user["pa"]).all()
-        and (views.copies("kernel") == views.copies("user")).all())
-    # region_of() over every range, vectorised: the direct map is one interval.
-    direct = _bytes(r, copies, _within(r, *_direct_map(views.geometry)))
-    if leaked < PTI_OFF_BYTES and not same and direct < PTI_OFF_BYTES:
+    if not _pti_off(views, kinds):
         return []
-    why = ("the user and kernel views are the same tree" if same else
+    leaked = _bytes(r, copies, kinds["leak"])
+    direct = _bytes(r, copies, _within(r, *_direct_map(views.geometry)))
+    why = ("the user and kernel views are the same tree" if _same_tree(views) else
            f"the tables used in user mode map {leaked >> 20} MiB of the kernel"
            + (f", {direct >> 20} MiB of it the direct map (all of physical memory)" if direct else ""))
-    return [Finding("PTI-OFF", Severity.CRITICAL, "page-table isolation is off",
-                    f"PTI promises that while a CPU runs user code its page tables map only what "
-                    f"kernel entry needs; here {why}. A Meltdown-style attack (CVE-2017-5754) can then read "
-                    f"any kernel memory, and with it all of RAM through the direct map. Boot with pti=on "
-                    f"or check why the kernel disabled it (an AMD CPU, pti=off, mitigations=off).",
+    severity, title, verdict = _pti_off_verdict(views.exposure)
+    return [Finding("PTI-OFF", severity, title,
+                    f"PTI promises that while a CPU runs user code its page tables map only what kernel entry "
+                    f"needs; here {why}. {verdict}",
                     _spans(r[kinds["leak"]], "user", copies=copies[kinds["leak"]]))]
+
+
+def _same_tree(views: Views) -> bool:
+    return views.kernel is not None and len(views.kernel) == len(views.user) and bool(
+        (views.kernel["va"] == views.user["va"]).all() and (views.kernel["pa"] == views.user["pa"]).all()
+        and (views.copies("kernel") == views.copies("user")).all())
+
+
+def _pti_off(views: Views, kinds: dict[str, np.ndarray]) -> bool:
+    """The user view maps the kernel wholesale: no isolation at all."""
+    r, copies = kinds["_ranges"], kinds["_copies"]
+    # region_of() over every range, vectorised: the direct map is one interval.
+    direct = _bytes(r, copies, _within(r, *_direct_map(views.geometry)))
+    return _bytes(r, copies, kinds["leak"]) >= PTI_OFF_BYTES or direct >= PTI_OFF_BYTES or _same_tree(views)
+
+
+def _pti_off_verdict(x: Exposure) -> tuple[Severity, str, str]:
+    """PTI-OFF's severity follows the CPU (docs/design.md, "Severity policy"), and names its evidence."""
+    said = x.because()
+    cpu = f" ({x.cpu})" if x.cpu else ""
+    if x.meltdown is Meltdown.AFFECTED:
+        return (Severity.CRITICAL, "page-table isolation is off on a CPU affected by Meltdown",
+                f"The CPU{cpu} is affected by Meltdown ({said}): a Meltdown attack (CVE-2017-5754) can read any "
+                f"kernel memory, and with it all of RAM through the direct map. Boot without pti=off, nopti or "
+                f"mitigations=off.")
+    if x.meltdown is Meltdown.NOT_AFFECTED:
+        return (Severity.INFO, "page-table isolation is off, by design: the CPU is not affected by Meltdown",
+                f"The CPU{cpu} is not affected by Meltdown ({said}): it does not speculate past the US bit, so "
+                f"Linux leaves PTI off on it (cpu_vuln_whitelist, ARCH_CAPABILITIES.RDCL_NO). What the user "
+                f"tables map still matters for KASLR (see KASLR-KERNEL-MAPPED).")
+    if x.meltdown is Meltdown.XEN_PV:
+        return (Severity.LOW, "page-table isolation is off, left to the hypervisor (Xen PV)",
+                f"This is a Xen PV guest ({said}): Linux turns PTI off there by design, and isolation is the "
+                f"hypervisor's job (Xen's XPTI). Nothing in these tables says whether the hypervisor does it: "
+                f"check Xen's xpti= setting.")
+    return (Severity.HIGH, "page-table isolation is off; nothing tells whether the CPU is affected by Meltdown",
+            "No evidence says whether this CPU is affected (no kernel log in the image, no sysfs): on an affected "
+            "CPU (most Intel CPUs before Cascade Lake) a Meltdown attack (CVE-2017-5754) can read any kernel memory "
+            "and all of RAM through the direct map; on an unaffected one (every AMD and Hygon CPU, Intel with "
+            "RDCL_NO) Linux leaves PTI off by design. Give --cpu-meltdown affected|not-affected to say which.")
 
 
 def check_leaks(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
@@ -222,17 +173,13 @@ def check_leaks(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     leak, leak_copies = r[kinds["leak"]], copies[kinds["leak"]]
     if not len(leak) or _bytes(leak, leak_copies) >= PTI_OFF_BYTES:
         return []
-    image = np.zeros(len(leak), bool)  # the kernel text clone is judged apart (check_kernel_text_clone)
-    found = []
-    rest = leak[~image]
-    if len(rest):
-        found.append(Finding(
-            "PTI-LEAK", Severity.HIGH, "kernel memory mapped in the user tables",
-            f"{_count(leak_copies, ~image)} kernel range(s), {_bytes(leak, leak_copies, ~image) >> 10} KiB, are present in the tables "
-            f"used in user mode but are none of what PTI allows there (cpu_entry_area, entry text, espfix "
-            f"stacks, per-CPU cpu_tss_rw). A present translation is all Meltdown needs: the US bit does not "
-            f"stop a speculative read.", _spans(rest, "user", "not allowed under PTI", copies=leak_copies[~image])))
-    return found
+    # The kernel text clone is judged apart (check_kernel_text_clone): classify() keeps it out of "leak".
+    return [Finding(
+        "PTI-LEAK", Severity.HIGH, "kernel memory mapped in the user tables",
+        f"{_count(leak_copies, slice(None))} kernel range(s), {_bytes(leak, leak_copies) >> 10} KiB, are present in "
+        f"the tables used in user mode but are none of what PTI allows there (cpu_entry_area, entry text, espfix "
+        f"stacks, per-CPU cpu_tss_rw). A present translation is all Meltdown needs: the US bit does not "
+        f"stop a speculative read.", _spans(leak, "user", "not allowed under PTI", copies=leak_copies))]
 
 
 def check_kernel_text_clone(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
@@ -278,8 +225,12 @@ def check_user_view_summary(views: Views, kinds: dict[str, np.ndarray]) -> list[
         spans.extend(_spans(sel, "user", kind, limit=16, copies=copies[kinds[kind]]))
     if not parts:
         return []
-    where = ("see PTI-CEA-FIXED for the addresses they reveal" if _cea_fixed_slot(kinds).any() else
-             "the cpu_entry_area is not at the fixed address: its per-CPU slots are randomised")
+    if not _cea_fixed_slot(kinds).any():
+        where = "the cpu_entry_area is not at the fixed address: its per-CPU slots are randomised"
+    elif views.exposure.meltdown is Meltdown.NOT_AFFECTED:
+        where = "the cpu_entry_area sits at its fixed address, which only a Meltdown read would exploit"
+    else:
+        where = "see PTI-CEA-FIXED for the addresses they reveal"
     return [Finding("PTI-USER-VIEW", Severity.INFO, "what the user tables map of the kernel",
                     "While user code runs, the kernel half maps only " + "; ".join(parts) + ". These are what "
                     "entry and exit need before and after the CR3 switch; each is readable by Meltdown, which is "
@@ -319,6 +270,8 @@ def check_user_bit(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
 
 def check_executable(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     r = kinds["_ranges"]
+    if _pti_off(views, kinds):
+        return []  # without isolation all kernel text is there by design: PTI-OFF says so, as severe as the CPU
     x = ((r["eff"] & EFF_NX) == 0) & ~kinds["entry text"] & ~kinds["kernel text clone"]
     if not x.any():
         return []
@@ -330,6 +283,8 @@ def check_executable(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding
 
 def check_global(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
     r = kinds["_ranges"]
+    if _pti_off(views, kinds):
+        return []  # global kernel pages matter only where PTI unmaps the rest
     # The cpu_entry_area, the cloned entry-text PMDs and the espfix pages are
     # global on purpose (cea_set_pte(), pti_clone_pgtable(), init_espfix_ap()).
     glb = ((r["prot"] & np.uint64(e.G)) != 0) & ~kinds["cpu_entry_area"] & ~kinds["entry text"] & ~kinds["espfix"]
@@ -368,7 +323,8 @@ def check_cea_fixed(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]
     gdt0 = CPU_ENTRY_AREA_BASE + 0x1000
     at = _cea_fixed_slot(kinds)
     hit = r[at]
-    if not len(hit):
+    # The fixed slot leaks only to a Meltdown read, and with PTI off PTI-OFF says more.
+    if not len(hit) or views.exposure.meltdown is Meltdown.NOT_AFFECTED or _pti_off(views, kinds):
         return []
     return [Finding("PTI-CEA-FIXED", Severity.LOW, "cpu_entry_area at its fixed, guessable address",
                     f"CPU 0's area starts at {gdt0:#x}, the address every kernel without randomised "
@@ -376,6 +332,65 @@ def check_cea_fixed(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]
                     f"and a Meltdown read of them reveals kernel pointers (IDT handler addresses, the TSS's "
                     f"stack pointers) and with them the KASLR offsets. Linux 6.2 randomises each CPU's slot "
                     f"(CONFIG_RANDOMIZE_MEMORY).", _spans(hit, "user", "cpu_entry_area", copies=copies[at]))]
+
+
+def _kaslr_words(x: Exposure) -> str | None:
+    """How the finding speaks of KASLR: None when it is known to be off (nothing to leak)."""
+    if x.kaslr is False:
+        return None
+    if x.kaslr:
+        return "KASLR is on (" + "; ".join(map(str, x.kaslr_evidence)) + ")"
+    return "nothing tells whether KASLR is on; if it is"
+
+
+def check_kaslr_entry_text(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    """EntryBleed (CVE-2022-4543): PTI's user tables map the entry text inside the slid kernel image."""
+    r, copies = kinds["_ranges"], kinds["_copies"]
+    entry = kinds["entry text"] & ((r["eff"] & EFF_NX) == 0)
+    words = _kaslr_words(views.exposure)
+    if words is None or not entry.any() or _pti_off(views, kinds) or kinds["kernel text clone"].any():
+        return []
+    glb = bool(((r["prot"][entry] & np.uint64(e.G)) != 0).any())
+    return [Finding(
+        "KASLR-ENTRYBLEED", Severity.MEDIUM, "the entry text in the user tables gives away the KASLR base",
+        f"{words}, yet the tables used in user mode map the entry text (entry_SYSCALL_64 and the rest of "
+        f"pti_clone_entry_text()'s PMDs) at its slid address inside the kernel image"
+        f"{', global' if glb else ''}. EntryBleed (CVE-2022-4543; Liu, Ravichandran and Yan, HASP '23) times "
+        f"prefetch over the 512 2 MiB candidates from user mode after a syscall and finds the one whose "
+        f"translation is cached: the kernel base in under a second, shown on Intel CPUs from Haswell to Coffee "
+        f"Lake, on any kernel with PTI and KASLR since 4.20 (no Meltdown needed, so on every CPU that runs PTI "
+        f"and keeps that translation). Mainline has no fix. The kernel could map entry code the user tables "
+        f"need at an address randomised apart from the image, as the SYSCALL64 trampoline in the "
+        f"cpu_entry_area did until 4.20 (bf904d2762ee).", _spans(r[entry], "user", "entry text", copies=copies[entry]))]
+
+
+def check_kaslr_kernel_mapped(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    """Prefetch and TLB timing find a kernel image that the user tables map (PTI off, or the text clone)."""
+    r, copies = kinds["_ranges"], kinds["_copies"]
+    image = _within(r, START_KERNEL_MAP, MODULES_VADDR)
+    words = _kaslr_words(views.exposure)
+    off = _pti_off(views, kinds)
+    if words is None or not image.any() or not (off or kinds["kernel text clone"].any()):
+        return []
+    what = ("PTI is off, so the tables used in user mode map the whole kernel" if off else
+            "the kernel image's text and rodata are cloned into the user tables (PTI-KERNEL-IMAGE)")
+    return [Finding(
+        "KASLR-KERNEL-MAPPED", Severity.MEDIUM, "the kernel image mapped in user mode gives away the KASLR base",
+        f"{words}; {what}, {_bytes(r, copies, image) >> 20} MiB of the kernel image at its slid address. Timing "
+        f"prefetch or a faulting access from user mode tells a mapped kernel page from an unmapped one on any CPU, "
+        f"no Meltdown needed: Gruss et al., \"Prefetch Side-Channel Attacks\" (CCS 2016) on Intel, Lipp et al., "
+        f"\"AMD Prefetch Attacks through Power and Time\" (USENIX Security 2022, CVE-2021-26318) on AMD. "
+        f"Isolation (pti=on) unmaps the image, leaving only the entry text (see KASLR-ENTRYBLEED).",
+        _spans(r[image], "user", "kernel image", limit=16, copies=copies[image]))]
+
+
+def check_kaslr_off(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
+    x = views.exposure
+    if x.kaslr is not False:
+        return []
+    return [Finding("KASLR-OFF", Severity.INFO, "KASLR is off: the kernel sits at its link-time addresses",
+                    f"{'; '.join(map(str, x.kaslr_evidence))}: every kernel address is the one System.map names, "
+                    f"so no mapping here leaks a secret base; an attacker needs none.")]
 
 
 def check_anomalies(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
@@ -407,7 +422,8 @@ def check_no_entry(views: Views, kinds: dict[str, np.ndarray]) -> list[Finding]:
 
 
 CHECKS = (check_no_entry, check_pti_off, check_leaks, check_kernel_text_clone, check_user_view_summary, check_wx, check_user_bit, check_executable,
-          check_global, check_kernel_pgd_nx, check_cea_fixed, check_anomalies)
+          check_global, check_kernel_pgd_nx, check_cea_fixed, check_kaslr_entry_text, check_kaslr_kernel_mapped,
+          check_kaslr_off, check_anomalies)
 
 
 def audit(views: Views) -> list[Finding]:

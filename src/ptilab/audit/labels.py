@@ -1,19 +1,9 @@
-"""Names for addresses: which cpu_entry_area piece, by the linux-6.1 layout."""
+"""Names for addresses: ptilab.linux.regions labels every range of a user
+view (label_ranges()), and names a cpu_entry_area piece (cea_piece()); the
+audit, meltdown, the HTML report and ptilab diff all name through it."""
 
 from __future__ import annotations
 
-from ptilab.linux.profiles import CPU_ENTRY_AREA_BASE, LINUX_6_1, Profile
+from ptilab.linux.regions import cea_piece, label_kinds, label_ranges
 
-
-def cea_piece(va: int, profile: Profile = LINUX_6_1) -> str:
-    """'gdt', 'tss', 'estacks.DF_stack', 'idt', or 'guard/unused' for a
-    cpu_entry_area address of a kernel without randomised area."""
-    offset = va - CPU_ENTRY_AREA_BASE
-    for piece in profile.header:
-        if piece.offset <= offset < piece.offset + piece.pages * 4096:
-            return piece.name
-    cpu_offset = (offset - profile.first_cpu_offset) % profile.stride
-    for piece in profile.per_cpu:
-        if piece.offset <= cpu_offset < piece.offset + piece.pages * 4096:
-            return piece.name
-    return "guard/unused"
+__all__ = ["cea_piece", "label_kinds", "label_ranges"]

@@ -18,9 +18,10 @@ import numpy as np
 from ptilab.audit.findings import Finding, Severity
 from ptilab.audit.sources import ImageViews, views_from_image
 from ptilab.errors import InputError
+from ptilab.linux import exposure as ex
 from ptilab.linux.live import Claims, open_kcore, read_claims
 from ptilab.memory.kcore import Kcore
-from ptilab.memory.vmcoreinfo import VmcoreInfo, parse_vmcoreinfo
+from ptilab.memory.vmcoreinfo import VmcoreInfo
 from ptilab.paging import Geometry, Walk
 from ptilab.paging import entry as e
 
@@ -50,7 +51,8 @@ def open_live(root: Path = Path("/")) -> LiveKernel:
     """/proc/kcore, its VMCOREINFO and the kernel's claims; InputError (one line, why) when unreadable."""
     kcore = open_kcore(root)
     try:
-        info = parse_vmcoreinfo(kcore.vmcoreinfo_text or "")
+        info = kcore.vmcoreinfo
+        assert info is not None, "open_kcore() refuses a kcore without its VMCOREINFO note"
         pgd = info.kernel_pgd
         if not kcore.frames_present(np.array([pgd >> e.PAGE_SHIFT], np.uint64))[0]:
             raise InputError(f"{kcore.path}: init_top_pgt at pa {pgd:#x} lies in no RAM segment (a kcore "
@@ -88,19 +90,33 @@ class LiveAudit:
     kernel: LiveKernel
     found: ImageViews
     findings: list[Finding]  # the image audit's, the claims', debugfs ptdump's; most severe first
+    exposure: ex.Exposure
 
 
-def audit_live(kernel: LiveKernel, symbols: dict[str, int] | None, cr3: int | None = None) -> LiveAudit:
+def claims_exposure(claims: Claims, kernel_offset: int | None, stated: ex.Meltdown | None = None) -> ex.Exposure:
+    """What the running kernel says of its CPU and KASLR, strongest source first (ptilab.linux.exposure)."""
+    readings = [r for r in [ex.from_sysfs(claims.meltdown or "")] if r is not None]
+    readings += ex.from_cpuinfo(claims.cpu_bugs or "")
+    log = [ex.PTI_LOG_PREFIX + line for line in claims.log or ()] + ([claims.cpu_line] if claims.cpu_line else [])
+    readings += ex.from_log(log)
+    return ex.exposure(readings, stated, claims.cmdline, kernel_offset)
+
+
+def audit_live(kernel: LiveKernel, symbols: dict[str, int] | None, cr3: int | None = None,
+               stated: ex.Meltdown | None = None) -> LiveAudit:
     """Audit the running kernel's tables and hold its claims (and debugfs ptdump) against them."""
+    from dataclasses import replace
+
     from ptilab.audit.checks import audit
 
     found = live_views(kernel, symbols, cr3)
-    findings = audit(found.views)
+    exposure = claims_exposure(kernel.claims, kernel.info.kernel_offset, stated)
+    findings = audit(replace(found.views, exposure=exposure))
     findings += check_claims(kernel.claims, is_isolated(found, findings))
     current_user = read_current_user(kernel.root)
     if current_user is not None:
         findings.append(compare_current_user(*current_user, found.user))
-    return LiveAudit(kernel, found, sorted(findings, key=lambda f: -f.severity))
+    return LiveAudit(kernel, found, sorted(findings, key=lambda f: -f.severity), exposure)
 
 
 # -- the kernel's claims against its tables -----------------------------------------
@@ -137,12 +153,8 @@ def check_claims(claims: Claims, isolated: bool) -> list[Finding]:
         parts = [f"{src}: {_quote(claims, src)}" for src in said if _quote(claims, src) != "unread"]
         if claims.cmdline is not None:
             parts.append(f"command line asks {claims.requested}")
-        note = ""
-        if claims.meltdown == "Not affected" and not isolated:
-            note = (" The CPU is reported not affected by Meltdown, so what the user tables map (PTI-OFF) is "
-                    "exposed only to a CPU that speculates past the US bit.")
         found.append(Finding("CLAIMS-AGREE", Severity.INFO, "the kernel's reports agree with its tables",
-                             f"{'; '.join(parts)}; {tables}.{note}"))
+                             f"{'; '.join(parts)}; {tables}."))
     return found
 
 

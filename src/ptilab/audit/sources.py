@@ -83,3 +83,31 @@ def views_from_ptdump(path: str, symbols: dict[str, int] | None = None) -> Views
     levels = 5 if len(va) and int(va.min()) < 0xFFFF_0000_0000_0000 else 4
     return Views(Geometry(levels), user.ranges, kernel.ranges if kernel else None, symbols=symbols or {},
                  user_copies=skipped_copies(user), kernel_copies=skipped_copies(kernel) if kernel else None)
+
+
+MODEL_PREFIX = "model:"
+
+
+def views_from_model(spec: str):
+    """The user view of a modelled boot spelled model:PROFILE:DESIGN[:CPUS[:LEVELS]]
+    (model:linux-6.1:explicit, model:linux-6.12:linux:8:5), as ptilab simulate
+    boots it (random cpu_entry_area slots: seed 0); with the booted Kernel."""
+    from ptilab.errors import UsageError
+    from ptilab.linux.kernel import NR_CPUS_MAX
+    from ptilab.linux.profiles import get_profile
+    from ptilab.pti import boot
+
+    parts = spec.removeprefix(MODEL_PREFIX).split(":")
+    numbers = parts[2:]
+    if not 2 <= len(parts) <= 4 or not all(n.isdigit() for n in numbers):
+        raise UsageError(f"a model boot is model:PROFILE:DESIGN[:CPUS[:LEVELS]] (model:linux-6.1:explicit), "
+                         f"not {spec!r}")
+    cpus, levels = (int(numbers[0]) if numbers else 4), (int(numbers[1]) if len(numbers) > 1 else 4)
+    if levels not in (4, 5):
+        raise UsageError(f"{spec}: paging levels must be 4 or 5, not {levels}")
+    if not 1 <= cpus <= NR_CPUS_MAX:
+        raise UsageError(f"{spec}: NR_CPUS must be between 1 and {NR_CPUS_MAX}, not {cpus}")
+    get_profile(parts[0]).check(cpus, levels)
+    kernel = boot(parts[0], parts[1], cpus, levels)
+    user = walk(kernel.ram, kernel.user_cr3(), kernel.geometry)
+    return Views.from_walks(user), kernel

@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ptilab.errors import InputError
+from ptilab.linux.exposure import PTI_LOG_PREFIX
 from ptilab.memory.kcore import Kcore
 
 MELTDOWN = "sys/devices/system/cpu/vulnerabilities/meltdown"
 LOCKDOWN = "sys/kernel/security/lockdown"
-PTI_LOG_PREFIX = "Kernel/User page tables isolation: "
+CPU_LINE = "smpboot: CPU0: "
 MAX_LOG_BYTES = 16 << 20
 DUMP_INSTEAD = ("audit a dump of this machine instead (a kdump vmcore, or the hypervisor's: "
                 "QEMU dump-guest-memory, virsh dump)")
@@ -44,12 +45,16 @@ class Claims:
     pti_flag: whether /proc/cpuinfo's flags include ``pti``.
     log: the kernel log's "Kernel/User page tables isolation:" messages, in order.
     cmdline: /proc/cmdline.
+    cpu_bugs: /proc/cpuinfo's first ``bugs`` line ("bugs: cpu_meltdown spectre_v1 ...").
+    cpu_line: the log's "smpboot: CPU0: ..." line, naming the CPU.
     """
 
     meltdown: str | None
     pti_flag: bool | None
     log: tuple[str, ...] | None
     cmdline: str | None
+    cpu_bugs: str | None = None
+    cpu_line: str | None = None
 
     def says_pti(self) -> dict[str, bool | None]:
         """Per source, whether it says PTI is on (True), off (False), or nothing about it (None)."""
@@ -94,17 +99,23 @@ def read_claims(root: Path = Path("/")) -> Claims:
     """Read the four sources under root; an unreadable one is None, never an error."""
     meltdown = _read_text(root / MELTDOWN)
     cpuinfo = _read_text(root / "proc/cpuinfo")
-    pti_flag = None
+    pti_flag, bugs = None, None
     if cpuinfo is not None:
         flags = [line.partition(":")[2].split() for line in cpuinfo.splitlines() if line.startswith("flags")]
         pti_flag = ("pti" in flags[0]) if flags else None
-    return Claims(meltdown.strip() if meltdown is not None else None, pti_flag, read_pti_log(root),
-                  (_read_text(root / "proc/cmdline") or "").strip() or None)
+        bugs = next((" ".join(line.split()) for line in cpuinfo.splitlines() if line.startswith("bugs")), None)
+    lines = read_log(root)
+    pti_log = None if lines is None else tuple(
+        line.partition(PTI_LOG_PREFIX)[2].strip() for line in lines if PTI_LOG_PREFIX in line)
+    cpu_line = None if lines is None else next((line.strip() for line in lines if CPU_LINE in line), None)
+    return Claims(meltdown.strip() if meltdown is not None else None, pti_flag, pti_log,
+                  (_read_text(root / "proc/cmdline") or "").strip() or None, bugs,
+                  cpu_line[cpu_line.index(CPU_LINE):] if cpu_line else None)
 
 
-def read_pti_log(root: Path = Path("/")) -> tuple[str, ...] | None:
-    """PTI's messages from the kernel log (/dev/kmsg: records "prio,seq,usec,flags;text"),
-    or None when the log cannot be read. A log that has wrapped since boot may hold none."""
+def read_log(root: Path = Path("/")) -> list[str] | None:
+    """The kernel log's texts (/dev/kmsg: records "prio,seq,usec,flags;text"),
+    or None when the log cannot be read. A log that has wrapped since boot may hold no early line."""
     try:
         fd = os.open(root / "dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -127,7 +138,7 @@ def read_pti_log(root: Path = Path("/")) -> tuple[str, ...] | None:
     finally:
         os.close(fd)
     lines = b"".join(chunks).decode("utf-8", "replace").splitlines()
-    return tuple(line.partition(PTI_LOG_PREFIX)[2].strip() for line in lines if PTI_LOG_PREFIX in line)
+    return [line.partition(";")[2] for line in lines if ";" in line]
 
 
 def _read_text(path: Path) -> str | None:
@@ -157,7 +168,7 @@ def open_kcore(root: Path = Path("/")) -> Kcore:
     except OSError as ex:
         raise InputError(f"{path}: cannot open: {ex.strerror or ex}; {DUMP_INSTEAD}") from None
     kcore = Kcore(path, fd)
-    if kcore.vmcoreinfo_text is None:
+    if not kcore.vmcoreinfo_text:
         kcore.close()
         raise InputError(f"{path} has no VMCOREINFO note (Linux 4.19 added it), so ptilab cannot find "
                          f"init_top_pgt and phys_base; {DUMP_INSTEAD}")

@@ -29,6 +29,7 @@ import numpy as np
 
 from ptilab.errors import FrameOutsideMemory, InputError, UsageError
 from ptilab.memory.physical import PhysicalMemory
+from ptilab.memory.vmcoreinfo import START_KERNEL_MAP
 from ptilab.paging import CR3, Geometry, PageFault, translate
 from ptilab.paging import entry as e
 from ptilab.paging.cr3 import PTI_USER_PGTABLE_BIT
@@ -49,7 +50,7 @@ def _option(la57: bool) -> str:
 def la57_from_notes(mem: PhysicalMemory, cr3: int) -> tuple[bool, str] | None:
     """CR4.LA57 from a QEMU core's CPU notes, and which CPU(s) said it; None
     when the image has no notes or its CPUs disagree and none runs on cr3."""
-    cpus = getattr(mem, "cpus", ())
+    cpus = mem.cpus
     pair = CR3(cr3).pgd & ~(1 << PTI_USER_PGTABLE_BIT)
     for cpu in cpus:
         if CR3(cpu.cr3).pgd & ~(1 << PTI_USER_PGTABLE_BIT) == pair:
@@ -61,15 +62,14 @@ def la57_from_notes(mem: PhysicalMemory, cr3: int) -> tuple[bool, str] | None:
 
 
 def la57_from_vmcoreinfo(mem: PhysicalMemory) -> tuple[bool, str] | None:
-    """pgtable_l5_enabled from the dump's VMCOREINFO note, when it has one that says."""
-    # Only this key matters here: a note without phys_base still says the mode.
-    value = (getattr(mem, "vmcoreinfo", None) or {}).get(VMCOREINFO_L5)
-    if value is None:
+    """pgtable_l5_enabled from the dump's VMCOREINFO note, when it has one that says.
+
+    The note only: a copy found in memory would cost a pass over the image,
+    and the tables already tell the depth as surely (rule 3)."""
+    info = mem.vmcoreinfo if mem.vmcoreinfo_text else None
+    if info is None or VMCOREINFO_L5 not in info.entries:
         return None
-    try:
-        return int(value, 10) != 0, f"VMCOREINFO ({VMCOREINFO_L5}={value})"
-    except ValueError:
-        raise InputError(f"VMCOREINFO's {VMCOREINFO_L5} is {value!r}, not a number") from None
+    return info.pgtable_l5_enabled, f"VMCOREINFO ({VMCOREINFO_L5}={info.entries[VMCOREINFO_L5]})"
 
 
 def maps_cpu_entry_area(mem: PhysicalMemory, cr3: int, geometry: Geometry) -> bool:
@@ -122,16 +122,21 @@ def image_root(mem: PhysicalMemory, image: str, cpu: int | None = None,
                la57: bool | None = None) -> tuple[int, Geometry]:
     """The CR3 to judge in an image given without --cr3, and its paging mode:
     CPU cpu's from QEMU's per-CPU notes (by default a CPU in user mode, else
-    CPU 0), or, in a dump without CPU notes (kdump's vmcore), init_mm's
-    kernel PGD from VMCOREINFO's init_top_pgt (the audit finds its user twin)."""
-    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
-
-    cpus = getattr(mem, "cpus", ())
-    if not cpus and cpu is None and getattr(mem, "vmcoreinfo_text", ""):
-        cr3 = parse_vmcoreinfo(mem.vmcoreinfo_text).kernel_pgd
+    CPU 0), or, in a dump without CPU notes (kdump's vmcore, LiME, raw),
+    init_mm's kernel PGD from VMCOREINFO's init_top_pgt: the dump's note,
+    else the kernel's copy found in its memory (the audit finds the user twin)."""
+    cpus = mem.cpus
+    if not cpus and cpu is None:
+        info = mem.vmcoreinfo
+        if info is None:
+            raise InputError(f"{image} carries no CPU registers and no VMCOREINFO (no note, none found in its "
+                             f"memory): give --cr3, init_mm's PGD: init_top_pgt as the same boot's other dumps "
+                             f"print it, or System.map's init_top_pgt - {START_KERNEL_MAP:#x} "
+                             f"(__START_KERNEL_map) + phys_base (0 without KASLR)")
+        cr3 = info.kernel_pgd
     else:
         if not cpus:
-            raise InputError(f"{image} carries no CPU registers and no VMCOREINFO: give --cr3")
+            raise InputError(f"{image} carries no CPU registers: --cpu needs a QEMU core's CPU notes")
         if cpu is None:
             cpu = next((c.index for c in cpus if c.cpl == 3), 0)
         if not 0 <= cpu < len(cpus):

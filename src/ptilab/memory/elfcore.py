@@ -27,12 +27,12 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from ptilab.errors import InputError
-from ptilab.memory.physical import ENTRY_DTYPE, SegmentedMemory
+from ptilab.memory.physical import BLOCK_FRAMES, ENTRY_DTYPE, SegmentedMemory, mapped_frame_blocks
 from ptilab.paging.cr3 import CR3
 from ptilab.paging.entry import PAGE_SHIFT, PAGE_SIZE
 from ptilab.paging.geometry import Geometry
@@ -110,7 +110,6 @@ class CoreNotes:
     notes a kdump-compressed file copies into its sub-header)."""
 
     cpus: list[CpuState] = field(default_factory=list)
-    vmcoreinfo: dict[str, str] = field(default_factory=dict)
     vmcoreinfo_text: str = ""
     prstatus_cpus: int = 0
 
@@ -132,10 +131,6 @@ class CoreNotes:
                 self.prstatus_cpus += 1
             elif name == b"VMCOREINFO":
                 self.vmcoreinfo_text = desc.rstrip(b"\0").decode("ascii", "replace")
-                for line in self.vmcoreinfo_text.splitlines():
-                    key, sep, value = line.partition("=")
-                    if sep:
-                        self.vmcoreinfo[key] = value
 
 
 @dataclass(frozen=True)
@@ -219,9 +214,9 @@ class ElfCore(SegmentedMemory):
         segments: the physical ranges held, as sorted, disjoint
             ``(pa_start, pa_end)`` pairs.
         cpus: one :class:`CpuState` per CPU when QEMU wrote its notes, else ().
-        vmcoreinfo: the ``VMCOREINFO`` note as a dict (kdump writes it, and
-            QEMU does when the guest has a vmcoreinfo device), else {}.
-        vmcoreinfo_text: the same note's text, for memory.vmcoreinfo.parse_vmcoreinfo().
+        vmcoreinfo_text: the ``VMCOREINFO`` note's text (kdump writes it, and
+            QEMU does when the guest has a vmcoreinfo device), else "";
+            ``vmcoreinfo`` decodes it (PhysicalMemory).
         prstatus_cpus: how many ``NT_PRSTATUS`` notes (one per CPU) the core holds.
     """
 
@@ -237,8 +232,7 @@ class ElfCore(SegmentedMemory):
         notes = CoreNotes()
         for offset, length in note_ranges:
             notes.add(self._bytes(offset, length), self.path)
-        self.cpus: tuple[CpuState, ...] = tuple(notes.cpus)
-        self.vmcoreinfo: dict[str, str] = notes.vmcoreinfo
+        self.cpus = tuple(notes.cpus)
         self.vmcoreinfo_text = notes.vmcoreinfo_text
         self.prstatus_cpus = notes.prstatus_cpus
         self._refuse_differing_overlaps(loads)
@@ -334,6 +328,13 @@ class ElfCore(SegmentedMemory):
         """(first frame number, frames, file offset) of the frames the file holds
         as they are; frames past a segment's file size (zeros) are not listed."""
         return [(int(lo), int(n), off) for lo, n, off in zip(self._lo, self._in_file, self._first_off) if n]
+
+    def frame_blocks(self, frames: int = BLOCK_FRAMES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The frames the file holds as they are (file_runs()), as views of the
+        mapping; a segment's partial last frame and its zeros are left out."""
+        if self._mmap is None:
+            return iter(())
+        return mapped_frame_blocks(self.path, self._mmap, self.file_runs(), frames)
 
     def read_frames(self, pfns: np.ndarray) -> np.ndarray:
         pfns = np.asarray(pfns, dtype=np.uint64)

@@ -54,7 +54,8 @@ class Kcore(SegmentedMemory):
     Attributes:
         path: the file read.
         segments: every PT_LOAD, in file order.
-        vmcoreinfo_text: the ``VMCOREINFO`` note's text, or None (before 4.19).
+        vmcoreinfo_text: the ``VMCOREINFO`` note's text, or "" (before 4.19).
+        cpus, prstatus_cpus: none; /proc/kcore holds no CPU notes.
     """
 
     def __init__(self, path: str | os.PathLike[str] = "/proc/kcore", fd: int | None = None):
@@ -82,7 +83,7 @@ class Kcore(SegmentedMemory):
             raise InputError(f"{self.path}: read of {length} bytes at offset {offset:#x} failed: "
                              f"{getattr(ex, 'strerror', None) or ex}") from None
 
-    def _read_headers(self) -> tuple[tuple[KcoreSegment, ...], str | None]:
+    def _read_headers(self) -> tuple[tuple[KcoreSegment, ...], str]:
         size = os.fstat(self._fd).st_size
         segments, notes = [], None
         for h in read_program_headers(self._pread, size, self.path, max_phnum=MAX_PHNUM):
@@ -96,7 +97,7 @@ class Kcore(SegmentedMemory):
             raise InputError(f"{self.path}: no PT_LOAD segment: not a kcore, which maps at least the kernel text")
         found = CoreNotes()
         found.add(notes or b"", self.path)
-        return tuple(segments), found.vmcoreinfo_text or None
+        return tuple(segments), found.vmcoreinfo_text
 
     def _index_physical(self) -> None:
         """Sorted, disjoint physical frame ranges and the file offset of each one's first frame.
@@ -119,6 +120,12 @@ class Kcore(SegmentedMemory):
         self._first_offset = offsets
 
     # -- PhysicalMemory -----------------------------------------------------------
+
+    def _vmcoreinfo_in_memory(self) -> None:
+        """Not searched for: a kernel before 4.19 is the only one without the
+        note, and reading all of its RAM through kcore, a pread per frame,
+        would take minutes (linux.live refuses such a kernel instead)."""
+        return None
 
     @property
     def end(self) -> int:

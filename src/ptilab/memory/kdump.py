@@ -42,7 +42,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ptilab.errors import FrameOutsideMemory, InputError
-from ptilab.memory.elfcore import CoreNotes, CpuState
+from ptilab.memory.elfcore import CoreNotes
 from ptilab.memory.physical import ENTRY_DTYPE, PhysicalMemory
 from ptilab.paging.entry import PAGE_SHIFT, PAGE_SIZE
 
@@ -135,7 +135,7 @@ class KdumpCompressed(PhysicalMemory):
         header_version, dump_level, phys_base: from the headers.
         max_pfn: one past the highest frame number the dump describes.
         cpus: QEMU's per-CPU states when QEMU wrote the dump, else ().
-        vmcoreinfo, vmcoreinfo_text, prstatus_cpus: as for an ElfCore.
+        vmcoreinfo_text, prstatus_cpus: as for an ElfCore (the header's VMCOREINFO when no note has one).
         flattened: the file is makedumpfile's flattened stream.
     """
 
@@ -184,8 +184,7 @@ class KdumpCompressed(PhysicalMemory):
             notes.add(self._bytes(note_at, note_size, "the ELF notes"), self.path)
         if self.header_version >= 3 and vmcoreinfo_size and not notes.vmcoreinfo_text:
             notes.add(_vmcoreinfo_note(self._bytes(vmcoreinfo_at, vmcoreinfo_size, "the VMCOREINFO")), self.path)
-        self.cpus: tuple[CpuState, ...] = tuple(notes.cpus)
-        self.vmcoreinfo = notes.vmcoreinfo
+        self.cpus = tuple(notes.cpus)
         self.vmcoreinfo_text = notes.vmcoreinfo_text
         self.prstatus_cpus = notes.prstatus_cpus
         self._read_bitmap((1 + sub_blocks) * block_size, bitmap_blocks * block_size)

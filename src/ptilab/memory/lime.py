@@ -38,7 +38,8 @@ class LimeImage(ElfCore):
     """Physical memory held in a LiME file's ranges.
 
     Attributes: path, segments (sorted ``(pa_start, pa_end)`` pairs); no CPU
-    state, no VMCOREINFO: LiME saves memory only, so give --cr3.
+    state and no VMCOREINFO note: LiME saves memory only, so ``vmcoreinfo``
+    is the copy the kernel keeps in RAM, when the search finds it.
     """
 
     def _read_headers(self, f, size: int) -> tuple[list[_Load], list[tuple[int, int]]]:

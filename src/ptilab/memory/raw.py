@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import mmap
 import os
+from typing import Iterator
 
 import numpy as np
 
 from ptilab.errors import FrameOutsideMemory, InputError
-from ptilab.memory.physical import ENTRY_DTYPE, PhysicalMemory
+from ptilab.memory.physical import BLOCK_FRAMES, ENTRY_DTYPE, PhysicalMemory, mapped_frame_blocks
 from ptilab.paging.entry import PAGE_SHIFT, PAGE_SIZE
 
 
@@ -50,6 +51,10 @@ class RawImage(PhysicalMemory):
     def file_runs(self) -> list[tuple[int, int, int]]:
         """(first frame number, frames, file offset) of the frames the file holds as they are."""
         return [(self.base >> PAGE_SHIFT, self.frames, 0)]
+
+    def frame_blocks(self, frames: int = BLOCK_FRAMES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The file's frames as views of its mapping, a sparse file's holes left out."""
+        return mapped_frame_blocks(self.path, self._mmap, self.file_runs(), frames)
 
     def frames_present(self, pfns: np.ndarray) -> np.ndarray:
         pfns = np.asarray(pfns, dtype=np.uint64)

@@ -34,6 +34,13 @@ class SimulatedRAM(PhysicalMemory):
             return np.zeros((0, 512), dtype=np.uint64)
         return np.stack(rows)
 
+    def frame_blocks(self, frames: int = 1 << 14) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Only the frames something wrote: every other frame reads as zeros."""
+        written = np.array(sorted(self._frames), dtype=np.uint64)
+        for at in range(0, len(written), frames):
+            pfns = written[at:at + frames]
+            yield pfns, self.read_frames(pfns)
+
     def read_entry(self, pa: int) -> int:
         # The boot model reads entries one at a time in its hottest loop:
         # skip the batch machinery of read_frames().

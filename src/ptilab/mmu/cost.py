@@ -127,3 +127,15 @@ def sweep(profile: str = "linux-6.1", cpus: Iterable[int] = (1, 2, 4, 8, 16, 64,
     designs = list(designs) if designs is not None else [*DESIGNS, PTI_OFF]
     runs = progress.over([(n, d) for n in cpus for d in designs], "measuring NR_CPUS x designs")
     return [c for n, d in runs for c in cost(profile, d, n, levels, workload, pcid, cpu, core)]
+
+
+def same_for_every_nr_cpus(costs: list[WorkloadCost]) -> bool:
+    """True if each (design, workload) refills alike at every NR_CPUS swept:
+    the workloads run on one CPU, whose cpu_entry_area pages and tables do
+    not depend on how many other CPUs exist (their areas are never walked)."""
+    seen: dict[tuple[str, str], tuple[Refill, Refill]] = {}
+    for c in costs:
+        refills = (c.cold, c.warm)
+        if seen.setdefault((c.design, c.workload), refills) != refills:
+            return False
+    return len({c.cpus for c in costs}) > 1

@@ -125,7 +125,18 @@ ZEN2 = TLBConfig(
            "1 GiB pages smashed to 2 MiB); wikichip and 7-cpu.com agree",
 )
 
-CORES = {c.name: c for c in (SKYLAKE, HASWELL, ZEN2)}
+GOLDMONT = TLBConfig(
+    "goldmont",
+    # The first level is assumed (the sources found give only the second):
+    # 32 entries for 4 KiB, 16 for 2 MiB, fully associative; ITLB 48.
+    dtlb=(ArrayShape(32, 32, _4K), ArrayShape(16, 16, _2M)),
+    itlb=(ArrayShape(48, 48, _4K), ArrayShape(16, 16, _2M)),
+    stlb=(ArrayShape(512, 4, _4K),),  # 4 KiB only: large pages live in the first level alone
+    source="Intel Optimization Reference Manual (248966), chapter 16, Goldmont: a second-level TLB of 512 "
+           "entries for 4 KiB pages (4-way assumed); the first-level sizes are assumptions, no source found",
+)
+
+CORES = {c.name: c for c in (SKYLAKE, HASWELL, ZEN2, GOLDMONT)}
 
 
 def get_core(name: str) -> TLBConfig:

@@ -89,3 +89,36 @@ def refill_image(costs: Iterable["WorkloadCost"], fmt: str = "png", metric: str 
     fig.savefig(out, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
     plt.close(fig)
     return out.getvalue()
+
+
+def _config_label(config) -> str:
+    if not config.pti:
+        return f"PTI off, PCID {'on' if config.pcid else 'off'}"
+    return f"PTI, PCID {'on' if config.pcid else 'off'}, global {config.global_}, {config.design}"
+
+
+def overhead_image(costs: Iterable, fmt: str = "png") -> bytes:
+    """Cycles per lseek call against the user working set, one line per
+    configuration (ptilab.mmu.overhead.CallCost): where flushing without PCID
+    starts to dominate."""
+    costs = list(costs)
+    if not costs:
+        raise UsageError("nothing to plot")
+    lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for c in costs:
+        lines[_config_label(c.config)].append((c.working_set, c.cycles_per_call))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for label, points in lines.items():
+        points.sort()
+        ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=label)
+    ax.set_xscale("symlog", base=2, linthresh=1)
+    ax.set_xlabel("user pages touched between two calls")
+    ax.set_ylabel("cycles per call")
+    ax.set_title(f"lseek1 on {costs[0].core}: cycles per call against the user working set")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
+    plt.close(fig)
+    return out.getvalue()

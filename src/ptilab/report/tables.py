@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from ptilab.audit.image import ImageError
 from ptilab.compare.layout_change import Outcome
 from ptilab.compare.metrics import DesignReport
 from ptilab.mmu.cost import WorkloadCost
@@ -107,7 +108,7 @@ def scan_table(scans: list, several: bool) -> Table:
     for col in cols:
         t.add_column(col, overflow="fold")
     for scan in scans:
-        if not hasattr(scan, "spaces"):
+        if isinstance(scan, ImageError):
             t.add_row(*([scan.path] if several else []), "-", "-", "-", "-", f"error: {scan.message}")
             continue
         for s in scan.spaces:
@@ -118,18 +119,114 @@ def scan_table(scans: list, several: bool) -> Table:
 
 
 def audit_images_table(rows: list) -> Table:
-    """One row per image audited: its PGD pair and the most severe findings."""
+    """One row per image audited: its PGD pair, its CPU's exposure and the most severe findings."""
     t = Table(title=f"PTI audit of {len(rows)} images")
-    for col in ("image", "CR3", "PGD pair", "worst", "findings"):
+    for col in ("image", "CR3", "PGD pair", "CPU vs Meltdown", "worst", "findings"):
         t.add_column(col, overflow="fold")
     for row in rows:
-        if not isinstance(row, dict):
-            t.add_row(row.path, "-", "-", "error", row.message)
+        if isinstance(row, ImageError):
+            t.add_row(row.path, "-", "-", "-", "error", row.message)
             continue
-        pair = row["pti_pair"]
-        findings = row["findings"]
-        worst = findings[0]["severity"] if findings else "none"
-        t.add_row(row["image"], row["cr3"], f"{pair['kernel_pgd']}/{pair['user_pgd']}"
-                  + ("" if pair["is_pti"] else " (not PTI)"), worst,
-                  ", ".join(f["id"] for f in findings) or "-")
+        pair = row.pair
+        worst = row.findings[0].severity.name.lower() if row.findings else "none"
+        t.add_row(row.image, f"{row.cr3:#x}", f"{pair.kernel_pgd:#x}/{pair.user_pgd:#x}"
+                  + ("" if pair.is_pti else " (not PTI)"), row.exposure.meltdown.value, worst,
+                  ", ".join(f.id for f in row.findings) or "-")
     return t
+
+
+def _config_cells(c) -> list[str]:
+    k = c.config
+    return ["on" if k.pti else "off", "on" if k.pcid else "off", k.global_ or "-", k.design or "-"]
+
+
+def overhead_table(costs: list, title: str) -> Table:
+    """One row per configuration (and working set, when several): ptilab.mmu.overhead.CallCost."""
+    sweep = len({c.working_set for c in costs}) > 1
+    t = Table(title=title, caption="cycles: the measured PTI-off base plus count x latency of each modelled event "
+                                   "(ptilab.mmu.cycles); ratio: calls/s over calls/s with PTI off (same PCID "
+                                   "setting); walks: page walks per call")
+    for col in (["working set"] if sweep else []) + ["PTI", "PCID", "global", "design", "cycles/call", "calls/s",
+                                                     "ratio", "walks"]:
+        t.add_column(col, overflow="fold")
+    for c in costs:
+        t.add_row(*([str(c.working_set)] if sweep else []), *_config_cells(c), f"{c.cycles_per_call:.0f}",
+                  f"{c.calls_per_second / 1e6:.2f} M", f"{c.throughput_ratio:.3f}", f"{c.tlb_misses:g}")
+    return t
+
+
+def hansen_table(rows: list[tuple[str, float, float]]) -> Table:
+    """The model's throughput ratios beside Hansen's lseek1 measurements."""
+    t = Table(title="lseek1 against no KAISER: Hansen's measurement (LKML, 2017-11-01) and the model",
+              caption="off by: the model's ratio over Hansen's, less one (the test's bound is 15 %)")
+    for col in ("configuration", "Hansen", "model", "off by"):
+        t.add_column(col)
+    for label, measured, model in rows:
+        t.add_row(label, f"{measured:.3f}", f"{model:.3f}", f"{model / measured - 1:+.0%}")
+    return t
+
+
+def refill_cycles_table(rows: list[tuple[str, str, float, float]]) -> Table:
+    """Per core and design: cycles per lseek call and per cold refill of the syscall workload."""
+    t = Table(title="The seed's 'wee bit faster', in cycles (PTI, PCID, entry global; cold refill: linux-4.15 syscall)",
+              caption="per call: the lseek loop's steady state; cold refill: empty TLBs and caches, walk loads the "
+                      "data cache misses served by L2")
+    for col in ("core", "design", "cycles/call", "cycles/cold refill"):
+        t.add_column(col)
+    for core, design, call, refill in rows:
+        t.add_row(core, design, f"{call:.0f}", f"{refill:.0f}")
+    return t
+
+
+def view_diff_table(result) -> Table:
+    """ptilab diff's changes: what B exposes more, what moved, what is gone."""
+    t = Table(title="The kernel as the user tables map it: B against A")
+    for col in ("change", "region", "first address", "pages", "ranges", "rights"):
+        t.add_column(col, overflow="fold")
+    for c in [*result.exposed, *result.moved, *result.gone]:
+        if c.kind == "moved":
+            rights = c.rights + (f", by {c.shift:+#x}" if c.shift is not None else ", rearranged")
+        elif c.was:
+            rights = f"{c.was} -> {c.rights}"
+        else:
+            rights = c.rights
+        t.add_row(c.kind, c.region, f"{c.va:#x}", str(c.pages), str(c.ranges), rights)
+    return t
+
+
+def audit_header(result) -> list[str]:
+    """The lines above an audit's findings: the live kernel, the PGD pair, VMCOREINFO, the machine."""
+    lines = []
+    if result.live is not None:
+        k = result.live
+        lines.append(f"running kernel {k.info.osrelease}: {k.kcore.path}, init_top_pgt at {k.info.kernel_pgd:#x}, "
+                     f"{k.info.levels}-level, KERNELOFFSET {k.info.kernel_offset:#x}")
+    if result.pair is not None:
+        verdict = "a Linux PTI pair" if result.pair.is_pti else "not a PTI pair"
+        lines.append(f"PGD pair: kernel {result.pair.kernel_pgd:#x}, user {result.pair.user_pgd:#x}: {verdict}"
+                     + (f"; KASLR slide {result.kaslr_slide:#x}" if result.kaslr_slide else ""))
+    info = result.vmcoreinfo
+    if info is not None and result.live is None:
+        where = "" if info.found_at is None else f" (found in memory at pa {info.found_at:#x})"
+        lines.append(f"VMCOREINFO{where}: {info.osrelease}, KERNELOFFSET {info.kernel_offset:#x} (the KASLR slide), "
+                     f"init_top_pgt at {info.kernel_pgd:#x}, {info.levels}-level, "
+                     f"{result.prstatus_cpus} CPU(s) in NT_PRSTATUS notes")
+    lines.extend(machine_lines(result.exposure))
+    return lines
+
+
+def machine_lines(x) -> list[str]:
+    """What is known of the CPU and of KASLR, and from where: a line each."""
+    from ptilab.linux.exposure import Meltdown
+
+    cpu = f"{x.cpu}: " if x.cpu else ""
+    if x.meltdown is Meltdown.UNKNOWN:
+        melt = "Meltdown exposure unknown (no kernel log or sysfs to tell; see --cpu-meltdown)"
+    else:
+        melt = f"{x.meltdown.value} by Meltdown" if x.meltdown is not Meltdown.XEN_PV else x.meltdown.value
+        melt += f" ({x.because()})"
+    if x.conflicts:
+        melt += "; disagreeing: " + "; ".join(map(str, x.conflicts))
+    kaslr = ("unknown (nothing in the image says)" if x.kaslr is None else
+             f"{'on' if x.kaslr else 'off'} ({'; '.join(map(str, x.kaslr_evidence))})")
+    return [f"CPU: {cpu}{melt}", f"KASLR: {kaslr}"]

@@ -22,16 +22,14 @@ own chunk and nothing but frame numbers travels.
 
 from __future__ import annotations
 
-import errno
 import mmap
-import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-from ptilab.memory.physical import ENTRY_DTYPE, PhysicalMemory
+from ptilab.memory.physical import ENTRY_DTYPE, PhysicalMemory, data_rows
 from ptilab.paging import entry as e
 
 HALF = 256  # first kernel-half slot of the top-level table
@@ -62,10 +60,8 @@ class Chunk:
 
 def chunks(mem: PhysicalMemory, path: str, size: int = CHUNK_FRAMES) -> list[Chunk]:
     """The image's frames cut into chunks of at most size frames."""
-    runs = getattr(mem, "file_runs", None)
-    if runs is not None:
-        spans = runs()
-    else:
+    spans = mem.file_runs()
+    if spans is None:
         spans = [(0, -(-mem.end // e.PAGE_SIZE), None)]
     out = []
     for pfn, count, offset in spans:
@@ -97,7 +93,7 @@ class _Frames:
         start = c.offset - c.offset % mmap.ALLOCATIONGRANULARITY
         length = c.frames * e.PAGE_SIZE
         with open(c.path, "rb") as f:
-            self.extents = _data_rows(f.fileno(), c.offset, c.frames)
+            self.extents = data_rows(f.fileno(), c.offset, c.frames)
             self._map = mmap.mmap(f.fileno(), c.offset - start + length, offset=start, access=mmap.ACCESS_READ)
         if hasattr(mmap, "MADV_SEQUENTIAL"):
             self._map.madvise(mmap.MADV_SEQUENTIAL)
@@ -124,43 +120,11 @@ class _Frames:
 
 def data_bytes(chunk: Chunk) -> int:
     """Bytes of chunk the scan reads: all of it but the holes of a sparse file
-    (see _data_rows); a compressed dump's frames are all read (and inflated)."""
+    (see memory.physical.data_rows); a compressed dump's frames are all read (and inflated)."""
     if chunk.offset is None:
         return chunk.frames * e.PAGE_SIZE
     with open(chunk.path, "rb") as f:
-        return sum(hi - lo for lo, hi in _data_rows(f.fileno(), chunk.offset, chunk.frames)) * e.PAGE_SIZE
-
-
-def _data_rows(fd: int, offset: int, frames: int) -> list[tuple[int, int]]:
-    """Rows (frames from offset) that hold file data, as [lo, hi) ranges.
-
-    A hole in a sparse file reads as zeros, and a zero frame matches no
-    kernel half (the reference always has present entries), so skipping
-    holes (lseek SEEK_DATA/SEEK_HOLE) changes no answer; it only spares
-    the kernel filling the page cache with zero pages."""
-    end = offset + frames * e.PAGE_SIZE
-    if not hasattr(os, "SEEK_DATA"):
-        return [(0, frames)]
-    rows: list[tuple[int, int]] = []
-    pos = offset
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-        except OSError as ex:
-            if ex.errno == errno.ENXIO:  # no data past pos
-                break
-            return [(0, frames)]  # the file system cannot tell: read it all
-        if data >= end:
-            break
-        lo = (data - offset) // e.PAGE_SIZE
-        hi = min(frames, -(-(min(hole, end) - offset) // e.PAGE_SIZE))
-        if rows and rows[-1][1] >= lo:
-            rows[-1] = (rows[-1][0], max(rows[-1][1], hi))
-        else:
-            rows.append((lo, hi))
-        pos = hole
-    return rows
+        return sum(hi - lo for lo, hi in data_rows(f.fileno(), chunk.offset, chunk.frames)) * e.PAGE_SIZE
 
 
 def probe_slot(kernel_half: np.ndarray) -> int:

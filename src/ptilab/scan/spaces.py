@@ -36,9 +36,11 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from ptilab.audit import Finding, Severity, audit, classify
+from ptilab.audit import Finding, Severity, classify
+from ptilab.audit.image import audit_views, exposure_dict, image_exposure
 from ptilab.audit.sources import views_from_image
 from ptilab.errors import InputError
+from ptilab.linux.exposure import UNKNOWN, Exposure, Meltdown
 from ptilab.linux.pti_pair import find_pti_pair
 from ptilab.memory.physical import PhysicalMemory
 from ptilab.paging import EFF_US, Geometry, walk
@@ -101,6 +103,7 @@ class ImageScan:
     bytes_scanned: int  # the frames covered
     bytes_read: int  # of those, what was read: a sparse file's holes are skipped
     seconds: float
+    exposure: Exposure = UNKNOWN  # what the image says of its CPU and KASLR, applied to every space
 
     def failed(self, threshold: Severity) -> bool:
         return any(s.worst is not None and s.worst >= threshold for s in self.spaces)
@@ -108,6 +111,7 @@ class ImageScan:
     def as_dict(self) -> dict:
         return {"image": self.path, "reference": self.reference.source, "levels": self.reference.geometry.levels,
                 "pti": bool(self.reference.pti), "address_spaces": [s.as_dict() for s in self.spaces],
+                "machine": exposure_dict(self.exposure),
                 "rejected": {f"{pa:#x}": why for pa, why in self.rejected.items()},
                 "bytes_scanned": self.bytes_scanned, "bytes_read": self.bytes_read, "seconds": round(self.seconds, 3)}
 
@@ -115,7 +119,7 @@ class ImageScan:
 # -- the reference kernel half ---------------------------------------------
 
 def _from_cpus(mem: PhysicalMemory, la57: bool | None) -> Reference | None:
-    for cpu in getattr(mem, "cpus", ()):
+    for cpu in mem.cpus:
         geometry = Geometry(5) if la57 else cpu.geometry
         pair = find_pti_pair(mem, cpu.cr3_register, geometry)
         pgd = pair.kernel_pgd if pair.is_pti else cpu.cr3_register.pgd
@@ -127,12 +131,9 @@ def _from_cpus(mem: PhysicalMemory, la57: bool | None) -> Reference | None:
 
 
 def _from_vmcoreinfo(mem: PhysicalMemory, la57: bool | None) -> Reference | None:
-    from ptilab.memory.vmcoreinfo import parse_vmcoreinfo
-
-    text = getattr(mem, "vmcoreinfo_text", "")
-    if not text:
+    info = mem.vmcoreinfo
+    if info is None:
         return None
-    info = parse_vmcoreinfo(text)
     pa = info.kernel_pgd
     if not mem.frames_present(np.array([pa >> e.PAGE_SHIFT], np.uint64))[0]:
         return None
@@ -140,7 +141,8 @@ def _from_vmcoreinfo(mem: PhysicalMemory, la57: bool | None) -> Reference | None
     half = mem.read_frame(pa >> e.PAGE_SHIFT)[roots.HALF:].copy()
     # init_mm's twin shows whether PTI ran: pti_init() fills it, pti=off leaves it zero.
     pti = find_pti_pair(mem, pa, geometry).is_pti
-    return Reference(half, geometry, pti, f"VMCOREINFO init_top_pgt (pa {pa:#x})")
+    where = "" if info.found_at is None else f", VMCOREINFO {info.source}"
+    return Reference(half, geometry, pti, f"VMCOREINFO init_top_pgt (pa {pa:#x}{where})")
 
 
 def _from_census(mem: PhysicalMemory, chunks: list[roots.Chunk], run: Runner, la57: bool | None) -> Reference:
@@ -184,7 +186,8 @@ def _user_view(views) -> dict[str, int]:
     return out
 
 
-def judge_root(mem: PhysicalMemory, pfn: int, ref: Reference, pti: bool) -> AddressSpace | str:
+def judge_root(mem: PhysicalMemory, pfn: int, ref: Reference, pti: bool,
+               exposure: Exposure = UNKNOWN) -> AddressSpace | str:
     """The address space rooted at frame pfn, audited; a string: why it is rejected."""
     pa = pfn << e.PAGE_SHIFT
     g = ref.geometry
@@ -204,7 +207,7 @@ def judge_root(mem: PhysicalMemory, pfn: int, ref: Reference, pti: bool) -> Addr
     if bad:
         return bad
     kind = PTI_PAIR if user_pgd is not None else NO_ISOLATION
-    return AddressSpace(pa, user_pgd, kind, _user_view(found.views), audit(found.views), reasons)
+    return AddressSpace(pa, user_pgd, kind, _user_view(found.views), audit_views(found.views, exposure), reasons)
 
 
 def _pti_mode(mem: PhysicalMemory, pfns: np.ndarray, ref: Reference) -> bool:
@@ -215,7 +218,8 @@ def _pti_mode(mem: PhysicalMemory, pfns: np.ndarray, ref: Reference) -> bool:
     return pairs * 2 > len(pfns)
 
 
-def spaces_of(mem: PhysicalMemory, pfns: Iterable[int], ref: Reference) -> tuple[list[AddressSpace], dict[int, str]]:
+def spaces_of(mem: PhysicalMemory, pfns: Iterable[int], ref: Reference,
+              exposure: Exposure = UNKNOWN) -> tuple[list[AddressSpace], dict[int, str]]:
     """Judge every matching frame; a PTI pair's user PGD is not a root of its own."""
     pfns = np.unique(np.asarray(list(pfns), dtype=np.uint64))
     pti = _pti_mode(mem, pfns, ref)
@@ -224,7 +228,7 @@ def spaces_of(mem: PhysicalMemory, pfns: Iterable[int], ref: Reference) -> tuple
     for pfn in (int(p) for p in pfns):
         if pfn in twins:
             continue
-        got = judge_root(mem, pfn, ref, pti)
+        got = judge_root(mem, pfn, ref, pti, exposure)
         if isinstance(got, str):
             rejected[pfn << e.PAGE_SHIFT] = got
             continue
@@ -235,7 +239,7 @@ def spaces_of(mem: PhysicalMemory, pfns: Iterable[int], ref: Reference) -> tuple
 
 
 def scan_image(path: str, la57: bool | None = None, run: Runner | None = None,
-               chunk_frames: int = roots.CHUNK_FRAMES) -> ImageScan:
+               chunk_frames: int = roots.CHUNK_FRAMES, stated: Meltdown | None = None) -> ImageScan:
     """Find and audit every address space in the image at path. run maps a
     function over chunks (default: in this process, one after another)."""
     from ptilab.memory.images import open_image
@@ -248,11 +252,12 @@ def scan_image(path: str, la57: bool | None = None, run: Runner | None = None,
     half = ref.kernel_half
     found = run(_Match(half), parts)
     pfns = np.concatenate(found) if found else np.zeros(0, np.uint64)
-    spaces, rejected = spaces_of(mem, pfns, ref)
+    exposure = image_exposure(mem, mem.vmcoreinfo, stated)
+    spaces, rejected = spaces_of(mem, pfns, ref, exposure)
     scanned = sum(c.frames for c in parts) * e.PAGE_SIZE
     read = sum(roots.data_bytes(c) for c in parts)
     return ImageScan(path, ref if ref.pti is not None else _with_pti(ref, spaces), spaces, rejected,
-                     scanned, read, time.perf_counter() - start)
+                     scanned, read, time.perf_counter() - start, exposure)
 
 
 def _with_pti(ref: Reference, spaces: list[AddressSpace]) -> Reference:
