@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ptilab"
 LAYERS = (
     ("errors", "progress"),  # the library's error types and progress hook
     ("files",),  # opening the user's files
-    ("paging", "terminal"),  # SDM truth, no Linux in it; the console the CLI writes to
+    ("paging", "terminal", "guest"),  # SDM truth, no Linux in it; the console the CLI writes to; QEMU guests
     ("memory",),  # frames of physical memory, allocators
     ("linux",),  # the modelled kernel and its layouts; calls PTI designs through PtiHooks
     ("pti", "formats"),  # the designs; ptdump / QEMU / kallsyms text in and out

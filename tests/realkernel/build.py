@@ -57,13 +57,10 @@ import concurrent.futures
 import gzip
 import io
 import json
-import lzma
 import os
 import re
 import shutil
 import signal
-import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -75,6 +72,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parents[1] / "src") not in sys.path:
+    sys.path.insert(0, str(HERE.parents[1] / "src"))  # the ptilab of this checkout, whatever is installed
+
+# The boot and capture code is ptilab's own (ptilab boot runs the same): one way to boot a kernel.
+from ptilab.guest import GuestError  # noqa: E402
+from ptilab.guest import qemu  # noqa: E402
+from ptilab.guest.initramfs import initramfs  # noqa: E402
+from ptilab.guest.modules import modinfo, module_files  # noqa: E402
+from ptilab.guest.modules import modules_with_dependencies as _modules_with_dependencies  # noqa: E402
+from ptilab.guest.qemu import Qmp, check_core, cpu_state, qemu_version, quit_qemu, reap_qemu  # noqa: E402,F401
 ORACLE_SOURCE = HERE / "oracle"
 PACKAGES = ["qemu-system-x86", "busybox-static", "cpio", "gcc", "make", "makedumpfile"]
 
@@ -245,8 +252,8 @@ exec gcc "$@"
 """
 
 
-class Failure(Exception):
-    """One-line reason the build failed."""
+# One-line reason the build failed: the guest code's own error, so a QEMU or guest failure is one too.
+Failure = GuestError
 
 
 class Terminated(BaseException):
@@ -485,12 +492,6 @@ def kbuild_tool_overrides(kernel: Kernel, archive: Archive, cache: Path) -> list
     return overrides
 
 
-def modinfo(data: bytes, key: str) -> str | None:
-    """A `key=value` string of a module's .modinfo section, or None."""
-    at = data.find(key.encode() + b"=")
-    return None if at < 0 else data[at + len(key) + 1:data.index(b"\0", at)].decode()
-
-
 def vermagic(ko: Path) -> str:
     """The module's vermagic= string from its .modinfo section."""
     magic = modinfo(ko.read_bytes(), "vermagic")
@@ -500,30 +501,10 @@ def vermagic(ko: Path) -> str:
 
 
 def modules_with_dependencies(kernel: Kernel, names: list[str]) -> list[tuple[str, bytes]]:
-    """The named modules of the kernel's package and those they need (each one's
-    .modinfo depends=, as modprobe reads modules.dep), dependencies first, as
-    (name, plain .ko bytes): xz-compressed from 6.12 on, and busybox's insmod wants
-    them plain. A name the package lacks is built in (7.2 builds virtio in) and skipped."""
-    order: dict[str, bytes] = {}
-
-    def add(name: str) -> None:
-        if name in order:
-            return
-        found = sorted(m for d in ("lib", "usr/lib") for stem in {name, name.replace("_", "-")}
-                       for m in kernel.root.glob(f"{d}/modules/{kernel.uname}/kernel/**/{stem}.ko*"))
-        if not found:
-            return
-        data = found[0].read_bytes()
-        data = lzma.decompress(data) if found[0].suffix == ".xz" else data
-        order[name] = b""  # placed after its dependencies, and never visited twice
-        for dep in filter(None, (modinfo(data, "depends") or "").split(",")):
-            add(dep)
-        del order[name]
-        order[name] = data
-
-    for name in names:
-        add(name)
-    return list(order.items())
+    """The named modules of the kernel's package and those they need, dependencies first
+    (ptilab.guest.modules; 7.x keeps them under usr/lib/modules)."""
+    trees = [kernel.root / d / "modules" / kernel.uname for d in ("lib", "usr/lib")]
+    return _modules_with_dependencies(trees, names)
 
 
 def make_module(kernel: Kernel, archive: Archive, cache: Path, source: Path, name: str) -> Path:
@@ -604,125 +585,14 @@ def prepare_kernels(configs: list[str], cache: Path) -> dict[tuple[str, str], Ke
 
 
 def build_initramfs(work: Path, kernel: Kernel) -> Path:
-    root = work / "root"
-    for d in ("bin", "dev", "proc", "sys", "tmp"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    busybox = Path("/bin/busybox")
-    if not busybox.exists():
-        raise Failure("/bin/busybox missing although busybox-static is installed")
-    shutil.copy(busybox, root / "bin" / "busybox")
-    add_fw_cfg_module(root / "lib", kernel)
-    add_lime_modules(root / "lib", kernel)
-    (root / "init").write_text(INIT)
-    (root / "init").chmod(0o755)
+    """busybox, the init, qemu_fw_cfg, LiME and its virtio-blk driver, the oracle module."""
+    files = module_files("lib/fw_cfg", modules_with_dependencies(kernel, ["qemu_fw_cfg"]))
+    files.update(lime_files(kernel))
     if kernel.module is not None:
-        shutil.copy(kernel.module, root / "oracle.ko")
-    try:
-        os.mknod(root / "dev" / "console", 0o600 | stat.S_IFCHR, os.makedev(5, 1))
-    except OSError:
-        pass  # not root: the kernel's built-in initramfs already has /dev/console
-    files = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True).stdout
-    archive = subprocess.run(["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"], cwd=root,
-                             input=files.encode(), capture_output=True, check=True).stdout
+        files["oracle.ko"] = kernel.module.read_bytes()
     out = work / "initramfs.cpio.gz"
-    out.write_bytes(gzip.compress(archive))
+    out.write_bytes(initramfs(INIT, files))
     return out
-
-
-# -- QEMU monitor ----------------------------------------------------------------
-
-class Qmp:
-    """QEMU Machine Protocol over a unix socket, every read bounded by a deadline."""
-
-    def __init__(self, path: Path, qemu: subprocess.Popen, deadline: float):
-        self.deadline = deadline
-        self.buf = b""
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX)
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if qemu.poll() is not None:
-                    raise Failure(f"QEMU exited (code {qemu.returncode}) before its monitor socket appeared")
-                if time.time() > deadline:
-                    raise Failure("QEMU's monitor socket never appeared")
-                time.sleep(0.1)
-        self._read()  # greeting
-        self.execute("qmp_capabilities")
-
-    def _read(self) -> dict:
-        while b"\n" not in self.buf:
-            left = self.deadline - time.time()
-            if left <= 0:
-                raise Failure("timed out waiting for QEMU's monitor")
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(1 << 20)
-            except socket.timeout:
-                raise Failure("timed out waiting for QEMU's monitor") from None
-            if not chunk:
-                raise Failure("QEMU closed its monitor socket")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def execute(self, command: str, **arguments) -> object:
-        msg = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            reply = self._read()
-            if "return" in reply:
-                return reply["return"]
-            if "error" in reply:
-                raise Failure(f"monitor command {command} failed: {reply['error'].get('desc')}")
-            # anything else is an asynchronous event (STOP, RESUME, DUMP_COMPLETED...): skip it
-
-    def hmp(self, line: str, cpu: int | None = None) -> str:
-        """An HMP command; cpu-index selects the CPU like `cpu N` does."""
-        args: dict = {"command-line": line}
-        if cpu is not None:
-            args["cpu-index"] = cpu
-        # HMP answers end lines with CRLF; the fixtures keep plain LF.
-        return str(self.execute("human-monitor-command", **args)).replace("\r\n", "\n")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def register(text: str, name: str) -> int:
-    m = re.search(rf"(?<![A-Za-z0-9]){name}=([0-9a-fA-F]+)", text)
-    if not m:
-        raise Failure(f"no {name}= in QEMU's info registers")
-    return int(m.group(1), 16)
-
-
-def check_core(path: Path) -> int:
-    """The ELF core is whole: every PT_LOAD's bytes are in the file.  Returns its size."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(64)
-        if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
-            raise Failure(f"{path.name} is not a little-endian ELF64 file")
-        e_type, = struct.unpack_from("<H", head, 16)
-        e_phoff, = struct.unpack_from("<Q", head, 32)
-        e_phentsize, e_phnum = struct.unpack_from("<HH", head, 54)
-        if e_type != 4 or e_phnum == 0:
-            raise Failure(f"{path.name} is not an ELF core with program headers")
-        f.seek(e_phoff)
-        table = f.read(e_phentsize * e_phnum)
-    end = 0
-    loads = 0
-    for i in range(e_phnum):
-        p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from("<IIQQQQ", table, i * e_phentsize)
-        end = max(end, p_offset + p_filesz)
-        loads += p_type == 1
-    if not loads or end > size:
-        raise Failure(f"{path.name} is truncated: {size} bytes, program headers need {end}")
-    return size
 
 
 def unpack_data(console_text: str, data: Path) -> dict[str, str]:
@@ -771,26 +641,19 @@ def add_modules(directory: Path, kernel: Kernel, names: list[str]) -> list[str]:
     (the init's `for m in DIR/*.ko; do insmod $m; done`); returns their names."""
     modules = modules_with_dependencies(kernel, names)
     directory.mkdir(parents=True, exist_ok=True)
-    for i, (name, data) in enumerate(modules):
-        (directory / f"{i:02d}-{name}.ko").write_bytes(data)
+    for path, data in module_files(".", modules).items():
+        (directory / path).write_bytes(data)
     return [name for name, _ in modules]
 
 
-def add_fw_cfg_module(lib: Path, kernel: Kernel) -> None:
-    """qemu_fw_cfg.ko of the kernel, for the initramfs: loaded, it hands the
-    kernel's VMCOREINFO to QEMU's vmcoreinfo device, and QEMU then writes it
-    into every dump (a module on Debian, built in elsewhere)."""
-    add_modules(lib / "fw_cfg", kernel, ["qemu_fw_cfg"])
-
-
-def add_lime_modules(lib: Path, kernel: Kernel) -> None:
-    """lime.ko and the virtio-blk driver it writes through, when LiME was built."""
+def lime_files(kernel: Kernel) -> dict[str, bytes]:
+    """lib/lime.ko and the virtio-blk driver it writes through, when LiME was built."""
     if kernel.lime is None:
-        return
-    lib.mkdir(parents=True, exist_ok=True)
-    shutil.copy(kernel.lime, lib / "lime.ko")
-    if "virtio_blk" not in add_modules(lib / "virtio", kernel, ["virtio_pci", "virtio_blk"]):
+        return {}
+    virtio = modules_with_dependencies(kernel, ["virtio_pci", "virtio_blk"])
+    if "virtio_blk" not in [name for name, _ in virtio]:
         raise Failure(f"no virtio_blk.ko for {kernel.uname}: LiME would have no disk to write to")
+    return {"lib/lime.ko": kernel.lime.read_bytes(), **module_files("lib/virtio", virtio)}
 
 
 def lime_from_disk(disk: Path, out: Path) -> int:
@@ -926,117 +789,33 @@ def makedumpfile_formats(stage: Path, config: str, kallsyms: str) -> None:
 
 # -- one configuration --------------------------------------------------------------
 
-_qemus: set[subprocess.Popen] = set()   # running QEMUs, killed by the main thread when it is interrupted
-_qemus_lock = threading.Lock()
-
-
-def start_qemu(config: str, spec: Config, kernel: Kernel, initrd: Path, work: Path) -> tuple[subprocess.Popen, dict]:
+def start_qemu(config: str, spec: Config, kernel: Kernel, initrd: Path, work: Path) -> tuple[qemu.Run, dict]:
     cpu_model = spec.cpu + (",+la57" if spec.la57 else "")
     append = f"console=ttyS0 panic=-1 quiet loglevel=4 {spec.append}"
-    paths = {"console": work / "console.log", "data": work / "data.tgz", "qmp": work / "qmp.sock",
-             "errors": work / "qemu.stderr"}
-    cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", cpu_model,
-           "-m", MEMORY, "-smp", str(CPUS), "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
-           "-append", append, "-device", "vmcoreinfo", "-display", "none", "-vga", "none", "-nic", "none", "-no-reboot",
-           "-serial", f"file:{paths['console']}", "-serial", f"file:{paths['data']}",
-           "-qmp", f"unix:{paths['qmp']},server=on,wait=off"]
-    if spec.lime_dump and add_lime_disk(cmd, work, kernel):
+    machine = qemu.Machine(cpu_model, MEMORY, CPUS, "tcg")
+    extra = []
+    if spec.lime_dump and add_lime_disk(extra, work, kernel):
         say(f"{config}: LiME dumps RAM to a virtio disk at boot")
+    cmd = qemu.command(kernel.vmlinuz, initrd, append, work, machine, data_port=True, extra=extra)
     say(f"{config}: booting {kernel.package} (-cpu {cpu_model}; {spec.append})")
-    with paths["errors"].open("wb") as err_file:
-        qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err_file, start_new_session=True)
-    with _qemus_lock:
-        _qemus.add(qemu)
-    return qemu, {"cpu_model": cpu_model, "append": append, **paths}
-
-
-def wait_ready(qemu: subprocess.Popen, run_: dict, deadline: float) -> str:
-    """The console text once the guest printed its ready marker."""
-    text = ""
-    while READY not in text:
-        if qemu.poll() is not None:
-            err = run_["errors"].read_text(errors="replace").strip().splitlines()[-1:]
-            panic = [l for l in text.splitlines() if "Kernel panic" in l][-1:]
-            raise Failure(f"QEMU exited (code {qemu.returncode}) before the guest was ready: "
-                          f"{(panic or err or ['no message'])[0].strip()}")
-        if time.time() > deadline:
-            raise Failure(f"the guest printed no ready marker in {BOOT_TIMEOUT} s "
-                          f"(console ends: {text.strip().splitlines()[-1:]})")
-        time.sleep(0.25)
-        text = run_["console"].read_text(errors="replace") if run_["console"].exists() else ""
-    return text
-
-
-def stop_in_user_mode(qmp: Qmp) -> tuple[list[str], int]:
-    """Stop the VM at a moment when some CPU is at CPL 3; each CPU's `info registers` then."""
-    for attempt in range(USER_MODE_TRIES):
-        qmp.execute("stop")
-        regs = [qmp.hmp("info registers", cpu=i) for i in range(CPUS)]
-        if any(register(r, "CPL") == 3 for r in regs):
-            return regs, attempt + 1
-        qmp.execute("cont")
-        time.sleep(0.02 + 0.01 * (attempt % 10))
-    raise Failure(f"no CPU was at CPL 3 in {USER_MODE_TRIES} stop/cont rounds")
+    return qemu.start(cmd, work), {"cpu_model": cpu_model, "append": append}
 
 
 def save_walks(config: str, spec: Config, qmp: Qmp, regs: list[str], stage: Path) -> None:
-    """QEMU's own page walks of each CPU's CR3: info mem and info tlb.
-
-    Not info mem on a 5-level guest: QEMU 7.2's mem_info_la57 tests the present
-    bit inverted, prints nothing and takes 20-50 s per CPU doing it."""
+    """QEMU's own page walks of each CPU's CR3: info mem (not on 5-level) and info tlb."""
     for i, text_regs in enumerate(regs):
         (stage / f"cpu{i}.registers.txt").write_text(text_regs)
-        t0 = time.time()
-        mem = None if spec.la57 else qmp.hmp("info mem", cpu=i)
-        t1 = time.time()
-        tlb = qmp.hmp("info tlb", cpu=i)
-        t2 = time.time()
+        mem, tlb, mem_s, tlb_s = qemu.walks(qmp, i, spec.la57)
         if mem is not None:
             (stage / f"cpu{i}.info_mem.txt").write_text(mem)
         (stage / f"cpu{i}.info_tlb.txt").write_text(tlb)
-        said = "no info mem (LA57)" if mem is None else f"info mem {mem.count(chr(10))} lines ({t1 - t0:.1f} s)"
-        say(f"{config}: cpu{i}: {said}, info tlb {tlb.count(chr(10))} lines ({t2 - t1:.1f} s)")
+        said = "no info mem (LA57)" if mem is None else f"info mem {mem.count(chr(10))} lines ({mem_s:.1f} s)"
+        say(f"{config}: cpu{i}: {said}, info tlb {tlb.count(chr(10))} lines ({tlb_s:.1f} s)")
 
 
 def dump_core(config: str, qmp: Qmp, stage: Path) -> None:
-    core = stage / "core.elf"
-    qmp.execute("dump-guest-memory", paging=False, protocol=f"file:{core}")  # synchronous
-    status = qmp.execute("query-dump")
-    if not isinstance(status, dict) or status.get("status") != "completed":
-        raise Failure(f"dump-guest-memory did not complete: {status}")
-    size = check_core(core)
-    core.chmod(0o644)
+    size = qemu.dump_core(qmp, stage / "core.elf")
     say(f"{config}: core.elf complete, {size} bytes")
-
-
-def quit_qemu(qemu: subprocess.Popen, qmp: Qmp, timeout: float) -> None:
-    """Ask QEMU to quit and wait for it to exit."""
-    try:
-        qmp.execute("quit")
-    except Failure:
-        pass  # QEMU may close the socket before answering
-    qemu.wait(timeout=timeout)
-
-
-def reap_qemu(qemu: subprocess.Popen, qmp: Qmp | None) -> None:
-    """Close the monitor and kill a QEMU that is still running (a run that failed half-way)."""
-    if qmp is not None:
-        qmp.close()
-    if qemu.poll() is None:
-        qemu.kill()
-        qemu.wait()
-
-
-def qemu_version(qmp: Qmp) -> str:
-    version = qmp.execute("query-version")
-    text = "{major}.{minor}.{micro}".format(**version["qemu"])
-    return text + (f" ({version['package'].strip()})" if version.get("package") else "")
-
-
-def cpu_state(regs: list[str]) -> list[dict]:
-    return [{"index": i, "cr3": register(r, "CR3"), "cr4": register(r, "CR4"), "efer": register(r, "EFER"),
-             "cpl": register(r, "CPL"), "rip": register(r, "RIP")} for i, r in enumerate(regs)]
 
 
 def up_to_date(meta_path: Path) -> bool:
@@ -1055,20 +834,20 @@ def boot(config: str, spec: Config, kernel: Kernel, stage: Path, started: float)
     with tempfile.TemporaryDirectory(prefix="ptilab-qemu-") as tmp:
         work = Path(tmp)
         initrd = build_initramfs(work, kernel)
-        qemu, run_ = start_qemu(config, spec, kernel, initrd, work)
+        run, run_ = start_qemu(config, spec, kernel, initrd, work)
         qmp = None
         try:
-            qmp = Qmp(run_["qmp"], qemu, min(started + BOOT_TIMEOUT, deadline))
-            text = wait_ready(qemu, run_, min(started + BOOT_TIMEOUT, deadline))
+            qmp = Qmp(run.qmp_path, run.qemu, min(started + BOOT_TIMEOUT, deadline))
+            text = qemu.wait_for(run, READY, min(started + BOOT_TIMEOUT, deadline), BOOT_TIMEOUT)
             qmp.deadline = deadline
             seen = time.time()
             say(f"{config}: guest ready after {seen - started:.1f} s; console: "
                 f"{' '.join(l.strip() for l in text.splitlines() if l.startswith('@@PTILAB-'))}")
-            sections = unpack_data(text, run_["data"])
+            sections = unpack_data(text, run.data)
             check_sections(config, spec, sections)
             if sections["uname"].strip() != kernel.uname:
                 raise Failure(f"the guest runs {sections['uname'].strip()}, not {kernel.uname}")
-            regs, rounds = stop_in_user_mode(qmp)
+            regs, rounds = qemu.stop_in_user_mode(qmp, CPUS)
             cpus = cpu_state(regs)
             say(f"{config}: stopped {time.time() - seen:.2f} s after the ready marker, {rounds} round(s); "
                 f"CPLs {[c['cpl'] for c in cpus]}, CR3s {[hex(c['cr3']) for c in cpus]}")
@@ -1077,7 +856,7 @@ def boot(config: str, spec: Config, kernel: Kernel, stage: Path, started: float)
             if spec.dumps:
                 dump_formats(qmp, stage, config)
             run_["qemu_version"] = qemu_version(qmp)
-            quit_qemu(qemu, qmp, max(1.0, deadline - time.time()))
+            quit_qemu(run.qemu, qmp, max(1.0, deadline - time.time()))
             if (work / "lime.img").exists():
                 say(f"{config}: lime.dump holds {lime_from_disk(work / 'lime.img', stage / 'lime.dump')} ranges")
         except subprocess.TimeoutExpired:
@@ -1086,11 +865,9 @@ def boot(config: str, spec: Config, kernel: Kernel, stage: Path, started: float)
             (stage / "core.elf").unlink(missing_ok=True)  # keep the small files of a failed run, not 256 MB
             raise
         finally:
-            reap_qemu(qemu, qmp)
-            with _qemus_lock:
-                _qemus.discard(qemu)
-            if run_["console"].exists():
-                (stage / "console.txt").write_text(run_["console"].read_text(errors="replace"))
+            qemu.reap(run, qmp)
+            if run.console.exists():
+                (stage / "console.txt").write_text(run.console_text())
     return sections, run_, cpus
 
 
@@ -1192,9 +969,7 @@ def build_all(configs: list[str], out_root: Path, cache: Path, jobs: int) -> lis
         except BaseException:
             for f in futures:
                 f.cancel()
-            with _qemus_lock:
-                for qemu in _qemus:
-                    qemu.kill()
+            qemu.kill_all()
             raise
     return failures
 
