@@ -12,6 +12,7 @@ from what the user states (ptilab.linux.exposure has the rules).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
@@ -134,10 +135,7 @@ def audit_image(mem: PhysicalMemory, image: str, cr3: int, levels_geometry, symb
                 stated: ex.Meltdown | None = None, busy: Callable | None = None) -> ImageAudit:
     """Audit the tree at cr3 in an opened image, with what the image says of its machine."""
     info = mem.vmcoreinfo
-    if busy is not None:
-        with busy("walking the page tables"):
-            found = views_from_image(mem, cr3, levels_geometry, symbols)
-    else:
+    with (busy or (lambda _: nullcontext()))("walking the page tables"):
         found = views_from_image(mem, cr3, levels_geometry, symbols)
     slide = info.kernel_offset if info is not None else found.kaslr_slide
     exposure = image_exposure(mem, info, stated, found.kaslr_slide)
