@@ -829,6 +829,86 @@ def fuzz_ring(mutation) -> None:
             raise Crash(f"record {r!r} is not one the ring can hold")
 
 
+# -- kernel images for ptilab boot: bzImage headers and Debian packages ------------------------
+
+
+def small_bzimage() -> bytes:
+    """A bzImage header (boot protocol: HdrS, boot_flag, setup_sects, syssize, kernel_version)
+    and as many bytes as it announces."""
+    head = bytearray(5 * 512 + 16 * 16)
+    head[0x1F1] = 4
+    struct.pack_into("<I", head, 0x1F4, 16)
+    struct.pack_into("<H", head, 0x1FE, 0xAA55)
+    head[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", head, 0x20E, 0x300 - 0x200)
+    head[0x300:0x310] = b"9.9.9-fuzz (me)\0"
+    return bytes(head)
+
+
+def _ar_member(name: bytes, body: bytes) -> bytes:
+    head = name.ljust(16) + b"0".ljust(12) + b"0".ljust(6) + b"0".ljust(6) + b"100644".ljust(8)
+    return head + str(len(body)).encode().ljust(10) + b"`\n" + body + b"\n" * (len(body) % 2)
+
+
+def small_deb(names: tuple[str, ...] = ("./boot/vmlinuz-9.9.9",
+                                        "./lib/modules/9.9.9/kernel/drivers/firmware/qemu_fw_cfg.ko")) -> bytes:
+    """A Debian package as dpkg-deb writes one (ar: debian-binary, control, data.tar.gz)."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name in names:
+            body = small_bzimage() if "vmlinuz" in name else b"\x7fELF module"
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return b"!<arch>\n" + _ar_member(b"debian-binary", b"2.0\n") + _ar_member(b"control.tar.gz", b"") + \
+        _ar_member(b"data.tar.gz", out.getvalue())
+
+
+HOSTILE_MEMBERS = ["/boot/vmlinuz-9.9.9", "../boot/vmlinuz-9.9.9", "boot/../../vmlinuz-9.9.9",
+                   "./usr/lib/modules/9.9.9/vmlinuz", "boot/vmlinuz-", "lib/modules/x/kernel/../qemu_fw_cfg.ko"]
+
+
+@st.composite
+def kernel_files(draw) -> bytes:
+    """The small bzImage or .deb: header bytes set to odd values, flipped, cut, or members renamed."""
+    if draw(st.booleans()):
+        data = bytearray(small_bzimage())
+        for _ in range(draw(st.integers(0, 4))):
+            at = draw(st.sampled_from([0x1F1, 0x1F4, 0x1F5, 0x1FE, 0x202, 0x20E, 0x20F, 0x300]))
+            data[at] = draw(st.integers(0, 255))
+    else:
+        names = draw(st.lists(st.sampled_from(HOSTILE_MEMBERS), max_size=2))
+        data = bytearray(small_deb(("./boot/vmlinuz-9.9.9", *names)))
+        for _ in range(draw(st.integers(0, 3))):
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return bytes(data[:draw(st.integers(0, len(data)))] if draw(st.booleans()) else data)
+
+
+def fuzz_kernel_image(data: bytes) -> None:
+    """guest.image.kernel_image(): a kernel to boot, or one-line InputError; never a file written
+    outside the directory it unpacks into."""
+    from ptilab.guest.image import kernel_image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        given = root / "given"
+        given.write_bytes(data)
+        try:
+            image = kernel_image(given, root / "unpack")
+            if image.path != given and not image.path.is_relative_to(root / "unpack"):
+                raise Crash(f"the kernel to boot is outside the unpack directory: {image.path}")
+        except PtilabError as refused:
+            if "\n" in str(refused):
+                raise Crash(f"a refusal of more than one line: {refused}") from None
+        written = [p for p in root.rglob("*") if p.is_file() and p != given]
+        stray = [p for p in written if not p.is_relative_to(root / "unpack")]
+        if stray:
+            raise Crash(f"written outside the unpack directory: {stray}")
+
+
 TARGETS = {  # name: (strategy, target taking the strategy's value)
     "core": (mutated_cores(), fuzz_core),
     "kcore": (mutated_kcores(), fuzz_kcore),
@@ -842,5 +922,6 @@ TARGETS = {  # name: (strategy, target taking the strategy's value)
     "vmcoreinfo": (vmcoreinfo_texts(), fuzz_vmcoreinfo),
     "ring": (ring_mutations(), fuzz_ring),
     "vmcoreinfo_pages": (vmcoreinfo_pages(), fuzz_vmcoreinfo_pages),
+    "kernel_image": (kernel_files(), fuzz_kernel_image),
 }
 NEED_FIXTURE = ("walk", "text", "file")  # start from the real pti-4level fixture's tables and texts

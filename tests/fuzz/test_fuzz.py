@@ -124,6 +124,21 @@ def test_hostile_pages_never_pass_for_the_kernels_vmcoreinfo(value):
     targets.fuzz_vmcoreinfo_pages(value)
 
 
+@CI
+@given(targets.kernel_files())
+def test_a_mutated_kernel_image_or_package_boots_or_is_refused_and_writes_only_where_asked(data):
+    targets.fuzz_kernel_image(data)
+
+
+def test_the_small_kernel_image_and_package_are_valid(tmp_path):
+    """The seeds of the kernel_image mutations are a kernel: else the fuzzing exercises only refusals."""
+    from ptilab.guest.image import kernel_image
+
+    for name, data in [("bzImage", targets.small_bzimage()), ("k.deb", targets.small_deb())]:
+        image = kernel_image(_write(tmp_path / name, data), tmp_path / "unpack")
+        assert image.release == "9.9.9-fuzz"
+
+
 CORPUS = sorted((Path(__file__).parent / "corpus").glob("*.txt"))
 
 
@@ -140,7 +155,7 @@ def test_the_kept_corpus_still_passes(path, request):
 
 
 def test_every_reader_has_a_fuzz_target():
-    assert {"core", "raw", "walk", "text", "file", "workload", "vmcoreinfo", "ring", "vmcoreinfo_pages"} <= set(targets.TARGETS)
+    assert {"core", "raw", "walk", "text", "file", "workload", "vmcoreinfo", "ring", "vmcoreinfo_pages", "kernel_image"} <= set(targets.TARGETS)
     assert set(targets.FILE_READERS) == {"ptdump", "info_mem", "info_tlb", "kallsyms"}
 
 

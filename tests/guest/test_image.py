@@ -80,3 +80,48 @@ def test_debians_7_x_image_shell_is_refused_naming_linux_binary(tmp_path):
     deb = sorted(DEBS.glob("linux-image-7.*_*.deb"))[-1]
     with pytest.raises(InputError, match="linux-binary-"):
         kernel_image(deb, tmp_path)
+
+
+def _deb(path: Path, data: bytes, size_field: bytes | None = None) -> Path:
+    """An ar archive as dpkg-deb builds one: debian-binary, then data.tar.gz holding data."""
+    def member(name: bytes, body: bytes, size: bytes | None = None) -> bytes:
+        size = size or str(len(body)).encode()
+        head = name.ljust(16) + b"0".ljust(12) + b"0".ljust(6) + b"0".ljust(6) + b"100644".ljust(8)
+        return head + size.ljust(10) + b"`\n" + body + b"\n" * (len(body) % 2)
+    path.write_bytes(b"!<arch>\n" + member(b"debian-binary", b"2.0\n") + member(b"data.tar.gz", data, size_field))
+    return path
+
+
+def _tar_gz(*names: str, body: bytes = b"x") -> bytes:
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("name", ["/tmp/boot/vmlinuz-9.9.9", "./../../boot/vmlinuz-9.9.9",
+                                  "usr/lib/modules/../../../../x/kernel/drivers/qemu_fw_cfg.ko"])
+def test_a_package_member_outside_the_unpack_directory_is_refused(tmp_path, name):
+    deb = _deb(tmp_path / "evil.deb", _tar_gz(name, body=_header()))
+    with pytest.raises(InputError, match="points outside the package") as refused:
+        kernel_image(deb, tmp_path / "unpack")
+    assert "\n" not in str(refused.value)
+    assert [p.name for p in tmp_path.rglob("*")] == ["evil.deb"]  # nothing written anywhere
+
+
+@pytest.mark.parametrize("data, size, why", [
+    (b"\x1f\x8b\x08\0garbage, not deflate", None, "cannot be read"),
+    (_tar_gz("boot/vmlinuz-9.9.9")[:40], None, "cannot be read"),
+    (b"", b"12ab", "broken ar member header"),
+], ids=["bad-gzip", "cut-tar", "size-not-a-number"])
+def test_a_broken_package_is_refused_in_one_line(tmp_path, data, size, why):
+    deb = _deb(tmp_path / "broken.deb", data, size)
+    with pytest.raises(InputError, match=why) as refused:
+        kernel_image(deb, tmp_path / "unpack")
+    assert "\n" not in str(refused.value)

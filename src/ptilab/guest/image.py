@@ -88,24 +88,41 @@ def _modules_beside(vmlinuz: Path, release: str) -> list[Path]:
 def _from_deb(deb: Path, dest: Path) -> KernelImage:
     """vmlinuz and the guest's modules out of a Debian package (ar: debian-binary,
     control.tar.*, data.tar.*), read with the standard library as dpkg-deb -x would."""
+    import lzma
+    import zlib
+
     data = _deb_data(deb)
     vmlinuz, wanted = None, {m for name in GUEST_MODULES for m in (name, name.replace("_", "-"))}
-    with tarfile.open(fileobj=data, mode="r|*") as tar:
-        for member in tar:
-            name = member.name.removeprefix("./")
-            module = MODULE.search(name)
-            if not member.isfile() or not (VMLINUZ.search(name) or module and module.group(1) in wanted):
-                continue
-            target = dest / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(tar.extractfile(member).read())
-            if VMLINUZ.search(name):
-                vmlinuz = target
+    try:
+        with tarfile.open(fileobj=data, mode="r|*") as tar:
+            for member in tar:
+                name = _member_path(deb, member.name)
+                module = MODULE.search(name)
+                if not member.isfile() or not (VMLINUZ.search(name) or module and module.group(1) in wanted):
+                    continue
+                target = dest / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())
+                if VMLINUZ.search(name):
+                    vmlinuz = target
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as bad:
+        raise InputError(f"{deb}: its data.tar cannot be read ({bad})") from None
     if vmlinuz is None:
         raise InputError(f"{deb}: a Debian package without a kernel image (no boot/vmlinuz-* or "
                          f"usr/lib/modules/*/vmlinuz; since 7.x linux-image-* is a shell: give linux-binary-*)")
     image = kernel_image(vmlinuz, dest)
     return KernelImage(vmlinuz, image.version, image.modules, source=str(deb))
+
+
+def _member_path(deb: Path, name: str) -> str:
+    """A data.tar member's path under the unpack directory; InputError for one that
+    would land outside it (absolute, or climbing with ..), as dpkg refuses them."""
+    from pathlib import PurePosixPath
+
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts:
+        raise InputError(f"{deb}: data.tar member {name!r} points outside the package: refused")
+    return str(path).removeprefix("./")
 
 
 def _deb_data(deb: Path):
@@ -117,7 +134,10 @@ def _deb_data(deb: Path):
     at = len(AR_MAGIC)
     while at + 60 <= len(blob):
         name = blob[at:at + 16].decode(errors="replace").strip().rstrip("/")
-        size = int(blob[at + 48:at + 58].decode(errors="replace").strip() or 0)
+        size_text = blob[at + 48:at + 58].strip()
+        if not size_text.isdigit() or blob[at + 58:at + 60] != b"`\n":
+            raise InputError(f"{deb}: a broken ar member header at byte {at}: not a Debian package")
+        size = int(size_text)
         body = blob[at + 60:at + 60 + size]
         if name.startswith("data.tar"):
             if name.endswith(".zst"):
