@@ -21,8 +21,10 @@ the lines under a command are what it prints (stdout, then stderr), in order:
   last one the output's last (a block that stops early ends with a marker).
 - `exit N`, under a command run as `CMD; echo "exit $?"`, is its exit status.
 - On the real-kernel fixtures (tests/realkernel/out/...), hexadecimal numbers
-  and MiB sizes, which move from one build of the fixtures to the next, match
-  any; markers stand without a count where the count moves too.
+  (with their sign: a shift "by +0x..." may be "by -0x..." next time),
+  VMCOREINFO's KERNELOFFSET and MiB sizes, which move from one build of the
+  fixtures to the next, match any; markers stand without a count where the
+  count moves too.
 
     python -m tests.readme_blocks           # each README command and its fresh output, to paste
     python -m tests.readme_blocks --check   # and, under each, what its block gets wrong
@@ -141,7 +143,8 @@ def _words(text: str) -> str:
 def _escaped(fragment: str, volatile: bool) -> str:
     pattern = re.escape(_words(fragment))
     if volatile:
-        pattern = re.sub(r"0x[0-9a-f]+", r"0x[0-9a-f]+", pattern)
+        pattern = re.sub(r"(?:\\[+-])?0x[0-9a-f]+", r"[+-]?0x[0-9a-f]+", pattern)  # a shift's sign moves too
+        pattern = re.sub(r"KERNELOFFSET=[0-9a-f]+", r"KERNELOFFSET=[0-9a-f]+", pattern)
         pattern = re.sub(r"\d+\\ MiB", r"\\d+\\ MiB", pattern)
     return pattern
 

@@ -139,3 +139,14 @@ def test_no_table_splits_a_word_at_80_columns_or_more(monkeypatch, width, what):
         return tables.layout_change_table(run("kaiser-2017", 2, 4), "kaiser-2017")
     assert _words_intact({"compare": compare, "cost": cost, "layout-change": layout_change}[what], width,
                          monkeypatch) == []
+
+
+def test_a_long_result_line_reaches_a_pipe_whole_and_a_terminal_folded(capsys):
+    long = "CPU: " + "evidence " * 60
+    Output().line(long)  # pytest's capture is no terminal: as into a pipe
+    assert capsys.readouterr().out == long + "\n"
+    term = Output(color=True)
+    term.stdout.file, term.stdout.width = io.StringIO(), 80
+    term.line(long)
+    folded = term.stdout.file.getvalue().splitlines()
+    assert len(folded) > 1 and max(len(x) for x in folded) <= 80

@@ -89,8 +89,11 @@ class Output:
         click.echo("".join(line + "\n" for line in lines), nl=False)
 
     def line(self, text: str) -> None:
-        """A line of the result."""
-        self.stdout.print(text, highlight=not self.plain)
+        """A line of the result: folded to a terminal's width, whole into a pipe or file."""
+        if self.plain:
+            click.echo(text)
+            return
+        self.stdout.print(text)
 
     def info(self, text: str) -> None:
         """A line about what was done (a file written); --quiet drops it."""

@@ -36,6 +36,16 @@ def test_the_readable_set_is_supervisor_only_and_sums_up_the_espfix_aliases():
     assert len(espfix) == 1 and espfix[0].aliases == 65536
 
 
+def test_each_piece_of_the_entry_area_is_one_row_per_cpu():
+    x = kernel_exposure(boot("linux-6.1", "linux", cpus=2))
+    rows = [r for r in x.readable if r.region.startswith("cpu_entry_area ")]
+    # The area is cut into pages to be named; pages that follow one another with one name are one row.
+    assert not [(a, b) for a, b in zip(rows, rows[1:]) if a.end == b.start and (a.region, a.writable) == (b.region, b.writable)]
+    tss = [r for r in rows if r.region == "cpu_entry_area tss"]
+    assert [(r.start, r.pages) for r in tss] == [(0xFFFF_FE00_0000_3000, 5), (0xFFFF_FE00_0003_E000, 5)]
+    assert all(r.frames == r.pages for r in rows)
+
+
 def test_without_the_idt_in_the_user_tables_there_is_no_text_base():
     x = kernel_exposure(boot("linux-6.1", "explicit", cpus=2))
     assert x.idt_page is None and x.text_base is None

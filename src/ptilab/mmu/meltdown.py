@@ -225,11 +225,18 @@ def readable(view: Walk) -> list[Readable]:
     out = []
     for (region, eff), rows in groups.items():
         runs = r[rows]
-        spans = [runs] if len(runs) > SUMMARY_AFTER else [runs[i:i + 1] for i in range(len(runs))]
-        for span in spans:
+        # Runs that follow one another are one row (a TSS's pages, cut apart to be named).
+        cuts = np.flatnonzero(runs["va"][1:] != runs["va"][:-1] + runs["size"][:-1]) + 1
+        summed = len(cuts) >= SUMMARY_AFTER
+        for span in [runs] if summed else np.split(runs, cuts):
             pages = int(span["size"].sum()) // e.PAGE_SIZE
-            frames = len({(int(pa), int(size)) for pa, size in zip(span["pa"], span["size"])})
-            frames = pages if len(span) == 1 else frames * (int(span["size"][0]) // e.PAGE_SIZE)
+            distinct = {(int(pa), int(size)) for pa, size in zip(span["pa"], span["size"])}
+            if len(span) == 1:
+                frames = pages
+            elif summed:  # aliases of one size (ESPfix): frames are the distinct ones
+                frames = len(distinct) * (int(span["size"][0]) // e.PAGE_SIZE)
+            else:
+                frames = sum(size for _, size in distinct) // e.PAGE_SIZE
             # In Python ints: a range may end at 2**64, past what a uint64 holds.
             out.append(Readable(int(span["va"][0]), int(span["va"][-1]) + int(span["size"][-1]), region, pages, frames,
                                 bool(eff & EFF_RW), not eff & EFF_NX))
