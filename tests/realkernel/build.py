@@ -101,6 +101,7 @@ class Config:
     dumps: bool = False   # also kdump-compressed and makedumpfile dumps of the same memory
     lime: bool = True     # with dumps: and a LiME dump (Debian's lime-forensics-dkms, built for the kernel)
     cpu: str = INTEL      # QEMU's -cpu model (TCG); the kernel decides Meltdown exposure from its vendor and family
+    console_log: bool = False  # boot without quiet: every message up to init on the serial console
 
     @property
     def lime_dump(self) -> bool:
@@ -117,7 +118,7 @@ CONFIGS = {
     "pti-kaslr": Config("6.1", "generic", "pti=on", dumps=True),
     # no pti=: auto mode, on a Meltdown-vulnerable CPU (GenuineIntel, no RDCL_NO) without PCID
     "pti-auto-5level": Config("6.1", "generic", "nokaslr", la57=True),
-    "5.10-pti": Config("5.10", "generic", "pti=on nokaslr"),
+    "5.10-pti": Config("5.10", "generic", "pti=on nokaslr", console_log=True),
     "5.10-pti-kaslr": Config("5.10", "generic", "pti=on"),
     "6.1-cloud-pti": Config("6.1", "cloud", "pti=on nokaslr"),
     "6.1-cloud-pti-kaslr": Config("6.1", "cloud", "pti=on"),
@@ -128,7 +129,7 @@ CONFIGS = {
     "6.1-rt-pti-kaslr": Config("6.1", "rt", "pti=on noirqdebug"),
     "6.12-pti": Config("6.12", "generic", "pti=on nokaslr"),
     "6.12-pti-kaslr": Config("6.12", "generic", "pti=on"),
-    "7.2-pti": Config("7.2", "generic", "pti=on nokaslr"),
+    "7.2-pti": Config("7.2", "generic", "pti=on nokaslr", console_log=True),
     # forky's lime-forensics-dkms (1.9.1) does not build against 7.2: kernel_bind() now takes a sockaddr_unsized
     "7.2-pti-kaslr": Config("7.2", "generic", "pti=on", dumps=True, lime=False),
     # KASLR under LA57: page_offset_base and friends start from 0xff11000000000000
@@ -175,6 +176,7 @@ INIT = r"""#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+dmesg -n 4  # from here the console gets warnings and worse only: no message cuts into a marker line
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 for m in /lib/fw_cfg/*.ko; do insmod $m 2>/dev/null; done  # hands the kernel's VMCOREINFO to QEMU's vmcoreinfo device
 exec </dev/console >/dev/console 2>&1
@@ -791,7 +793,7 @@ def makedumpfile_formats(stage: Path, config: str, kallsyms: str) -> None:
 
 def start_qemu(config: str, spec: Config, kernel: Kernel, initrd: Path, work: Path) -> tuple[qemu.Run, dict]:
     cpu_model = spec.cpu + (",+la57" if spec.la57 else "")
-    append = f"console=ttyS0 panic=-1 quiet loglevel=4 {spec.append}"
+    append = f"console=ttyS0 panic=-1 {'' if spec.console_log else 'quiet loglevel=4 '}{spec.append}"
     machine = qemu.Machine(cpu_model, MEMORY, CPUS, "tcg")
     extra = []
     if spec.lime_dump and add_lime_disk(extra, work, kernel):
