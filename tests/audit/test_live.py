@@ -142,8 +142,22 @@ def test_no_kcore_in_a_container_says_so(tmp_path):
     assert "CONFIG_PROC_KCORE" in refusal(root)
     (root / ".dockerenv").write_text("")
     message = refusal(root)
-    assert "container (/.dockerenv exists)" in message and "run ptilab on the host" in message
+    assert "container" in message and "(/.dockerenv exists)" in message and "run ptilab on the host" in message
     assert "dump-guest-memory" in message
+    # What is known comes before the guess: no kcore; and the kernel's own config, where it says so, decides.
+    why = message.partition("does not exist: ")[2]
+    assert why.index("offers no kcore") < why.index("container")
+
+
+def test_a_microvm_kernel_whose_config_leaves_kcore_out_is_named_before_any_container_guess(tmp_path):
+    import gzip
+
+    root = fake_root(tmp_path, "pti-4level", kcore=False)
+    (root / ".dockerenv").write_text("")  # a microVM image built from a container's root filesystem
+    (root / "proc/config.gz").write_bytes(gzip.compress(b"CONFIG_PROC_FS=y\n# CONFIG_PROC_KCORE is not set\n"))
+    message = refusal(root)
+    assert "no kcore: " in message and "proc/config.gz says CONFIG_PROC_KCORE is not set" in message
+    assert "container" not in message.partition("does not exist: ")[2]
 
 
 def test_no_procfs_is_refused(tmp_path):

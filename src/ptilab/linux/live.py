@@ -200,11 +200,35 @@ def _why_denied(root: Path) -> str:
 
 
 def _why_no_kcore(root: Path) -> str:
+    """What is known first (this kernel offers no kcore), then the likeliest why."""
+    config = _kcore_config(root)
+    if config:
+        return f"this kernel has no kcore: {config}"
     container = _container(root)
     if container:
-        return f"this looks like a container ({container}), whose /proc has no kcore: run ptilab on the host"
-    return ("this kernel was built without CONFIG_PROC_KCORE, as microVM kernels (Firecracker's) "
-            "and some hardened ones are")
+        return (f"the kernel offers no kcore in this /proc, either built without CONFIG_PROC_KCORE (as microVM "
+                f"kernels are) or hidden from a container, which this looks like ({container}): run ptilab on the host")
+    return ("this kernel offers no kcore: it was likely built without CONFIG_PROC_KCORE, as microVM kernels "
+            "(Firecracker's) and some hardened ones are")
+
+
+def _kcore_config(root: Path) -> str | None:
+    """What the running kernel's own config says of CONFIG_PROC_KCORE, where it
+    says it was left out (/proc/config.gz with CONFIG_IKCONFIG_PROC, or the
+    distribution's /boot/config-RELEASE)."""
+    import gzip
+
+    release = (_read_text(root / "proc/sys/kernel/osrelease") or "").strip()
+    sources = [root / "proc/config.gz", *([root / "boot" / f"config-{release}"] if release else [])]
+    for source in sources:
+        try:
+            text = (gzip.decompress(source.read_bytes()) if source.suffix == ".gz" else source.read_bytes()).decode(
+                errors="replace")
+        except (OSError, EOFError, gzip.BadGzipFile):
+            continue
+        if "# CONFIG_PROC_KCORE is not set" in text:
+            return f"{source} says CONFIG_PROC_KCORE is not set"
+    return None
 
 
 def _container(root: Path) -> str | None:
