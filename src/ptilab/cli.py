@@ -1010,11 +1010,13 @@ def _image_layout(mem, cr3: int, geometry, symbols: dict[str, int] | None, given
               "(default: from the core's QEMU notes, a CPU in user mode first).")
 @click.option("--system-map", type=click.Path(dir_okay=False), default=None,
               help="With --image: System.map or /proc/kallsyms text, to name the entry text.")
+@cpu_meltdown_option
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"wrote": OUT, "bytes": N, ...} instead of the "wrote" line.')
 @click.pass_context
 def report(ctx: click.Context, out_file: str, profile: str, cpus: int, levels: str, designs: str,
-           image: str | None, cr3: str | None, system_map: str | None, as_json: bool) -> None:
+           image: str | None, cr3: str | None, system_map: str | None, cpu_meltdown: str | None,
+           as_json: bool) -> None:
     """Write OUT as one self-contained HTML page (inline CSS and SVG, no
     network): the designs compared on a modelled kernel, or the audit of an
     image. Both show the user and kernel views as an address-space map and
@@ -1033,7 +1035,7 @@ def report(ctx: click.Context, out_file: str, profile: str, cpus: int, levels: s
     """
     out = _out()
     with atomic_file(out_file) as tmp:
-        what = _write_report(ctx, tmp, out, profile, cpus, levels, designs, image, cr3, system_map)
+        what = _write_report(ctx, tmp, out, profile, cpus, levels, designs, image, cr3, system_map, cpu_meltdown)
     size = os.path.getsize(out_file)
     if as_json:
         out.json({"wrote": out_file, "bytes": size, **what})
@@ -1042,19 +1044,19 @@ def report(ctx: click.Context, out_file: str, profile: str, cpus: int, levels: s
 
 
 def _write_report(ctx: click.Context, path: str, out: Output, profile: str, cpus: int, levels: str, designs: str,
-                  image: str | None, cr3: str | None, system_map: str | None) -> dict:
+                  image: str | None, cr3: str | None, system_map: str | None, cpu_meltdown: str | None) -> dict:
     """Write the report's page to path; what it reports, for --json."""
     if image:
         _refuse(ctx, ("profile", "cpus", "levels", "designs"), "only for a modelled kernel, not with --image")
+        from ptilab.audit.image import audit_image
         from ptilab.report.html import audit_report
-        symbols = _symbols(system_map)
         mem, value, geometry = _open_image_and_cr3(image, cr3, None, None)
-        subject = f"{image} (CR3 {value:#x}, {geometry.levels}-level)"
-        with out.busy("walking the page tables"):
-            page = audit_report(mem, value, geometry, subject, symbols)
-        what = {"report": "audit", "subject": subject}
+        result = audit_image(mem, image, value, geometry, _symbols(system_map), _stated_exposure(cpu_meltdown),
+                             busy=out.busy)
+        page = audit_report(result, mem)
+        what = {"report": "audit", "subject": result.subject}
     else:
-        _refuse(ctx, ("cr3", "system_map"), "only with --image")
+        _refuse(ctx, ("cr3", "system_map", "cpu_meltdown"), "only with --image")
         from ptilab.report.html import comparison_report
         chosen = _design_list(designs)
         page = comparison_report(profile, cpus, _levels(levels), chosen)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+from html import escape
 from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from ptilab.audit.image import audit_image
 from ptilab.cli import cli
 from ptilab.report.html import audit_report, comparison_report, cut
 from ptilab.report.svg import log_edges
@@ -150,7 +152,7 @@ def test_audit_report_of_the_real_kernel_lists_findings_and_shares_slot_508():
 
     k = real_kernel("pti-4level")
     cpu = k.cpu()
-    page = Elements(audit_report(k.mem, cpu["cr3"], k.geometry, "pti-4level", k.symbols))
+    page = Elements(audit_report(audit_image(k.mem, "pti-4level", cpu["cr3"], k.geometry, k.symbols), k.mem))
     assert {"pair", "findings", "findings-table", "image-map", "image-tree", "image-tree-pgd-user",
             "image-tree-pgd-kernel"} <= page.ids()
     assert {a["data-id"] for _, a in page.with_class("finding")} >= {"PTI-USER-VIEW"}
@@ -165,7 +167,24 @@ def test_audit_report_without_pti_draws_one_tree():
 
     k = real_kernel("pti-off")
     cpu = k.cpu()
-    page = Elements(audit_report(k.mem, cpu["cr3"], k.geometry, "pti-off", k.symbols))
+    page = Elements(audit_report(audit_image(k.mem, "pti-off", cpu["cr3"], k.geometry, k.symbols), k.mem))
     assert "PTI-OFF" in {a["data-id"] for _, a in page.with_class("finding")}
     assert not page.with_class("shared") and page.with_class("one-tree")
     assert "image-tree-pgd-kernel" not in page.ids()
+
+
+def test_audit_report_knows_the_machine_as_the_text_audit_does():
+    """An AMD EPYC guest that left PTI off by design: the page says so and why, as `ptilab audit` prints it."""
+    from ptilab.report.tables import audit_header
+    from tests.realkernel.conftest import real_kernel
+
+    k = real_kernel("epyc-auto-kaslr")
+    result = audit_image(k.mem, "epyc", k.cpu()["cr3"], k.geometry, k.symbols)
+    html = audit_report(result, k.mem)
+    page = Elements(html)
+    assert "machine" in page.ids()
+    for line in audit_header(result):
+        assert escape(line) in html
+    assert any(line.startswith("CPU: AMD EPYC") and "not affected by Meltdown" in line for line in audit_header(result))
+    severity = {a["data-id"]: a["class"] for _, a in page.with_class("finding")}
+    assert "sev-info" in severity["PTI-OFF"] and "KASLR-KERNEL-MAPPED" in severity

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ptilab.audit.image import audit_image
 from ptilab.report.html import audit_report, comparison_report
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -233,7 +234,7 @@ def test_audit_report_shows_findings_and_the_real_kernels_shared_tables(browser,
 
     k = real_kernel("pti-4level")
     path = tmp_path / "audit.html"
-    path.write_text(audit_report(k.mem, k.cpu()["cr3"], k.geometry, "pti-4level", k.symbols))
+    path.write_text(audit_report(audit_image(k.mem, "pti-4level", k.cpu()["cr3"], k.geometry, k.symbols), k.mem))
     browser.get(path.as_uri())
     findings = browser.find_elements(By.CSS_SELECTOR, "#findings-table tbody tr.finding")
     assert "PTI-USER-VIEW" in [f.get_attribute("data-id") for f in findings]

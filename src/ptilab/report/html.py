@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 from html import escape
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +34,9 @@ MAP_BINS = 160
 RIGHTS = ("ro NX", "RW NX", "ro x", "RW x")  # index: RW bit + 2 * executable
 KIND_ORDER = list(KIND_COLOURS)  # most specific first
 P4D_SIZE = 1 << 39
+
+if TYPE_CHECKING:
+    from ptilab.audit.image import ImageAudit
 
 
 @dataclass
@@ -476,18 +480,21 @@ def _comparison_table(reports) -> str:
             + "</tbody></table></section>")
 
 
-def audit_report(mem: PhysicalMemory, cr3: int, geometry: Geometry, subject: str,
-                 symbols: dict[str, int] | None = None) -> str:
-    """HTML of an audit of one image: the PGD pair, the findings, both views and the tree."""
-    from ptilab.audit import audit
-    from ptilab.audit.sources import views_from_image
+def audit_report(result: "ImageAudit", mem: PhysicalMemory) -> str:
+    """HTML of an image's audit (audit.image.audit_image(), walks kept): what is
+    known of the machine and from where, the PGD pair, the findings, both views
+    and the tree."""
+    from ptilab.report.tables import audit_header
 
-    found = views_from_image(mem, cr3, geometry, symbols)
-    findings = audit(found.views)
-    space = Space("image", geometry, mem, found.user, found.kernel, found.views.symbols)
-    body = [_pair_section(found.pair, found.kaslr_slide), _findings_section(findings),
+    found = result.found
+    if found is None:
+        raise ValueError("audit_report needs the audit's walks (an ImageAudit from audit_image)")
+    space = Space("image", found.views.geometry, mem, found.user, found.kernel, found.views.symbols)
+    machine = "".join(f"<li>{escape(line)}</li>" for line in audit_header(result))
+    body = [f'<section id="machine"><h2>The machine</h2><ul>{machine}</ul></section>',
+            _pair_section(found.pair, result.kaslr_slide), _findings_section(list(result.findings)),
             '<section id="views"><h2>The PGD pair</h2>' + "\n".join(space_sections(space, "image")) + "</section>"]
-    return _page("PTI audit", subject, body)
+    return _page("PTI audit", result.subject, body)
 
 
 def _pair_section(pair: PtiPair, slide: int | None) -> str:
