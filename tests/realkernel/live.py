@@ -148,7 +148,9 @@ def run(out: Path, config: str, force: bool = False) -> Path:
     kernel = build.prepare_kernels([fixture], out / ".cache")[(spec.release, spec.flavour)]
     if isinstance(kernel, build.Failure):
         raise kernel
-    python = os.path.realpath(sys.executable)
+    # The interpreter as the tests were started, not its target: a virtualenv's bin/python finds the
+    # venv's packages only when run by that path (its pyvenv.cfg sits beside it).
+    python = os.path.abspath(sys.executable)
     stage = make_stage(out, config, python)
     with tempfile.TemporaryDirectory(prefix="ptilab-live-") as tmp:
         work = Path(tmp)
