@@ -150,3 +150,17 @@ def test_a_long_result_line_reaches_a_pipe_whole_and_a_terminal_folded(capsys):
     term.line(long)
     folded = term.stdout.file.getvalue().splitlines()
     assert len(folded) > 1 and max(len(x) for x in folded) <= 80
+
+
+def test_a_piped_table_keeps_to_columns_when_it_is_set(monkeypatch, capsys):
+    from ptilab.compare.metrics import compare
+    from ptilab.report import tables
+
+    def widest() -> int:
+        Output().table(tables.compare_table(compare("linux-6.1", 4, 4)))
+        return max(len(line) for line in capsys.readouterr().out.splitlines())
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    unset = widest()  # not a terminal: wide enough that no row folds
+    monkeypatch.setenv("COLUMNS", "100")
+    assert widest() <= 100 < unset

@@ -48,8 +48,8 @@ class Output:
         from rich.console import Console  # 40 ms of import: only for what rich draws
 
         console = Console(soft_wrap=False, markup=False, force_terminal=True if self.color else None,
-                          no_color=True if self.color is False else None)
-        if not console.is_terminal:
+                          **self._styles())
+        if not console.is_terminal and "COLUMNS" not in os.environ:
             console.width = PLAIN_WIDTH
         return console
 
@@ -57,7 +57,29 @@ class Output:
     def stderr(self) -> "Console":
         from rich.console import Console
 
-        return Console(stderr=True, markup=False, no_color=True if self.color is False else None)
+        return Console(stderr=True, markup=False, **self._styles())
+
+    def _fitted(self, table: "Table") -> "Table":
+        """The table within the console's width: columns set between words, or
+        stacked a row per block where even that is too wide."""
+        if _narrowest(table) > self.stdout.width:
+            return _stacked(table)
+        _fit_between_words(table, self.stdout.width)
+        return table
+
+    def _folded(self, text: str) -> list[str]:
+        """A title or caption: whole, unless COLUMNS asks for a width."""
+        if "COLUMNS" not in os.environ:
+            return [text]
+        import textwrap
+        return textwrap.wrap(text, self.stdout.width, break_long_words=False) or [""]
+
+    def _styles(self) -> dict:
+        """--no-color and NO_COLOR (no-color.org) mean no escape codes at all: no colour, and no bold
+        or italic either (rich's own no_color keeps those); the boxes are layout, not colour."""
+        if self.color is False or (self.color is None and os.environ.get("NO_COLOR")):
+            return {"no_color": True, "color_system": None}
+        return {}
 
     @property
     def plain(self) -> bool:
@@ -67,12 +89,10 @@ class Output:
         """A result table: boxed on a terminal; else aligned columns, rows of
         several lines set apart by a blank line instead of rules."""
         if not self.plain:
-            if _narrowest(table) > self.stdout.width:
-                table = _stacked(table)
-            else:
-                _fit_between_words(table, self.stdout.width)
-            self.stdout.print(table)
+            self.stdout.print(self._fitted(table))
             return
+        if "COLUMNS" in os.environ:  # asked for a width: kept to as on a terminal, words whole
+            table = self._fitted(table)
         # The title and caption on lines of their own, so that the table's
         # width does not wrap them.
         title, caption = table.title, table.caption
@@ -83,9 +103,9 @@ class Output:
             table.leading = 1
         with self.stdout.capture() as captured:
             self.stdout.print(table)
-        lines = [str(title)] if title else []
+        lines = self._folded(str(title)) if title else []
         lines += [line.rstrip() for line in captured.get().splitlines()]
-        lines += [str(caption)] if caption else []
+        lines += self._folded(str(caption)) if caption else []
         click.echo("".join(line + "\n" for line in lines), nl=False)
 
     def line(self, text: str) -> None:
