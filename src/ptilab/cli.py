@@ -612,9 +612,12 @@ cpu_meltdown_option = click.option(
 cluster_options = [
     click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
                  help="Run on this Dask cluster (the images must be on a path every worker can read). "
-                      "Default: several images or a large one on a local cluster of worker processes."),
+                      "Default: a local cluster of worker processes where the work is worth starting one: a "
+                      "large image, or several whose first, timed here, says the rest would take longer "
+                      "than a cluster's start-up."),
     click.option("--workers", type=click.IntRange(min=0), default=None,
-                 help="Worker processes of the local cluster (default: one per core); 0 runs in this process."),
+                 help="Worker processes of a local cluster, started whatever the work (default: one per core, "
+                      "when the work is worth it); 0 runs in this process."),
 ]
 
 

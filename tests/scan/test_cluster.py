@@ -137,3 +137,59 @@ def test_a_sparse_image_is_large_by_the_data_it_holds_not_its_length(tmp_path):
         f.seek(5 << 30)
         f.write(b"\1" * (1 << 20))
     assert (1 << 20) <= image_bytes(str(path)) < LARGE_IMAGE_BYTES <= path.stat().st_size
+
+
+class _Slow:
+    """A task taking `seconds` each, noting where it ran."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.here = seconds, []
+
+    def __call__(self, item):
+        time.sleep(self.seconds)
+        self.here.append(item)
+        return item * 2
+
+
+def _fake_cluster(monkeypatch) -> list:
+    from contextlib import contextmanager
+
+    from ptilab.scan import cluster
+
+    started = []
+
+    @contextmanager
+    def fake(what, scheduler=None, workers=None):
+        started.append((scheduler, workers))
+        yield lambda fn, items: [item * 2 for item in items]
+    monkeypatch.setattr(cluster, "dask_runner", fake)
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 2)
+    return started
+
+
+def test_light_work_stays_in_this_process_whatever_the_number_of_items(monkeypatch):
+    from ptilab.scan.cluster import map_items
+
+    started, task = _fake_cluster(monkeypatch), _Slow(0.001)
+    assert map_items("auditing", task, list(range(40))) == [2 * i for i in range(40)]
+    assert started == [] and task.here == list(range(40))
+
+
+def test_heavy_work_goes_to_a_local_cluster_after_the_first_item_is_timed(monkeypatch):
+    from ptilab.scan import cluster
+
+    monkeypatch.setattr(cluster, "CLUSTER_START_SECONDS", 0.05)
+    started, task = _fake_cluster(monkeypatch), _Slow(0.03)
+    # The rest would take 5 x 0.03 s here, half that on 2 workers: more than the (patched) start-up.
+    assert cluster.map_items("scanning", task, list(range(6))) == [2 * i for i in range(6)]
+    assert started == [(None, None)] and task.here == [0]
+
+
+def test_workers_or_a_scheduler_decide_without_measuring(monkeypatch):
+    from ptilab.scan.cluster import map_items
+
+    started, task = _fake_cluster(monkeypatch), _Slow(0)
+    map_items("x", task, [1, 2], workers=3)
+    map_items("x", task, [1, 2], scheduler="tcp://h:1")
+    assert started == [(None, 3), ("tcp://h:1", None)] and task.here == []
+    assert map_items("x", task, [1, 2], workers=0) == [2, 4] and task.here == [1, 2]

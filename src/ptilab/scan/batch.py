@@ -56,19 +56,17 @@ class ScanTask:
 def audit_images(paths: Sequence[str], cpu: int | None, la57: bool | None, symbols: dict[str, int] | None,
                  stated: Meltdown | None = None, scheduler: str | None = None,
                  workers: int | None = None) -> list[ImageAudit | ImageError]:
-    """Audit every image: on a cluster when there are several (or scheduler says where)."""
-    with cluster.runner("auditing images", len(paths) > 1, scheduler, workers) as run:
-        return run(AuditTask(cpu, la57, symbols, stated), list(paths))
+    """Audit every image: on a cluster where asked, or where the work measured is worth one (cluster.map_items)."""
+    return cluster.map_items("auditing images", AuditTask(cpu, la57, symbols, stated), paths, scheduler, workers)
 
 
 def scan_images(paths: Sequence[str], la57: bool | None, scheduler: str | None = None,
                 workers: int | None = None, chunk_frames: int = roots.CHUNK_FRAMES,
                 stated: Meltdown | None = None) -> list[ImageScan | ImageError]:
-    """Scan every image. Several: one task per image. One: in this process if
-    small, else its chunks spread over the cluster's workers."""
+    """Scan every image. Several: one task per image (cluster.map_items). One: in
+    this process if small, else its chunks spread over the cluster's workers."""
     if len(paths) > 1:
-        with cluster.runner("scanning images", True, scheduler, workers) as run:
-            return run(ScanTask(la57, stated), list(paths))
+        return cluster.map_items("scanning images", ScanTask(la57, stated), paths, scheduler, workers)
     path = paths[0]
     large = image_bytes(path) >= cluster.LARGE_IMAGE_BYTES
     with cluster.runner(f"scanning {os.path.basename(path)}", large, scheduler, workers) as run:
