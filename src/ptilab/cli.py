@@ -775,10 +775,13 @@ def scan_command(ctx, images, la57, fail_on, cpu_meltdown, as_json, scheduler, w
     every mm), as PTI pairs (kernel PGD, user PGD at +4 KiB) or single PGDs.
 
     The reference kernel half comes from a CPU's CR3 in the core, else
-    VMCOREINFO's init_top_pgt, else the one most frames share. A process
-    whose user PGD maps kernel memory shows here even when it was on no CPU.
-    Several images, or one large image (its chunks spread over the workers),
-    run on a local cluster of worker processes or on --scheduler's.
+    VMCOREINFO's init_top_pgt (the note, or the copy found in RAM), else a
+    census: of the halves that repeat with their tables in memory, the one
+    mapping the most slots (not the most frequent: every PTI user PGD's half
+    repeats almost as often). A process whose user PGD maps kernel memory
+    shows here even when it was on no CPU. A large image (its chunks spread
+    over the workers), or several images worth it, run on a local cluster of
+    worker processes, or on --scheduler's.
 
     \b
     Examples:

@@ -6,7 +6,7 @@ kernel half they share (ptilab.scan.roots), each walked and audited.
 
 The reference kernel half comes from, in this order: a CPU's CR3 in QEMU's
 notes, VMCOREINFO's init_top_pgt (swapper_pg_dir, at
-va - __START_KERNEL_map + phys_base), or a census of the image's frames
+va - __START_KERNEL_map + phys_base; the note's, or the copy found in RAM), or a census of the image's frames
 (roots.reference_half: of the halves that repeat with their tables in
 memory, the one mapping the most slots; a LiME dump or raw image).
 A matching frame becomes:
