@@ -78,6 +78,7 @@ if str(HERE.parents[1] / "src") not in sys.path:
 # The boot and capture code is ptilab's own (ptilab boot runs the same): one way to boot a kernel.
 from ptilab.guest import GuestError  # noqa: E402
 from ptilab.guest import qemu  # noqa: E402
+from ptilab.guest.capture import BUSY_LOOPS  # noqa: E402
 from ptilab.guest.initramfs import initramfs  # noqa: E402
 from ptilab.guest.modules import modinfo, module_files  # noqa: E402
 from ptilab.guest.modules import modules_with_dependencies as _modules_with_dependencies  # noqa: E402
@@ -206,13 +207,7 @@ tar -cf - * | gzip -1 > /tmp/out.tgz
 stty -F /dev/ttyS1 raw -echo
 cat /tmp/out.tgz > /dev/ttyS1
 echo "@@PTILAB-DATA $(wc -c < /tmp/out.tgz) bytes, uptime $(cut -d' ' -f1 /proc/uptime)"
-n=$(nproc)
-i=0
-while [ $i -lt $n ]; do
-  taskset -c $i sh -c 'while :; do :; done' &
-  i=$((i + 1))
-done
-# more tasks with an mm of their own, then the one whose tables the oracle dumps
+""" + BUSY_LOOPS + r"""# more tasks with an mm of their own, then the one whose tables the oracle dumps
 sleep 100000 &
 sleep 100000 &
 sh -c 'while :; do :; done' &

@@ -38,8 +38,17 @@ BOOTED = "@@PTILAB-BOOTED"
 KERNEL_LINE = re.compile(r"^(\[\s*\d+\.\d+\] |Linux version |@@PTILAB-)", re.M)
 ACCELS = ("auto", "kvm", "tcg")
 
-# PID 1 in the guest: one pinned busy loop per CPU keeps every CPU in user mode
-# most of the time, so the host's stop lands on CPL 3 within a few rounds.
+# One pinned busy loop per CPU keeps every CPU in user mode most of the time,
+# so the host's stop lands on CPL 3 within a few rounds (tests/realkernel/build.py
+# starts them too).
+BUSY_LOOPS = r"""n=$(nproc)
+i=0
+while [ $i -lt $n ]; do
+  taskset -c $i sh -c 'while :; do :; done' &
+  i=$((i + 1))
+done
+"""
+# PID 1 in the guest.
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -49,13 +58,7 @@ for m in /lib/fw_cfg/*.ko; do insmod $m 2>/dev/null; done  # hands the kernel's 
 exec </dev/console >/dev/console 2>&1
 echo "@@PTILAB-BOOTED $(uname -r) uptime $(cut -d' ' -f1 /proc/uptime)"
 echo "@@PTILAB-MELTDOWN $(cat /sys/devices/system/cpu/vulnerabilities/meltdown 2>/dev/null)"
-n=$(nproc)
-i=0
-while [ $i -lt $n ]; do
-  taskset -c $i sh -c 'while :; do :; done' &
-  i=$((i + 1))
-done
-echo "@@PTILAB-READY $n busy loops, uptime $(cut -d' ' -f1 /proc/uptime)"
+""" + BUSY_LOOPS + r"""echo "@@PTILAB-READY $n busy loops, uptime $(cut -d' ' -f1 /proc/uptime)"
 while :; do wait; done
 """
 
