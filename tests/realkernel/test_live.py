@@ -102,20 +102,10 @@ def test_not_root_and_lockdown_are_refused_in_one_line(guest):
     assert "[confidentiality]" in (guest / "lockdown_state.txt").read_text()
 
 
-def test_the_readmes_live_output_is_the_guests():
-    """README shows `sudo ptilab audit --live` from the 6.1 guest: each line there (whitespace aside,
-    "..." what it leaves out, hex numbers as KASLR moves them) is in live.txt, and the refusals verbatim."""
-    import re
-
+def test_the_readmes_refusals_are_the_guests():
+    """README shows the guest's refusals verbatim (its `sudo ptilab audit --live` block is held to
+    live.txt by tests/test_readme.py, as every block to its run)."""
     guest = _guest("live")
     readme = (HERE.parents[1] / "README.md").read_text()
-    block = re.search(r"```console\n\$ sudo ptilab audit --live\n(.*?)```", readme, re.S).group(1)
-    printed = " ".join((guest / "live.txt").read_text().split())
-    for line in block.splitlines():
-        for fragment in line.split("..."):
-            words = " ".join(fragment.split())
-            if words:
-                pattern = re.sub(r"0x[0-9a-f]+", r"0x[0-9a-f]+", re.escape(words))
-                assert re.search(pattern, printed), f"README shows {words!r}"
     for refusal in ("nobody.txt", "lockdown.txt"):
         assert (guest / refusal).read_text().strip() in readme
