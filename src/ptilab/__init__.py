@@ -2,7 +2,7 @@
 
 The public API a kernel developer uses from a Python prompt::
 
-    from ptilab.linux import boot
+    from ptilab.pti import boot
     from ptilab.paging import walk
     kernel = boot("linux-6.1", design="linux", cpus=4)
     ranges = walk(kernel.ram, kernel.user_cr3(), kernel.geometry)

@@ -40,6 +40,7 @@ F_GLOBAL, F_W, F_U, F_X = 1, 2, 4, 8
 C_ACCESSES, C_L1, C_STLB, C_WALKS, C_LOADS, C_DC_HITS, C_DC_MISSES, C_FAULTS, C_PSC = range(9)
 ADDR_MASK = np.int64(((1 << e.PHYS_ADDR_BITS_MAX) - 1) & ~0xFFF)  # frame_address() of a table
 P_BIT, RW_BIT, US_BIT, PS_BIT, G_BIT = e.P, e.RW, e.US, e.PS, e.G
+PAT_LARGE_BIT = e.PAT_LARGE  # a large leaf's reserved bits start above it (e.large_page_reserved())
 NX_BIT = np.int64(e.NX - (1 << 64))  # bit 63 as a signed 64-bit value
 
 
@@ -244,7 +245,7 @@ def _reserved(value, depth, last, leaf_ok, level_shifts):
     if depth < last and value & PS_BIT:
         if not leaf_ok[depth]:
             return True
-        low = ((np.int64(1) << level_shifts[depth]) - 1) & ~np.int64((1 << 13) - 1)
+        low = ((np.int64(1) << level_shifts[depth]) - 1) & ~np.int64((PAT_LARGE_BIT << 1) - 1)
         if value & low:
             return True
     return False

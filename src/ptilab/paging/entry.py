@@ -43,6 +43,13 @@ PAGE_SHARED = P | RW | US | A | NX
 PAGE_USER_RX = P | US | A
 
 
+def large_page_reserved(shift: int) -> int:
+    """The reserved bits of a large-page entry mapping 1 << shift bytes (SDM vol. 3A
+    tables 4-17 and 4-15, 2 MiB and 1 GiB pages): its address bits above PAT (bit 12)
+    and below the page's alignment. One set is a reserved-bit page fault."""
+    return ((1 << shift) - 1) & ~((PAT_LARGE << 1) - 1)
+
+
 def frame_address(entry: int, leaf_shift: int = PAGE_SHIFT, maxphyaddr: int = PHYS_ADDR_BITS_MAX) -> int:
     """Physical address an entry points at: a table, or a page of 1 << leaf_shift bytes."""
     mask = ((1 << maxphyaddr) - 1) & ~((1 << leaf_shift) - 1)

@@ -58,7 +58,7 @@ def reserved_bits(value: int, depth: int, geometry: Geometry, maxphyaddr: int = 
         if not geometry.leaf_allowed(depth):
             return True  # PS in a PML5E/PML4E
         shift = geometry.shift(depth)
-        if value & ((1 << shift) - 1) & ~((1 << 13) - 1):
+        if value & e.large_page_reserved(shift):
             return True  # address bits below the large page's alignment, above PAT
     return False
 

@@ -519,7 +519,7 @@ class _LevelBits:
         return _LevelBits(depth, geometry.names[depth], shift, last, not last and geometry.leaf_allowed(depth),
                           _addr_mask(shift, maxphyaddr), _addr_mask(e.PAGE_SHIFT, maxphyaddr),
                           np.uint64(((1 << e.PHYS_ADDR_BITS_MAX) - 1) & ~((1 << maxphyaddr) - 1)),
-                          np.uint64(((1 << shift) - 1) & ~((1 << 13) - 1)))
+                          np.uint64(e.large_page_reserved(shift)))
 
 
 @dataclass
@@ -780,7 +780,7 @@ def _run_tables(data: np.ndarray, shift: int, last: bool, reserved_high: np.uint
     cand = (e0 & u64(e.P)) != 0
     if not last:
         cand &= (e0 & u64(e.PS)) != 0
-        cand &= (e0 & u64(((1 << shift) - 1) & ~((1 << 13) - 1))) == 0
+        cand &= (e0 & u64(e.large_page_reserved(shift))) == 0
     cand &= ((e0 | e511) & reserved_high) == 0
     cand &= (e511 & ~addr) == (e0 & ~addr)
     cand &= (e511 & addr) == (e0 & addr) + u64(511) * stride

@@ -1,1 +1,1 @@
-"""Showing results: terminal tables now; HTML, drawings and plots later."""
+"""Showing results: terminal tables (tables), the HTML report (html) with its SVG drawings (svg), and matplotlib plots (plots)."""
