@@ -26,3 +26,11 @@ class FrameOutsideMemory(InputError):
 
 class WalkTooLarge(PtilabError):
     """The tables alias so much that expanding them would not finish in bounded time."""
+
+
+def one_of(table: dict, name: str, what: str):
+    """table[name], or a UsageError naming what was asked for and every choice."""
+    try:
+        return table[name]
+    except KeyError:
+        raise UsageError(f"unknown {what} {name!r}; choose one of: {', '.join(table)}") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ptilab.errors import UsageError
+from ptilab.errors import UsageError, one_of
 from ptilab.paging import entry as e
 
 # The rights a piece's PTEs carry in the kernel's own tables.
@@ -187,7 +187,4 @@ PROFILES = {p.name: p for p in (KAISER_2017, LINUX_4_15, LINUX_6_1, LINUX_6_12)}
 
 
 def get_profile(name: str) -> Profile:
-    try:
-        return PROFILES[name]
-    except KeyError:
-        raise UsageError(f"unknown kernel profile {name!r}; choose one of: {', '.join(PROFILES)}") from None
+    return one_of(PROFILES, name, "kernel profile")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ptilab.errors import UsageError
+from ptilab.errors import UsageError, one_of
 
 # The terms, in the order tables print them.
 CR3_FLUSH = "cr3_flush"  # MOV to CR3 that invalidates (no PCID, or NOFLUSH clear)
@@ -135,10 +135,7 @@ PRESETS = {p.name: p for p in (SKYLAKE, HASWELL, ZEN2, GOLDMONT)}
 
 
 def get_preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise UsageError(f"unknown core {name!r}; choose one of: {', '.join(PRESETS)}") from None
+    return one_of(PRESETS, name, "core")
 
 
 def cycles(events: dict[str, float], preset: Preset) -> dict[str, float]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ptilab.errors import UsageError
+from ptilab.errors import one_of
 
 # The tag a global translation carries: it matches every PCID (SDM 4.10.2.4).
 GLOBAL = -1
@@ -140,10 +140,7 @@ CORES = {c.name: c for c in (SKYLAKE, HASWELL, ZEN2, GOLDMONT)}
 
 
 def get_core(name: str) -> TLBConfig:
-    try:
-        return CORES[name]
-    except KeyError:
-        raise UsageError(f"unknown core {name!r}; choose one of: {', '.join(CORES)}") from None
+    return one_of(CORES, name, "core")
 
 
 class TLBArray:
